@@ -1,0 +1,231 @@
+"""Configuration: YAML presets in `configs/`, composed with hydra's compose API, with CLI flags on top.
+
+One source of truth: every default lives in a YAML file.  A script declares which flags it accepts and the
+config key each flag sets (`Flag`); `ConfigCLI.parse` then
+
+1. composes the preset named by `--config` (or the script's default) with the trailing `key=value`
+   overrides (hydra syntax),
+2. writes the value of every flag given on the command line into its key,
+3. rejects unknown flags and keys with a message naming the nearest valid ones.
+
+`--help` shows each flag's default as read from the YAML, so help and behaviour cannot disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from dino.errors import UserError, suggest
+
+CONFIG_DIR = Path(os.environ.get("DINO_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
+
+
+def bool_flag(value: str | bool) -> bool:
+    """Parse true/false/yes/no/1/0 (the DINO scripts' `--flag True|False` style)."""
+    if isinstance(value, bool):
+        return value
+    lowered = value.lower()
+    if lowered in ("true", "t", "yes", "y", "1", "on"):
+        return True
+    if lowered in ("false", "f", "no", "n", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
+
+
+def list_presets(group: str) -> list[str]:
+    """Names of the YAML presets in `configs/<group>/` (files starting with '_' are shared bases)."""
+    folder = CONFIG_DIR / group
+    return sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def flatten_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """All dotted keys of a config, leaves and inner nodes, e.g. ['optim', 'optim.lr', ...]."""
+    keys: list[str] = []
+    if isinstance(cfg, (DictConfig, dict)):
+        for key in cfg.keys():
+            dotted = f"{prefix}{key}"
+            keys.append(dotted)
+            value = cfg[key] if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=False)[key]
+            keys.extend(flatten_keys(value, dotted + "."))
+    return keys
+
+
+def _override_key(override: str) -> str:
+    key = override.split("=", 1)[0].strip()
+    return key.lstrip("+~")
+
+
+def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose `configs/<config_name>.yaml` with hydra overrides; unknown keys raise a UserError."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    path = CONFIG_DIR / f"{config_name}.yaml"
+    if not path.is_file():
+        group = str(Path(config_name).parent)
+        available = list_presets(group) if group != "." else []
+        raise UserError(
+            f"unknown config {Path(config_name).name!r} (looked for {path})."
+            + suggest(Path(config_name).name, available)
+            + (f" Available: {', '.join(available)}" if available else "")
+        )
+    # each group folder is its own config root, so a preset's keys sit at the top level
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base=None, config_dir=str(path.parent)):
+        base = hydra_compose(config_name=path.stem)
+        valid = flatten_keys(base)
+        for override in overrides:
+            if "=" not in override:
+                raise UserError(f"cannot read override {override!r}: expected key=value")
+            key = _override_key(override)
+            if key not in valid and not override.startswith("+"):
+                raise UserError(f"unknown config key {key!r}." + suggest(key, valid))
+        try:
+            cfg = hydra_compose(config_name=path.stem, overrides=list(overrides))
+        except Exception as err:  # hydra's own parse errors: show them as one line
+            raise UserError(f"bad override: {str(err).splitlines()[0]}") from None
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def set_key(cfg: DictConfig, key: str, value: Any) -> None:
+    """Set a dotted key that must already exist in the config."""
+    if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
+        raise UserError(f"unknown config key {key!r}." + suggest(key, flatten_keys(cfg)))
+    if isinstance(value, tuple):
+        value = list(value)
+    OmegaConf.update(cfg, key, value, merge=False)
+
+
+@dataclass
+class Flag:
+    """A command-line flag that sets one config key.
+
+    names: the option strings, e.g. ('--batch_size_per_device', '--batch_size_per_gpu').
+    key: the dotted config key it sets, e.g. 'train.batch_size_per_device'.
+    type: a callable converting one string (bool_flag for booleans: `--hmp` alone means True).
+    nargs: argparse nargs for list values ('+' or an int).
+    """
+
+    names: tuple[str, ...]
+    key: str
+    help: str
+    type: Callable[[str], Any] | None = str
+    nargs: str | int | None = None
+    choices: Sequence[Any] | None = None
+    metavar: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class ConfigCLI:
+    """argparse front end over a hydra-composed config.
+
+    Args:
+        description: shown at the top of --help.
+        group: the configs/ sub-folder holding this script's presets (e.g. 'train' or 'eval').
+        default_config: the preset used without --config.
+        flags: the flags this script accepts.
+        epilog: text at the end of --help (examples).
+    """
+
+    def __init__(self, description: str, group: str, default_config: str, flags: Sequence[Flag], epilog: str = "",
+                 extra_arguments: Callable[[argparse.ArgumentParser], None] | None = None):
+        self.group = group
+        self.default_config = default_config
+        self.flags = list(flags)
+        self.description = description
+        self.epilog = epilog
+        self.extra_arguments = extra_arguments
+
+    def _defaults(self) -> DictConfig | None:
+        try:
+            return compose(f"{self.group}/{self.default_config}")
+        except UserError:
+            return None
+
+    def build_parser(self) -> argparse.ArgumentParser:
+        defaults = self._defaults()
+        parser = argparse.ArgumentParser(
+            description=self.description,
+            epilog=self.epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            argument_default=argparse.SUPPRESS,
+        )
+        presets = list_presets(self.group)
+        parser.add_argument(
+            "--config", metavar="NAME",
+            help=f"preset in configs/{self.group}/ (default: {self.default_config}; available: {', '.join(presets)})",
+        )
+        for flag in self.flags:
+            default = OmegaConf.select(defaults, flag.key, default=None) if defaults is not None else None
+            if isinstance(default, (ListConfig, DictConfig)):
+                default = OmegaConf.to_container(default)
+            kwargs: dict[str, Any] = dict(dest=flag.key, help=f"{flag.help} [{flag.key}; default: {default}]")
+            if flag.type is bool_flag:
+                kwargs.update(type=bool_flag, metavar="BOOL")
+            else:
+                kwargs.update(type=flag.type)
+                if flag.nargs is not None:
+                    kwargs["nargs"] = flag.nargs
+                if flag.choices is not None:
+                    kwargs["choices"] = flag.choices
+                if flag.metavar is not None:
+                    kwargs["metavar"] = flag.metavar
+            kwargs.update(flag.extra)
+            parser.add_argument(*flag.names, **kwargs)
+        if self.extra_arguments is not None:
+            self.extra_arguments(parser)
+        parser.add_argument("overrides", nargs="*", metavar="key=value",
+                            help="hydra-style overrides of any config key, applied before the flags (e.g. optim.lr=1e-3)")
+        return parser
+
+    def _expand_bare_bool_flags(self, argv: list[str]) -> list[str]:
+        """`--hmp` alone means `--hmp true`; `--hmp false` / `--hmp=0` keep their value."""
+        bool_names = {name for flag in self.flags if flag.type is bool_flag for name in flag.names}
+        expanded: list[str] = []
+        for i, token in enumerate(argv):
+            expanded.append(token)
+            if token in bool_names:
+                following = argv[i + 1] if i + 1 < len(argv) else None
+                try:
+                    bool_flag(following) if following is not None else None
+                    if following is None:
+                        raise argparse.ArgumentTypeError
+                except argparse.ArgumentTypeError:
+                    expanded.append("true")
+        return expanded
+
+    def parse(self, argv: Sequence[str] | None = None) -> tuple[DictConfig, argparse.Namespace]:
+        """Return (config, namespace); the namespace holds the extra (non-config) arguments."""
+        parser = self.build_parser()
+        argv = self._expand_bare_bool_flags(list(sys.argv[1:] if argv is None else argv))
+        known, unknown = parser.parse_known_args(argv)
+        for token in unknown:
+            if token.startswith("-"):
+                valid = [name for action in parser._actions for name in action.option_strings]
+                raise UserError(f"unknown flag {token.split('=')[0]!r}." + suggest(token.split("=")[0], valid))
+            raise UserError(f"unexpected argument {token!r}")
+        overrides = list(getattr(known, "overrides", []) or [])
+        config_name = getattr(known, "config", None) or self.default_config
+        cfg = compose(f"{self.group}/{config_name}", overrides)
+        for flag in self.flags:
+            if hasattr(known, flag.key):
+                set_key(cfg, flag.key, getattr(known, flag.key))
+        return cfg, known
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(to_yaml(cfg))

@@ -1,0 +1,22 @@
+"""Device, rank and process-group logic: the only place that knows where and how many we run."""
+
+from dino.distributed.device import DEVICE_CHOICES, DeviceContext, resolve_device_type
+from dino.distributed.dist import (
+    all_gather_cat,
+    all_reduce_mean,
+    all_reduce_sum,
+    barrier,
+    get_local_world_size,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_enabled,
+    is_main_process,
+    seed_everything,
+)
+
+__all__ = [
+    "DEVICE_CHOICES", "DeviceContext", "resolve_device_type", "all_gather_cat", "all_reduce_mean",
+    "all_reduce_sum", "barrier", "get_local_world_size", "get_rank", "get_world_size", "init_distributed",
+    "is_enabled", "is_main_process", "seed_everything",
+]

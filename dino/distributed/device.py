@@ -1,0 +1,178 @@
+"""The one place that knows which accelerator we run on.
+
+`DeviceContext` answers: which `torch.device`, which autocast dtype, which process-group backend, how to
+synchronise, how much memory was used, and whether HPU lazy mode needs a `mark_step`.  Nothing else in the
+package asks `torch.cuda.is_available()`; it asks a `DeviceContext`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from dino.errors import UserError
+
+DEVICE_CHOICES = ("auto", "cuda", "hpu", "mps", "cpu")
+_BACKENDS = {"cuda": "nccl", "hpu": "hccl", "cpu": "gloo", "mps": "gloo"}
+
+
+def _habana_module():
+    """Import `habana_frameworks.torch.core` when it is installed; None otherwise (imported only on demand)."""
+    try:
+        importlib.import_module("habana_frameworks.torch")
+        return importlib.import_module("habana_frameworks.torch.core")
+    except ImportError:
+        return None
+
+
+def _hpu_available() -> bool:
+    if _habana_module() is None:
+        return False
+    hpu = getattr(torch, "hpu", None)
+    return bool(hpu is None or getattr(hpu, "is_available", lambda: True)())
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def resolve_device_type(requested: str = "auto") -> str:
+    """Map `--device` to a device type. auto prefers CUDA, then HPU, then MPS, then CPU."""
+    requested = (requested or "auto").lower()
+    if requested not in DEVICE_CHOICES:
+        raise UserError(f"unknown --device {requested!r}; choose one of {', '.join(DEVICE_CHOICES)}")
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if _hpu_available():
+            return "hpu"
+        if _mps_available():
+            return "mps"
+        return "cpu"
+    available = {
+        "cuda": torch.cuda.is_available,
+        "hpu": _hpu_available,
+        "mps": _mps_available,
+        "cpu": lambda: True,
+    }[requested]()
+    if not available:
+        raise UserError(f"--device {requested} was requested but no {requested.upper()} device is available; use --device auto or cpu")
+    return requested
+
+
+@dataclass
+class DeviceContext:
+    """Device, precision and backend decisions for one process.
+
+    Args:
+        type: 'cuda', 'hpu', 'mps' or 'cpu' (already resolved; use `DeviceContext.create` to resolve 'auto').
+        local_rank: index of the accelerator this process drives on its node.
+        hmp: bf16 mixed precision (autocast) on every device.
+        fp16: fp16 autocast with a GradScaler (CUDA only).
+    """
+
+    type: str = "cpu"
+    local_rank: int = 0
+    hmp: bool = False
+    fp16: bool = False
+    _habana: object = field(default=None, repr=False)
+
+    @classmethod
+    def create(cls, requested: str = "auto", local_rank: int | None = None, hmp: bool = False, fp16: bool = False) -> "DeviceContext":
+        dev_type = resolve_device_type(requested)
+        if local_rank is None:
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if fp16 and dev_type != "cuda":
+            raise UserError("--fp16 needs a CUDA device; use --hmp (bf16) on other devices")
+        if fp16 and hmp:
+            raise UserError("choose one of --hmp (bf16) and --fp16")
+        ctx = cls(type=dev_type, local_rank=local_rank, hmp=hmp, fp16=fp16)
+        if dev_type == "hpu":
+            ctx._habana = _habana_module()
+        if dev_type == "cuda":
+            torch.cuda.set_device(local_rank % max(torch.cuda.device_count(), 1))
+        return ctx
+
+    # --- identity -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        if self.type == "cuda":
+            return torch.device("cuda", self.local_rank % max(torch.cuda.device_count(), 1))
+        return torch.device(self.type)
+
+    @property
+    def backend(self) -> str:
+        """Process-group backend for torch.distributed."""
+        return _BACKENDS[self.type]
+
+    # --- precision ------------------------------------------------------------------------------
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        if self.hmp:
+            return torch.bfloat16
+        if self.fp16:
+            return torch.float16
+        return None
+
+    def autocast(self):
+        """Context manager for the forward pass: bf16 (--hmp) / fp16 (--fp16) autocast, or nothing."""
+        dtype = self.autocast_dtype
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.type, dtype=dtype)
+
+    def grad_scaler(self):
+        """A GradScaler for fp16 on CUDA; None otherwise (bf16 needs no loss scaling)."""
+        if self.fp16:
+            return torch.amp.GradScaler("cuda")
+        return None
+
+    # --- runtime helpers ------------------------------------------------------------------------
+    def synchronize(self) -> None:
+        if self.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elif self.type == "hpu":
+            torch.hpu.synchronize()
+        elif self.type == "mps":
+            torch.mps.synchronize()
+
+    def mark_step(self) -> None:
+        """HPU lazy mode: flush the accumulated graph. A no-op elsewhere."""
+        if self.type == "hpu" and self._habana is not None:
+            self._habana.mark_step()
+
+    def max_memory_allocated_mb(self) -> float:
+        """Peak memory of this process in MiB (device memory on accelerators, resident set size on CPU)."""
+        if self.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        if self.type == "hpu":
+            return torch.hpu.max_memory_allocated() / 2**20
+        try:
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        except ImportError:  # pragma: no cover - Windows
+            return float("nan")
+
+    def reset_peak_memory(self) -> None:
+        if self.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    @property
+    def pin_memory(self) -> bool:
+        return self.type == "cuda"
+
+    def set_cpu_threads(self, local_world_size: int) -> None:
+        """On CPU give every local process an equal share of the cores."""
+        if self.type == "cpu":
+            cores = os.cpu_count() or 1
+            torch.set_num_threads(max(1, cores // max(1, local_world_size)))
+
+    def sdpa_supports_xformers(self) -> bool:
+        """xFormers' memory-efficient attention only runs on CUDA."""
+        return self.type == "cuda"

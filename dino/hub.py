@@ -1,0 +1,304 @@
+"""Official entry points and checkpoint loading.
+
+Everything that turns a file (ours or an official DINO / DINOv2 release) into a backbone goes through
+`load_backbone`: it reads the file safely (`weights_only=True` unless the user allows pickle), finds the
+backbone inside training checkpoints (`teacher` / `student`, `module.` / `backbone.` prefixes, chunked
+`blocks.C.I` keys), infers the architecture from the tensors, and loads **strictly** — a mismatch is a
+`UserError` that lists missing and unexpected keys and says which arch / patch size / register count the
+file actually holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dino.errors import UserError, require_path
+from dino.models import ARCH_SIZES, VisionTransformer, build_backbone
+
+_DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{model}/{model}{reg}_pretrain.pth"
+_DINO_URL = "https://dl.fbaipublicfiles.com/dino/{file}/{file}_pretrain.pth"
+
+# hub name → (url, model kwargs) for the official releases
+_V2_COMMON = dict(img_size=518, patch_size=14, init_values=1.0, use_mask_token=True)
+_V1_COMMON = dict(img_size=224, init_values=None, use_mask_token=False, interpolate_offset=0.1, interpolate_antialias=False)
+OFFICIAL_MODELS: dict[str, tuple[str, dict[str, Any]]] = {}
+for _size, _arch in (("s", "vit_small"), ("b", "vit_base"), ("l", "vit_large"), ("g", "vit_giant2")):
+    _name = f"dinov2_vit{_size}14"
+    OFFICIAL_MODELS[_name] = (
+        _DINOV2_URL.format(model=_name, reg=""),
+        dict(_V2_COMMON, arch=_arch, num_register_tokens=0, interpolate_offset=0.1, interpolate_antialias=False),
+    )
+    # the register models were trained with offset 0 and antialiased interpolation
+    OFFICIAL_MODELS[_name + "_reg"] = (
+        _DINOV2_URL.format(model=_name, reg="_reg4"),
+        dict(_V2_COMMON, arch=_arch, num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True),
+    )
+for _name, _file, _arch, _patch in (
+    ("dino_vits16", "dino_deitsmall16", "vit_small", 16),
+    ("dino_vits8", "dino_deitsmall8", "vit_small", 8),
+    ("dino_vitb16", "dino_vitbase16", "vit_base", 16),
+    ("dino_vitb8", "dino_vitbase8", "vit_base", 8),
+):
+    OFFICIAL_MODELS[_name] = (_DINO_URL.format(file=_file), dict(_V1_COMMON, arch=_arch, patch_size=_patch))
+
+HEAD_PREFIXES = ("head.", "dino_head.", "ibot_head.")
+_STRIP_PREFIXES = ("module.", "_orig_mod.", "backbone.")
+
+
+# --- reading files ------------------------------------------------------------------------------
+def load_checkpoint_file(path_or_url: str, allow_pickle: bool = False) -> dict:
+    """Read a checkpoint (local path or http(s) URL) onto the CPU.
+
+    `weights_only=True` unless `allow_pickle`: a file that needs arbitrary pickled code is refused with a
+    message naming the flag that allows it.
+    """
+    path_or_url = str(path_or_url)
+    if path_or_url.startswith(("http://", "https://")):
+        try:
+            return torch.hub.load_state_dict_from_url(path_or_url, map_location="cpu", weights_only=not allow_pickle, progress=True)
+        except pickle.UnpicklingError:
+            raise UserError(f"{path_or_url} needs pickle to load; if you trust it, pass --allow_pickle") from None
+        except (OSError, RuntimeError) as err:
+            raise UserError(
+                f"could not download {path_or_url} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
+                "Offline? Download the file elsewhere and pass its local path with --pretrained_weights"
+            ) from None
+    path = require_path(path_or_url, "checkpoint", must_be_dir=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except pickle.UnpicklingError as err:
+        if allow_pickle:
+            raise UserError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+        raise UserError(
+            f"checkpoint {path} contains pickled Python objects that weights_only loading refuses; "
+            "if you trust the file, allow it with --allow_pickle (allow_pickle=True)"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise UserError(f"cannot read checkpoint {path}: not a valid PyTorch file or truncated ({str(err).splitlines()[0]})") from None
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def extract_backbone_state_dict(checkpoint: dict, checkpoint_key: str | None = "teacher") -> dict[str, torch.Tensor]:
+    """The backbone's state dict, in the official key layout, from any checkpoint we know.
+
+    Accepts plain backbone state dicts (official releases, our `teacher_backbone.pth`), full training
+    checkpoints holding `teacher` / `student` (ours and DINO v1's), and `model` / `state_dict` wrappers.
+    Strips `module.`, `_orig_mod.` and `backbone.` prefixes, drops head weights, and un-chunks
+    `blocks.<chunk>.<i>.` keys (DINOv2 training checkpoints with block_chunks > 0) to `blocks.<i>.`.
+    """
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"checkpoint holds a {type(checkpoint).__name__}, expected a dict of tensors")
+    state = checkpoint
+    if not _is_tensor_dict(state):
+        candidates = [checkpoint_key] if checkpoint_key else []
+        candidates += ["teacher", "student", "model", "state_dict", "backbone"]
+        for key in candidates:
+            if key in checkpoint and isinstance(checkpoint[key], dict):
+                state = checkpoint[key]
+                break
+        else:
+            raise UserError(
+                f"no backbone weights found in checkpoint; its top-level keys are {sorted(checkpoint)[:12]} "
+                f"(expected a state dict or one of 'teacher', 'student', 'model', 'state_dict')"
+            )
+    cleaned: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _STRIP_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        if key.startswith(HEAD_PREFIXES):
+            continue
+        key = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key)
+        cleaned[key] = value
+    if not cleaned:
+        raise UserError("the checkpoint holds no backbone tensors (only heads or non-tensor entries)")
+    return cleaned
+
+
+def describe_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Infer the model kwargs (arch, patch size, registers, LayerScale, FFN, image size) from the tensors."""
+    try:
+        embed_dim = state_dict["cls_token"].shape[-1]
+        patch_size = state_dict["patch_embed.proj.weight"].shape[-1]
+        num_pos = state_dict["pos_embed"].shape[1] - 1
+    except KeyError as err:
+        raise UserError(f"not a ViT backbone checkpoint: key {err.args[0]!r} is missing") from None
+    depth = 1 + max((int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    arch = next((name for name, (dim, d, _, _) in ARCH_SIZES.items() if dim == embed_dim and d == depth), None)
+    if arch is None:
+        arch = next((name for name, (dim, _, _, _) in ARCH_SIZES.items() if dim == embed_dim), None)
+    registers = state_dict["register_tokens"].shape[1] if "register_tokens" in state_dict else 0
+    side = int(round(num_pos ** 0.5))
+    info = dict(
+        arch=arch, embed_dim=embed_dim, depth=depth, patch_size=patch_size, img_size=side * patch_size,
+        num_register_tokens=registers,
+        init_values=1.0 if "blocks.0.ls1.gamma" in state_dict else None,
+        ffn_layer="swiglu" if "blocks.0.mlp.w12.weight" in state_dict else "mlp",
+        use_mask_token="mask_token" in state_dict,
+        qkv_bias="blocks.0.attn.qkv.bias" in state_dict,
+    )
+    # the official register models interpolate with offset 0 + antialias; everything else with offset 0.1
+    info.update(interpolate_offset=0.0, interpolate_antialias=True) if registers else info.update(
+        interpolate_offset=0.1, interpolate_antialias=False)
+    return info
+
+
+def _format_mismatch(missing: list[str], unexpected: list[str], info: dict, requested: dict) -> str:
+    def short(keys: list[str]) -> str:
+        return ", ".join(keys[:8]) + (f" … (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+
+    parts = ["checkpoint does not fit the model"]
+    if missing:
+        parts.append(f"missing keys: {short(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {short(unexpected)}")
+    parts.append(
+        f"the checkpoint holds {info['arch'] or 'an unknown ViT'} (embed_dim {info['embed_dim']}, depth {info['depth']}), "
+        f"patch size {info['patch_size']}, {info['num_register_tokens']} register tokens"
+        f" — try --arch {info['arch']} --patch_size {info['patch_size']}"
+        + (f" num_register_tokens={info['num_register_tokens']}" if info["num_register_tokens"] else "")
+    )
+    if requested:
+        parts.append("requested " + ", ".join(f"{k}={v}" for k, v in requested.items()))
+    return "; ".join(parts)
+
+
+def _sidecar_kwargs(path: str | None) -> dict:
+    """Model kwargs stored next to an exported backbone (`<file>.json`, written by our exporter)."""
+    if not path or path.startswith(("http://", "https://")):
+        return {}
+    sidecar = Path(str(Path(path).with_suffix("")) + ".json")
+    if sidecar.is_file():
+        try:
+            return dict(json.loads(sidecar.read_text()).get("model", {}))
+        except (ValueError, AttributeError):
+            return {}
+    return {}
+
+
+def build_backbone_from_state_dict(state_dict: dict[str, torch.Tensor], requested: dict | None = None,
+                                   stored_kwargs: dict | None = None, **model_kwargs) -> VisionTransformer:
+    """Build the ViT the tensors describe and load them strictly.
+
+    `requested`: what the user asked for (arch, patch_size, num_register_tokens); a disagreement with the
+    file is a UserError naming the right values. `stored_kwargs`: kwargs saved with the checkpoint (win over
+    inference). `model_kwargs`: runtime options (drop_path_rate, attn_backend, …).
+    """
+    requested = {k: v for k, v in (requested or {}).items() if v is not None}
+    info = describe_state_dict(state_dict)
+    for key in ("arch", "patch_size", "num_register_tokens"):
+        if key in requested and info.get(key) is not None and requested[key] != info[key]:
+            raise UserError(_format_mismatch([], [], info, requested))
+    kwargs = {k: info[k] for k in ("img_size", "num_register_tokens", "init_values", "ffn_layer", "use_mask_token",
+                                   "qkv_bias", "interpolate_offset", "interpolate_antialias")}
+    kwargs.update(stored_kwargs or {})
+    kwargs.update(model_kwargs)
+    arch = kwargs.pop("arch", None) or info["arch"]
+    patch_size = kwargs.pop("patch_size", None) or info["patch_size"]
+    if arch is None:
+        raise UserError(_format_mismatch([], [], info, requested))
+    model = build_backbone(arch, patch_size, **kwargs)
+    result = model.load_state_dict(state_dict, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise UserError(_format_mismatch(list(result.missing_keys), list(result.unexpected_keys), info, requested))
+    return model
+
+
+def load_backbone(pretrained_weights: str, arch: str | None = None, patch_size: int | None = None,
+                  checkpoint_key: str | None = "teacher", num_register_tokens: int | None = None,
+                  allow_pickle: bool = False, **model_kwargs) -> VisionTransformer:
+    """Load any DINO / DINOv2 backbone file (ours or official) strictly; returns the model in eval mode on CPU.
+
+    `arch`, `patch_size` and `num_register_tokens` are checked against the file when given (None: read
+    from the file). `pretrained_weights` may also be an official hub name such as 'dinov2_vits14'.
+    """
+    if pretrained_weights in OFFICIAL_MODELS:
+        return load_official(pretrained_weights, pretrained=True, **model_kwargs).eval()
+    checkpoint = load_checkpoint_file(pretrained_weights, allow_pickle=allow_pickle)
+    state_dict = extract_backbone_state_dict(checkpoint, checkpoint_key)
+    stored = dict(checkpoint.get("backbone_kwargs", {})) if isinstance(checkpoint.get("backbone_kwargs"), dict) else {}
+    stored = stored or _sidecar_kwargs(pretrained_weights)
+    requested = dict(arch=arch, patch_size=patch_size, num_register_tokens=num_register_tokens)
+    model = build_backbone_from_state_dict(state_dict, requested, stored, **model_kwargs)
+    return model.eval()
+
+
+def official_name(arch: str, patch_size: int, num_register_tokens: int = 0) -> str | None:
+    """The official release matching an arch / patch size, e.g. ('vit_small', 14) → 'dinov2_vits14'."""
+    for name, (_, kwargs) in OFFICIAL_MODELS.items():
+        if (kwargs["arch"] == arch and kwargs["patch_size"] == patch_size
+                and kwargs.get("num_register_tokens", 0) == num_register_tokens):
+            return name
+    return None
+
+
+def load_official(name: str, pretrained: bool = True, weights: str | None = None, **kwargs) -> VisionTransformer:
+    """Build an official model; `pretrained` downloads its released weights, `weights` takes a path or URL instead."""
+    if name not in OFFICIAL_MODELS:
+        from dino.errors import suggest
+
+        raise UserError(f"unknown official model {name!r}." + suggest(name, OFFICIAL_MODELS))
+    url, model_kwargs = OFFICIAL_MODELS[name]
+    model_kwargs = dict(model_kwargs)
+    arch = model_kwargs.pop("arch")
+    patch_size = model_kwargs.pop("patch_size")
+    model_kwargs.update(kwargs)
+    model = build_backbone(arch, patch_size, **model_kwargs)
+    if pretrained or weights:
+        source = weights or url
+        checkpoint = load_checkpoint_file(source)
+        state_dict = extract_backbone_state_dict(checkpoint, "teacher")
+        result = model.load_state_dict(state_dict, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            info = describe_state_dict(state_dict)
+            raise UserError(f"{source}: " + _format_mismatch(list(result.missing_keys), list(result.unexpected_keys), info, {"model": name}))
+    return model
+
+
+def _entry_point(name: str):
+    def entry(pretrained: bool = True, weights: str | None = None, **kwargs) -> VisionTransformer:
+        return load_official(name, pretrained=pretrained, weights=weights, **kwargs)
+
+    entry.__name__ = name
+    entry.__doc__ = f"Official {name} backbone; pretrained=True downloads {OFFICIAL_MODELS[name][0]}."
+    return entry
+
+
+dinov2_vits14 = _entry_point("dinov2_vits14")
+dinov2_vitb14 = _entry_point("dinov2_vitb14")
+dinov2_vitl14 = _entry_point("dinov2_vitl14")
+dinov2_vitg14 = _entry_point("dinov2_vitg14")
+dinov2_vits14_reg = _entry_point("dinov2_vits14_reg")
+dinov2_vitb14_reg = _entry_point("dinov2_vitb14_reg")
+dinov2_vitl14_reg = _entry_point("dinov2_vitl14_reg")
+dinov2_vitg14_reg = _entry_point("dinov2_vitg14_reg")
+dino_vits16 = _entry_point("dino_vits16")
+dino_vits8 = _entry_point("dino_vits8")
+dino_vitb16 = _entry_point("dino_vitb16")
+dino_vitb8 = _entry_point("dino_vitb8")
+
+
+def save_backbone(model: VisionTransformer, path: str | os.PathLike, model_kwargs: dict | None = None) -> None:
+    """Write a backbone in the official key layout (a plain state dict) plus `<file>.json` with its kwargs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, path)
+    if model_kwargs is not None:
+        Path(str(path.with_suffix("")) + ".json").write_text(json.dumps({"model": model_kwargs}, indent=2))

@@ -1,0 +1,32 @@
+"""Backbones and heads. Models take tensors and return tensors; they know nothing of devices or training."""
+
+from __future__ import annotations
+
+from dino.errors import UserError, suggest
+from dino.models.head import DINOHead, WeightNormLinear
+from dino.models.vision_transformer import (
+    ARCH_SIZES,
+    ATTENTION_BACKENDS,
+    Attention,
+    Block,
+    VisionTransformer,
+    vision_transformer,
+    xformers_available,
+)
+
+ARCH_CHOICES = tuple(ARCH_SIZES)
+
+
+def build_backbone(arch: str = "vit_small", patch_size: int = 16, **kwargs) -> VisionTransformer:
+    """A ViT of a named size (`vit_tiny|vit_small|vit_base|vit_large|vit_giant2`); kwargs go to `VisionTransformer`."""
+    if arch not in ARCH_SIZES:
+        raise UserError(f"unknown arch {arch!r}." + suggest(arch, ARCH_SIZES) + f" Choose one of: {', '.join(ARCH_SIZES)}")
+    if int(patch_size) <= 0:
+        raise UserError(f"patch size must be positive, got {patch_size}")
+    return vision_transformer(arch, patch_size=int(patch_size), **kwargs)
+
+
+__all__ = [
+    "ARCH_CHOICES", "ARCH_SIZES", "ATTENTION_BACKENDS", "Attention", "Block", "DINOHead", "VisionTransformer",
+    "WeightNormLinear", "build_backbone", "vision_transformer", "xformers_available",
+]
