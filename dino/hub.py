@@ -302,3 +302,21 @@ def save_backbone(model: VisionTransformer, path: str | os.PathLike, model_kwarg
     os.replace(tmp, path)
     if model_kwargs is not None:
         Path(str(path.with_suffix("")) + ".json").write_text(json.dumps({"model": model_kwargs}, indent=2))
+
+
+def resolve_backbone(pretrained_weights: str | None, arch: str | None = None, patch_size: int | None = None,
+                     checkpoint_key: str | None = "teacher", num_register_tokens: int | None = None,
+                     allow_pickle: bool = False, **model_kwargs) -> VisionTransformer:
+    """What the eval and visualisation scripts call: a file/URL/hub name, or (when empty) the official
+    release for `arch` + `patch_size` (downloaded, as the original DINO scripts do)."""
+    if pretrained_weights:
+        return load_backbone(pretrained_weights, arch, patch_size, checkpoint_key, num_register_tokens,
+                             allow_pickle=allow_pickle, **model_kwargs)
+    name = official_name(arch or "vit_small", patch_size or 16, num_register_tokens or 0)
+    if name is None:
+        raise UserError(
+            f"no --pretrained_weights given and there is no official release for {arch} patch {patch_size}; "
+            f"pass --pretrained_weights PATH (official: {', '.join(OFFICIAL_MODELS)})"
+        )
+    print(f"no --pretrained_weights given: using the official {name} weights ({OFFICIAL_MODELS[name][0]})")
+    return load_official(name, pretrained=True, **model_kwargs).eval()
