@@ -80,8 +80,9 @@ def load_checkpoint_file(path_or_url: str, allow_pickle: bool = False) -> dict:
             f"checkpoint {path} contains pickled Python objects that weights_only loading refuses; "
             "if you trust the file, allow it with --allow_pickle (allow_pickle=True)"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise UserError(f"cannot read checkpoint {path}: not a valid PyTorch file or truncated ({str(err).splitlines()[0]})") from None
+    except Exception as err:  # torch.load raises many types on garbage input; all mean "not a checkpoint"
+        detail = (str(err).splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot read checkpoint {path}: not a valid PyTorch file or truncated ({detail})") from None
 
 
 def _is_tensor_dict(obj: Any) -> bool:
@@ -204,7 +205,7 @@ def build_backbone_from_state_dict(state_dict: dict[str, torch.Tensor], requeste
     for key in ("arch", "patch_size", "num_register_tokens"):
         if key in requested and info.get(key) is not None and requested[key] != info[key]:
             raise UserError(_format_mismatch([], [], info, requested))
-    kwargs = {k: info[k] for k in ("img_size", "num_register_tokens", "init_values", "ffn_layer", "use_mask_token",
+    kwargs = {k: info[k] for k in ("depth", "img_size", "num_register_tokens", "init_values", "ffn_layer", "use_mask_token",
                                    "qkv_bias", "interpolate_offset", "interpolate_antialias")}
     kwargs.update(stored_kwargs or {})
     kwargs.update(model_kwargs)
