@@ -1,0 +1,83 @@
+"""`main_dino.py`: the DINO v1 / Habana flags, mapped onto config keys, plus `--config` and key=value overrides."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from dino.config import ConfigCLI, Flag, bool_flag
+from dino.errors import run_cli
+
+
+FLAGS = [
+    Flag(("--arch",), "model.arch", "backbone size: vit_tiny, vit_small, vit_base, vit_large, vit_giant2"),
+    Flag(("--patch_size",), "model.patch_size", "patch size in pixels (8, 14, 16)", type=int),
+    Flag(("--num_register_tokens",), "model.num_register_tokens", "register tokens (DINOv2 _reg models: 4)", type=int),
+    Flag(("--drop_path_rate",), "model.drop_path_rate", "stochastic depth rate", type=float),
+    Flag(("--out_dim",), "dino.head_n_prototypes", "prototypes K of the DINO head", type=int),
+    Flag(("--norm_last_layer",), "dino.norm_last_layer", "keep the head's prototypes at unit norm", type=bool_flag),
+    Flag(("--use_bn_in_head",), "dino.use_bn_in_head", "BatchNorm in the head's MLP", type=bool_flag),
+    Flag(("--momentum_teacher",), "teacher.momentum_teacher", "base EMA momentum of the teacher (cosine → 1)", type=float),
+    Flag(("--warmup_teacher_temp",), "teacher.warmup_teacher_temp", "teacher temperature at the start", type=float),
+    Flag(("--teacher_temp",), "teacher.teacher_temp", "teacher temperature after the warm-up", type=float),
+    Flag(("--warmup_teacher_temp_epochs",), "teacher.warmup_teacher_temp_epochs", "teacher temperature warm-up epochs", type=int),
+    Flag(("--weight_decay",), "optim.weight_decay", "weight decay at the start (cosine schedule)", type=float),
+    Flag(("--weight_decay_end",), "optim.weight_decay_end", "weight decay at the end", type=float),
+    Flag(("--clip_grad",), "optim.clip_grad", "gradient clipping threshold (0: off)", type=float),
+    Flag(("--batch_size_per_device", "--batch_size_per_gpu"), "train.batch_size_per_device", "images per device and step", type=int),
+    Flag(("--epochs",), "optim.epochs", "training epochs", type=int),
+    Flag(("--freeze_last_layer",), "optim.freeze_last_layer", "epochs with the head's last layer frozen", type=int),
+    Flag(("--lr",), "optim.lr", "reference learning rate (scaled to the global batch by optim.lr_scaling)", type=float),
+    Flag(("--warmup_epochs",), "optim.warmup_epochs", "linear lr warm-up epochs", type=int),
+    Flag(("--min_lr",), "optim.min_lr", "final learning rate of the cosine schedule", type=float),
+    Flag(("--optimizer",), "optim.optimizer", "adamw or sgd", choices=("adamw", "sgd")),
+    Flag(("--global_crops_scale",), "crops.global_crops_scale", "RandomResizedCrop scale range of global crops (two floats)", type=float, nargs=2),
+    Flag(("--local_crops_number",), "crops.local_crops_number", "number of local crops (0: global crops only)", type=int),
+    Flag(("--local_crops_scale",), "crops.local_crops_scale", "RandomResizedCrop scale range of local crops (two floats)", type=float, nargs=2),
+    Flag(("--global_crops_size",), "crops.global_crops_size", "global crop size in pixels", type=int),
+    Flag(("--local_crops_size",), "crops.local_crops_size", "local crop size in pixels", type=int),
+    Flag(("--data_path",), "train.data_path", "folder of images (ImageFolder, flat or nested) or a .txt list; empty: the demo dataset"),
+    Flag(("--output_dir",), "train.output_dir", "where checkpoints, logs and tensorboard go"),
+    Flag(("--saveckp_freq",), "train.saveckp_freq", "keep a checkpoint copy every N epochs", type=int),
+    Flag(("--seed",), "train.seed", "random seed", type=int),
+    Flag(("--num_workers",), "train.num_workers", "data-loading workers per process", type=int),
+    Flag(("--hmp", "--use_bf16"), "train.hmp", "bf16 mixed precision on CUDA, HPU and CPU", type=bool_flag),
+    Flag(("--fp16", "--use_fp16"), "train.fp16", "fp16 mixed precision with loss scaling (CUDA)", type=bool_flag),
+    Flag(("--device",), "train.device", "auto, cuda, hpu, mps or cpu", choices=("auto", "cuda", "hpu", "mps", "cpu")),
+    Flag(("--parallel",), "train.parallel", "data parallelism across processes", choices=("ddp",)),
+    Flag(("--resume",), "train.resume", "continue from output_dir/checkpoint.pth when present", type=bool_flag),
+    Flag(("--max_iters",), "train.max_iters", "stop (with a checkpoint) after this many iterations", type=int),
+    Flag(("--knn_eval",), "train.knn_eval", "after training, kNN of the teacher vs a random backbone on the val split", type=bool_flag),
+]
+
+EPILOG = """\
+examples:
+  python main_dino.py                                    # CPU demo on the built-in dataset (config 'demo')
+  python main_dino.py --config dino_vits16 --data_path /data/imagenet/train --output_dir runs/vits16
+  torchrun --nproc_per_node=8 main_dino.py --config dinov2_vits14 --data_path DIR --hmp
+  python main_dino.py --arch vit_small --patch_size 16 --data_path DIR --epochs 1 optim.lr=1e-3 ibot.loss_weight=1.0
+
+Presets live in configs/train/; any config key can be overridden as key=value after the flags.
+"""
+
+CLI = ConfigCLI(
+    description="Self-supervised training of a ViT with DINO / DINOv2 (self-distillation, multi-crop, iBOT, KoLeo).",
+    group="train",
+    default_config="demo",
+    flags=FLAGS,
+    epilog=EPILOG,
+)
+
+
+def main(argv: Sequence[str] | None = None):
+    cfg, _ = CLI.parse(argv)
+    from dino.train.loop import train
+    from dino.train.knn_check import report_knn_if_requested
+
+    result = train(cfg)
+    if not result.stopped_early:
+        result.knn = report_knn_if_requested(cfg, result)
+    return result
+
+
+def cli() -> None:
+    run_cli(main)

@@ -1,0 +1,209 @@
+"""Student, teacher and the self-distillation objective (DINO, Caron et al. 2021; DINOv2, Oquab et al. 2023).
+
+One training step, in the order the code runs it:
+
+1. `MultiCropNetwork` (the teacher, no grad) embeds the two global crops → [CLS] logits, and the patch
+   logits at the masked positions (iBOT);
+2. `SelfDistillationObjective.teacher_targets` turns them into targets: centering + sharpening, or
+   Sinkhorn-Knopp;
+3. `MultiCropNetwork` (the student) embeds the masked global crops and the local crops;
+4. `SelfDistillationObjective.forward` adds the DINO [CLS] loss, the iBOT masked-patch loss and KoLeo;
+5. after the optimiser step, `update_teacher` moves the teacher towards the student (EMA).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from dino.losses import DINOLoss, KoLeoLoss, dino_v1_loss, dinov2_clstoken_loss_terms, iBOTPatchLoss
+from dino.models import DINOHead, VisionTransformer, build_backbone
+
+
+def backbone_kwargs_from_config(model_cfg: DictConfig) -> dict[str, Any]:
+    """The keyword arguments that rebuild the backbone (also saved next to exported weights)."""
+    kwargs: dict[str, Any] = dict(
+        arch=model_cfg.arch,
+        patch_size=int(model_cfg.patch_size),
+        img_size=int(model_cfg.img_size),
+        init_values=model_cfg.layerscale,
+        ffn_layer=model_cfg.ffn_layer,
+        num_register_tokens=int(model_cfg.num_register_tokens),
+        qkv_bias=bool(model_cfg.qkv_bias),
+        interpolate_offset=float(model_cfg.interpolate_offset),
+        interpolate_antialias=bool(model_cfg.interpolate_antialias),
+        use_mask_token=bool(model_cfg.get("use_mask_token", True)),
+    )
+    if model_cfg.depth is not None:
+        kwargs["depth"] = int(model_cfg.depth)
+    if model_cfg.embed_dim is not None:
+        kwargs["embed_dim"] = int(model_cfg.embed_dim)
+    return kwargs
+
+
+def build_student_backbone(model_cfg: DictConfig) -> tuple[VisionTransformer, dict[str, Any]]:
+    kwargs = backbone_kwargs_from_config(model_cfg)
+    runtime = dict(drop_path_rate=float(model_cfg.drop_path_rate), drop_path_uniform=bool(model_cfg.drop_path_uniform),
+                   attn_backend=model_cfg.attn_backend)
+    build_kwargs = {k: v for k, v in kwargs.items() if k not in ("arch", "patch_size")}
+    backbone = build_backbone(kwargs["arch"], kwargs["patch_size"], **build_kwargs, **runtime)
+    return backbone, kwargs
+
+
+class MultiCropNetwork(nn.Module):
+    """Backbone + DINO head (+ a separate iBOT head): crops in, logits out.
+
+    With `ibot_head` None but `use_ibot`, the DINO head also projects the masked patch tokens (DINOv2's
+    shared head): they are concatenated with the [CLS] tokens so the head runs once.
+    """
+
+    def __init__(self, backbone: VisionTransformer, dino_head: DINOHead, ibot_head: DINOHead | None = None,
+                 use_ibot: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        self.dino_head = dino_head
+        self.ibot_head = ibot_head
+        self.use_ibot = use_ibot
+
+    def forward(self, global_crops: Tensor, local_crops: Tensor | None = None, masks: Tensor | None = None,
+                mask_indices: Tensor | None = None) -> dict[str, Tensor]:
+        """Returns `global_cls_tokens` (2B, D) (pre-head, for KoLeo), `global_cls_logits` (2B, K),
+        `local_cls_logits` (n_local·B, K) or None, `masked_patch_logits` (M, K') or None."""
+        global_out = self.backbone.forward_features(global_crops, masks=masks)
+        cls_global = global_out["x_norm_clstoken"]
+        head_inputs = [cls_global]
+        n_global, n_local = cls_global.shape[0], 0
+        if local_crops is not None and local_crops.numel() > 0:
+            cls_local = self.backbone.forward_features(local_crops)["x_norm_clstoken"]
+            head_inputs.append(cls_local)
+            n_local = cls_local.shape[0]
+        masked_patches = None
+        if self.use_ibot and mask_indices is not None:
+            masked_patches = global_out["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
+            if self.ibot_head is None:
+                head_inputs.append(masked_patches)
+        logits = self.dino_head(torch.cat(head_inputs))
+        out = {
+            "global_cls_tokens": cls_global,
+            "global_cls_logits": logits[:n_global],
+            "local_cls_logits": logits[n_global:n_global + n_local] if n_local else None,
+            "masked_patch_logits": None,
+        }
+        if masked_patches is not None:
+            out["masked_patch_logits"] = (logits[n_global + n_local:] if self.ibot_head is None
+                                          else self.ibot_head(masked_patches))
+        return out
+
+
+def build_networks(cfg: DictConfig) -> tuple[MultiCropNetwork, MultiCropNetwork, dict[str, Any]]:
+    """Student and teacher from the same initialisation; the teacher is an independent copy without grads."""
+    backbone, backbone_kwargs = build_student_backbone(cfg.model)
+    embed_dim = backbone.embed_dim
+    use_ibot = float(cfg.ibot.loss_weight) > 0
+    dino_head = DINOHead(embed_dim, int(cfg.dino.head_n_prototypes), use_bn=bool(cfg.dino.use_bn_in_head),
+                         norm_last_layer=bool(cfg.dino.norm_last_layer), nlayers=int(cfg.dino.head_nlayers),
+                         hidden_dim=int(cfg.dino.head_hidden_dim), bottleneck_dim=int(cfg.dino.head_bottleneck_dim))
+    ibot_head = None
+    if use_ibot and bool(cfg.ibot.separate_head):
+        ibot_head = DINOHead(embed_dim, int(cfg.ibot.head_n_prototypes), norm_last_layer=bool(cfg.dino.norm_last_layer),
+                             nlayers=int(cfg.ibot.head_nlayers), hidden_dim=int(cfg.ibot.head_hidden_dim),
+                             bottleneck_dim=int(cfg.ibot.head_bottleneck_dim))
+    student = MultiCropNetwork(backbone, dino_head, ibot_head, use_ibot)
+    # deepcopy, never assignment: a teacher that *is* the student collapses at ln K (dinov2 #407)
+    teacher = copy.deepcopy(student)
+    for param in teacher.parameters():
+        param.requires_grad = False
+    teacher.eval()
+    return student, teacher, backbone_kwargs
+
+
+@torch.no_grad()
+def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
+    """EMA: θ_teacher ← m·θ_teacher + (1 − m)·θ_student, parameter by parameter (works on sharded DTensors)."""
+    student_params = [p.detach() for p in student.parameters()]
+    teacher_params = [p for p in teacher.parameters()]
+    if len(student_params) != len(teacher_params):
+        raise RuntimeError("student and teacher have different parameter lists")
+    torch._foreach_mul_(teacher_params, momentum)
+    torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)
+
+
+class SelfDistillationObjective(nn.Module):
+    """DINO [CLS] loss (+ iBOT masked-patch loss, + KoLeo) with the teacher centers as state.
+
+    `dino.loss_style`:
+      - 'v1' (DINO v1): mean of H(t_i, s_j) over pairs j ≠ i, center EMA right after the loss;
+      - 'v2' (DINOv2): separately normalised global/local terms, deferred center EMA.
+    `dino.centering`: 'softmax' (centering + sharpening) or 'sinkhorn_knopp' (3 iterations).
+    """
+
+    def __init__(self, cfg: DictConfig, n_local_crops: int):
+        super().__init__()
+        self.style = str(cfg.dino.loss_style)
+        if self.style not in ("v1", "v2"):
+            raise ValueError(f"dino.loss_style must be v1 or v2, got {self.style!r}")
+        self.centering = str(cfg.dino.centering)
+        if self.centering not in ("softmax", "sinkhorn_knopp"):
+            raise ValueError(f"dino.centering must be softmax or sinkhorn_knopp, got {self.centering!r}")
+        deferred = self.style == "v2"
+        self.n_local_crops = n_local_crops
+        self.dino_weight = float(cfg.dino.loss_weight)
+        self.koleo_weight = float(cfg.dino.koleo_loss_weight)
+        self.ibot_weight = float(cfg.ibot.loss_weight)
+        temp = float(cfg.dino.student_temp)
+        momentum = float(cfg.dino.center_momentum)
+        self.dino_loss = DINOLoss(int(cfg.dino.head_n_prototypes), temp, momentum, deferred_center_update=deferred)
+        patch_dim = int(cfg.ibot.head_n_prototypes if cfg.ibot.separate_head else cfg.dino.head_n_prototypes)
+        self.ibot_loss = iBOTPatchLoss(patch_dim, temp, momentum, deferred_center_update=deferred) if self.ibot_weight > 0 else None
+        self.koleo_loss = KoLeoLoss()
+
+    @torch.no_grad()
+    def teacher_targets(self, teacher_out: dict[str, Tensor], teacher_temp: float,
+                        n_masked_patches: Tensor | None = None) -> dict[str, Tensor | None]:
+        cls_logits = teacher_out["global_cls_logits"].float()
+        patch_logits = teacher_out.get("masked_patch_logits")
+        if self.centering == "sinkhorn_knopp":
+            cls_probs = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp)
+            patch_probs = None
+            if self.ibot_loss is not None and patch_logits is not None:
+                patch_probs = self.ibot_loss.sinkhorn_knopp_teacher(patch_logits.float(), teacher_temp, n_masked_patches)
+        else:
+            cls_probs = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
+            self.dino_loss.update_center(cls_logits)
+            patch_probs = None
+            if self.ibot_loss is not None and patch_logits is not None:
+                patch_probs = self.ibot_loss.softmax_center_teacher(patch_logits.float(), teacher_temp)
+                self.ibot_loss.update_center(patch_logits.float())
+        return {"cls_probs": cls_probs, "patch_probs": patch_probs}
+
+    def forward(self, student_out: dict[str, Tensor], targets: dict[str, Tensor | None],
+                masks_weight: Tensor | None = None, n_images: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total loss and its named terms (unweighted values for logging)."""
+        s_global = student_out["global_cls_logits"].float()
+        s_local = student_out["local_cls_logits"]
+        s_local = s_local.float() if s_local is not None else None
+        t_cls = targets["cls_probs"]
+        terms: dict[str, Tensor] = {}
+        if self.style == "v1":
+            all_student = torch.cat([s_global] + ([s_local] if s_local is not None else []))
+            terms["dino"] = dino_v1_loss(all_student, t_cls, 2 + self.n_local_crops, self.dino_loss.student_temp)
+            total = self.dino_weight * terms["dino"]
+        else:
+            cls_terms = dinov2_clstoken_loss_terms(self.dino_loss, s_global, t_cls, s_local, self.n_local_crops)
+            terms["dino_global"] = cls_terms.global_crops
+            terms["dino_local"] = cls_terms.local_crops
+            total = self.dino_weight * (cls_terms.global_crops + cls_terms.local_crops)
+        if self.koleo_weight > 0:
+            cls_tokens = student_out["global_cls_tokens"].float()
+            terms["koleo"] = sum(self.koleo_loss(chunk) for chunk in cls_tokens.chunk(2))
+            total = total + self.koleo_weight * terms["koleo"]
+        if self.ibot_loss is not None and student_out.get("masked_patch_logits") is not None:
+            terms["ibot"] = self.ibot_loss.forward_masked(student_out["masked_patch_logits"].float(), targets["patch_probs"],
+                                                          masks_weight, n_images)
+            # DINOv2 scales the patch loss by 2 crops × ½
+            total = total + self.ibot_weight * terms["ibot"]
+        return total, terms

@@ -1,0 +1,81 @@
+"""What the training loop reports: tensorboard scalars, a JSON-lines log, and collapse indicators."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+@torch.no_grad()
+def teacher_entropy_stats(teacher_probs: Tensor) -> dict[str, float]:
+    """Collapse indicators of the teacher targets p (B, K), as fractions of ln K.
+
+    - `teacher_entropy_batch` = H(mean_b p_b) / ln K: how evenly the batch uses the prototypes
+      (→ 0 when every image lands on one prototype: "dominant-dimension" collapse);
+    - `teacher_entropy_sample` = mean_b H(p_b) / ln K: how flat each target is
+      (→ 1 when every target is uniform: "uniform" collapse, the loss then sits at ln K).
+    """
+    probs = teacher_probs.float().clamp_min(1e-12)
+    log_k = math.log(probs.shape[-1])
+    mean_probs = probs.mean(dim=0)
+    batch_entropy = -(mean_probs * mean_probs.log()).sum() / log_k
+    sample_entropy = -(probs * probs.log()).sum(dim=-1).mean() / log_k
+    return {"teacher_entropy_batch": float(batch_entropy), "teacher_entropy_sample": float(sample_entropy)}
+
+
+def collapse_warning(stats: dict[str, float]) -> str | None:
+    if stats["teacher_entropy_sample"] > 0.98:
+        return ("teacher targets are almost uniform (entropy ≈ ln K): the run may be collapsing; try a lower "
+                "teacher temperature, a higher teacher momentum or a smaller out_dim for small datasets")
+    if stats["teacher_entropy_batch"] < 0.02:
+        return ("the teacher maps almost every image to one prototype: the run may be collapsing; "
+                "check the centering and the teacher temperature")
+    return None
+
+
+class MetricLogger:
+    """Rank-0 sink for scalars: tensorboard under `<output_dir>/tensorboard` and `<output_dir>/metrics.jsonl`."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.writer = None
+        self.jsonl = None
+        if not enabled:
+            return
+        output_dir = Path(output_dir)
+        self.jsonl = open(output_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def log(self, step: int, values: dict[str, float], tensorboard: bool = True) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        if tensorboard and self.writer is not None:
+            for name, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"train/{name}", value, step)
+
+    def add_image(self, tag: str, image: Tensor, step: int) -> None:
+        if self.enabled and self.writer is not None:
+            self.writer.add_image(tag, image, step)
+
+    def flush(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.flush()
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+            self.jsonl = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

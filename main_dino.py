@@ -1,0 +1,10 @@
+"""Train a ViT with DINO / DINOv2 self-distillation. `python main_dino.py --help` lists the flags.
+
+With no arguments it runs the CPU demo: a tiny ViT on the built-in procedural dataset, then kNN of the
+trained teacher next to a randomly initialised backbone.
+"""
+
+from dino.train.cli import cli
+
+if __name__ == "__main__":
+    cli()
