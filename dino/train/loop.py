@@ -147,7 +147,7 @@ def train_step(batch: dict, student, teacher, objective: SelfDistillationObjecti
         student_out = student(global_crops, local_crops, masks, mask_indices)
         loss, terms = objective(student_out, targets, batch.get("masks_weight"), n_images=global_crops.shape[0])
     if not torch.isfinite(loss):
-        bad = ", ".join(f"{name}={float(value):.4g}" for name, value in terms.items())
+        bad = ", ".join(f"{name}={float(value.detach()):.4g}" for name, value in terms.items())
         raise NonFiniteLossError(
             f"the loss became non-finite ({bad}); the last good checkpoint was kept. Try without --hmp/--fp16, "
             "a lower lr, or a smaller out_dim")

@@ -1,0 +1,185 @@
+"""Training end to end on tiny generated data: exact resume, atomic checkpoints, clear errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dino.config import compose
+from dino.data.demo_dataset import make_demo_image
+from dino.errors import UserError
+from dino.hub import load_backbone
+from dino.train import checkpoint as checkpoint_module
+from dino.train import loop as loop_module
+from dino.train.cli import main as cli_main
+from dino.train.loop import NonFiniteLossError, train
+from dino.train.meta_arch import build_networks
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """A labelled ImageFolder of 3 classes × 8 images, 32 px."""
+    root = tmp_path_factory.mktemp("images") / "train"
+    for label, pattern in enumerate(("stripes_h", "checkerboard", "rings")):
+        folder = root / pattern
+        folder.mkdir(parents=True)
+        for i in range(8):
+            make_demo_image(label, seed=(label, i), image_size=32).save(folder / f"{i}.png")
+    return root
+
+
+def tiny_config(data_path, output_dir, *extra):
+    overrides = [
+        f"train.data_path={data_path}", f"train.output_dir={output_dir}", "train.num_workers=0",
+        "train.batch_size_per_device=8", "train.knn_eval=false", "train.log_freq=1",
+        "model.arch=vit_tiny", "model.patch_size=8", "model.depth=2", "model.embed_dim=48",
+        "crops.global_crops_size=32", "crops.local_crops_size=16", "crops.local_crops_number=2",
+        "dino.head_n_prototypes=64", "dino.head_hidden_dim=32", "dino.head_bottleneck_dim=16",
+        "ibot.head_n_prototypes=64", "ibot.head_hidden_dim=32", "ibot.head_bottleneck_dim=16",
+        "optim.epochs=2", "optim.warmup_epochs=1",
+    ]
+    return compose("train/demo", overrides + list(extra))
+
+
+def losses_by_step(output_dir):
+    rows = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
+@pytest.mark.parametrize("recipe", [
+    ("dino.loss_style=v1", "model.drop_path_rate=0.1"),
+    ("dino.loss_style=v2", "ibot.loss_weight=1.0", "dino.koleo_loss_weight=0.1", "optim.clip_style=per_module",
+     "model.drop_path_rate=0.1", "model.drop_path_uniform=true", "model.num_register_tokens=2"),
+    ("dino.loss_style=v2", "dino.centering=sinkhorn_knopp", "ibot.loss_weight=1.0", "ibot.separate_head=true"),
+], ids=["dino_v1", "dinov2_ibot_koleo", "sinkhorn_separate_ibot_head"])
+def test_interrupted_and_resumed_run_gives_the_same_losses(tmp_path, image_folder, recipe):
+    straight = train(tiny_config(image_folder, tmp_path / "straight", *recipe))
+    assert straight.global_step == 6 and not straight.stopped_early  # 24 images / batch 8 = 3 steps × 2 epochs
+
+    first = train(tiny_config(image_folder, tmp_path / "resumed", *recipe, "train.max_iters=4"))
+    assert first.stopped_early and first.global_step == 4
+    second = train(tiny_config(image_folder, tmp_path / "resumed", *recipe))
+    assert second.global_step == 6
+
+    expected, got = losses_by_step(tmp_path / "straight"), losses_by_step(tmp_path / "resumed")
+    assert sorted(expected) == sorted(got) == list(range(1, 7))
+    assert all(torch.isfinite(torch.tensor(v)) for v in expected.values())
+    assert got == expected  # bit-identical, step by step
+
+    # the teacher export loads as a backbone, in the official layout, and equals the straight run's
+    a = load_backbone(str(tmp_path / "straight" / "teacher_backbone.pth"))
+    b = load_backbone(str(tmp_path / "resumed" / "teacher_backbone.pth"))
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(pa, pb), name
+    assert "cls_token" in a.state_dict() and "blocks.0.attn.qkv.weight" in a.state_dict()
+
+
+def test_teacher_is_an_independent_copy_of_the_student(tmp_path, image_folder):
+    student, teacher, _ = build_networks(tiny_config(image_folder, tmp_path))
+    assert student is not teacher
+    for (name, ps), (_, pt) in zip(student.named_parameters(), teacher.named_parameters()):
+        assert torch.equal(ps, pt), name
+        assert ps.data_ptr() != pt.data_ptr()
+        assert not pt.requires_grad
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path, image_folder, monkeypatch):
+    cfg = tiny_config(image_folder, tmp_path, "optim.epochs=1")
+    train(cfg)
+    path = tmp_path / "checkpoint.pth"
+    before = torch.load(path, weights_only=True)
+
+    def exploding_save(obj, handle, *args, **kwargs):
+        handle.write(b"partial garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", exploding_save)
+    with pytest.raises(OSError):
+        checkpoint_module.atomic_save({"x": torch.zeros(1)}, path)
+    monkeypatch.undo()
+    after = torch.load(path, weights_only=True)
+    assert after["global_step"] == before["global_step"]
+    assert torch.equal(after["teacher"]["backbone.cls_token"], before["teacher"]["backbone.cls_token"])
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, image_folder, monkeypatch):
+    train(tiny_config(image_folder, tmp_path, "optim.epochs=1"))
+    good = torch.load(tmp_path / "checkpoint.pth", weights_only=True)["global_step"]
+    original = loop_module.SelfDistillationObjective.forward
+
+    def poisoned(self, *args, **kwargs):
+        total, terms = original(self, *args, **kwargs)
+        return total * float("nan"), terms
+
+    monkeypatch.setattr(loop_module.SelfDistillationObjective, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match="non-finite"):
+        train(tiny_config(image_folder, tmp_path, "optim.epochs=2"))
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["global_step"] == good
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, image_folder, monkeypatch):
+    original = loop_module.train_step
+    calls = {"n": 0}
+
+    def step_then_preempt(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "train_step", step_then_preempt)
+    result = train(tiny_config(image_folder, tmp_path))
+    assert result.stopped_early and result.global_step == 2
+    state = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert state["global_step"] == 2 and state["step_in_epoch"] == 2
+
+
+def test_unlabelled_flat_folder_trains(tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(8):
+        make_demo_image(i % 4, seed=i, image_size=32).save(flat / f"img{i}.jpg")
+    (flat / "broken.jpg").write_bytes(b"not an image")
+    with pytest.warns(UserWarning):
+        result = train(tiny_config(flat, tmp_path / "out", "optim.epochs=1"))
+    assert result.global_step == 1
+
+
+def test_bad_inputs_are_clear_errors(tmp_path, image_folder):
+    with pytest.raises(UserError, match="unknown config key 'optim.lrr'.*optim.lr"):
+        tiny_config(image_folder, tmp_path, "optim.lrr=0.1")
+    with pytest.raises(UserError, match="does not exist"):
+        train(tiny_config(tmp_path / "missing", tmp_path / "out"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="no images"):
+        train(tiny_config(empty, tmp_path / "out"))
+    with pytest.raises(UserError, match="unknown flag '--lrr'.*--lr"):
+        cli_main(["--lrr", "0.1"])
+    with pytest.raises(UserError, match="unknown arch"):
+        train(tiny_config(image_folder, tmp_path / "out", "model.arch=vit_smal"))
+
+
+def test_flags_map_onto_config_keys(tmp_path, monkeypatch):
+    captured = {}
+    monkeypatch.setattr(loop_module, "train", lambda cfg: captured.setdefault("cfg", cfg) and (_ for _ in ()).throw(SystemExit(0)))
+    with pytest.raises(SystemExit):
+        cli_main(["--config", "dino_vits16", "--arch", "vit_base", "--batch_size_per_gpu", "32", "--out_dim", "4096",
+                  "--norm_last_layer", "false", "--global_crops_scale", "0.3", "1.0", "--hmp", "optim.lr=0.001"])
+    cfg = captured["cfg"]
+    assert cfg.model.arch == "vit_base" and cfg.train.batch_size_per_device == 32
+    assert cfg.dino.head_n_prototypes == 4096 and cfg.dino.norm_last_layer is False
+    assert list(cfg.crops.global_crops_scale) == [0.3, 1.0] and cfg.train.hmp is True and cfg.optim.lr == 0.001
+
+
+def test_main_dino_help():
+    out = subprocess.run([sys.executable, "main_dino.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    assert "--batch_size_per_gpu" in out.stdout and "optim.lr" in out.stdout and "dinov2_vits14" in out.stdout
