@@ -183,3 +183,13 @@ def test_main_dino_help():
     out = subprocess.run([sys.executable, "main_dino.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
     assert "--batch_size_per_gpu" in out.stdout and "optim.lr" in out.stdout and "dinov2_vits14" in out.stdout
+
+
+def test_training_logs_pictures_to_tensorboard(tmp_path, image_folder):
+    train(tiny_config(image_folder, tmp_path, "optim.epochs=1", "train.visualize_freq=1"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert {"features/attention", "features/pca"} <= set(events.Tags()["images"])
+    assert {"train/loss", "train/teacher_entropy_batch", "train/lr", "train/teacher_temp"} <= set(events.Tags()["scalars"])
