@@ -1,0 +1,43 @@
+"""Image retrieval on revisited Oxford / Paris (revisitop): mAP and mP@{1,5,10} for the Easy, Medium and Hard
+protocols, with DINO v1's features ([CLS], thumbnail to --imsize, optional multi-scale).
+
+Example:
+    python eval_image_retrieval.py --data_path /data/revisitop --dataset roxford5k --imsize 224 \\
+        --pretrained_weights teacher_backbone.pth
+"""
+
+from __future__ import annotations
+
+from dino.config import ConfigCLI, Flag, bool_flag
+from dino.errors import run_cli
+
+FLAGS = [
+    Flag(("--data_path",), "data_path", "folder holding roxford5k/ and/or rparis6k/ (jpg/ + gnd_<dataset>.pkl)"),
+    Flag(("--dataset",), "dataset", "revisitop dataset: roxford5k | rparis6k"),
+    Flag(("--imsize",), "imsize", "longer image side after PIL thumbnail", type=int),
+    Flag(("--multiscale",), "multiscale", "average features over scales 1, 1/sqrt(2), 1/2", type=bool_flag),
+    Flag(("--crop_queries",), "crop_queries", "crop queries to their bounding box (DINO v1 does not)", type=bool_flag),
+    Flag(("--distractors",), "distractors", "folder of distractor images added to the database"),
+    Flag(("--ranking",), "ranking", "ranking backend", choices=("auto", "torch", "faiss")),
+    Flag(("--pretrained_weights",), "model.pretrained_weights", "checkpoint path, URL or official model name", metavar="PATH"),
+    Flag(("--arch",), "model.arch", "architecture (checked against the checkpoint)", metavar="ARCH"),
+    Flag(("--patch_size",), "model.patch_size", "patch size (checked against the checkpoint)", type=int, metavar="N"),
+    Flag(("--checkpoint_key",), "model.checkpoint_key", "key of the backbone in a training checkpoint", metavar="KEY"),
+    Flag(("--allow_pickle",), "model.allow_pickle", "allow checkpoints that need pickle", type=bool_flag),
+    Flag(("--device",), "device", "device", choices=("auto", "cuda", "hpu", "mps", "cpu")),
+    Flag(("--hmp",), "hmp", "bf16 autocast", type=bool_flag),
+    Flag(("--output_dir",), "output_dir", "where retrieval_<dataset>.json is written"),
+    Flag(("--num_workers",), "num_workers", "data-loading workers", type=int),
+]
+
+
+def main(argv=None) -> dict:
+    cli = ConfigCLI(__doc__.splitlines()[0], group="eval", default_config="retrieval", flags=FLAGS, epilog=__doc__)
+    cfg, _ = cli.parse(argv)
+    from dino.eval.retrieval import run_retrieval
+
+    return run_retrieval(cfg)
+
+
+if __name__ == "__main__":
+    run_cli(main)
