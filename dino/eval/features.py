@@ -1,0 +1,425 @@
+"""Frozen-backbone features for the evaluation protocols (k-NN, linear probes, logistic regression).
+
+`extract_features` runs a model over a dataset in batches and returns one float32 feature row per image,
+**in dataset order**, on the CPU.  Under `torchrun` every rank extracts a strided shard
+(rank r takes images r, r+W, r+2W, …), the shards are gathered, and each row is written back to the index it
+came from, so the result does not depend on the number of processes.
+
+Also here: the multi-block feature of the DINO v1 / DINOv2 linear protocols, saving and loading extracted
+features (file names of DINO v1's `eval_knn.py`), and what the eval scripts share: the backbone a config
+names, the train/val ImageFolder pair, features from a config (extracted or loaded), and the CLI flags
+that set those config keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from dino.config import Flag, bool_flag
+from dino.data import demo_dataset
+from dino.data.datasets import ImageFolderDataset
+from dino.data.transforms import make_eval_transform
+from dino.distributed import DEVICE_CHOICES, DeviceContext, all_gather_cat, get_rank, get_world_size, is_main_process
+from dino.errors import UserError, require_path
+from dino.eval.checkpointing import atomic_torch_save, write_json_atomic
+from dino.hub import resolve_backbone
+
+FeatureFn = Callable[[nn.Module, Tensor], Tensor]
+
+# File names of DINO v1's `--dump_features` output, so dumps from either code base load in the other.
+FEATURE_FILES = {
+    "train_features": "trainfeat.pth",
+    "train_labels": "trainlabels.pth",
+    "test_features": "testfeat.pth",
+    "test_labels": "testlabels.pth",
+}
+FEATURE_META_FILE = "features_meta.json"
+
+
+# ------------------------------------------------------------------------------------ feature functions
+
+
+def cls_token_feature(model: nn.Module, images: Tensor) -> Tensor:
+    """The backbone's output: the final-LayerNorm [CLS] token, (B, D) — the feature of DINO's k-NN protocol."""
+    return model(images)
+
+
+def get_block_tokens(model: nn.Module, images: Tensor, n_last_blocks: int) -> tuple[tuple[Tensor, Tensor], ...]:
+    """(patch tokens (B, N, D), [CLS] (B, D)) of the last `n_last_blocks` blocks, each through the final norm."""
+    return model.get_intermediate_layers(images, n_last_blocks, return_class_token=True, norm=True)
+
+
+def multiblock_feature(block_tokens: Sequence[tuple[Tensor, Tensor]], n_last_blocks: int, avgpool_patchtokens: bool) -> Tensor:
+    """Input of a linear probe (DINOv2 `create_linear_input`; DINO v1 `--n_last_blocks --avgpool_patchtokens`).
+
+    feature = concat(CLS_{L-n+1}, …, CLS_L) (‖ mean over patches of the last block's patch tokens, if avgpool),
+    a vector of n·D (+ D) values per image.  `block_tokens` holds (patch, cls) pairs of at least the last
+    `n_last_blocks` blocks, oldest first (what `get_block_tokens` returns); register tokens are not pooled.
+    """
+    if n_last_blocks > len(block_tokens):
+        raise ValueError(f"asked for the last {n_last_blocks} blocks but only {len(block_tokens)} were computed")
+    used = block_tokens[-n_last_blocks:]
+    parts = [cls for _, cls in used]
+    if avgpool_patchtokens:
+        parts.append(used[-1][0].mean(dim=1))
+    return torch.cat(parts, dim=-1).float()
+
+
+def multiblock_feature_dim(embed_dim: int, n_last_blocks: int, avgpool_patchtokens: bool) -> int:
+    """Length of `multiblock_feature`: n·D (+ D with average-pooled patch tokens)."""
+    return embed_dim * (n_last_blocks + int(avgpool_patchtokens))
+
+
+def make_multiblock_feature_fn(n_last_blocks: int, avgpool_patchtokens: bool) -> FeatureFn:
+    """A `feature_fn` for `extract_features` producing the multi-block linear-probe feature."""
+    def feature_fn(model: nn.Module, images: Tensor) -> Tensor:
+        return multiblock_feature(get_block_tokens(model, images, n_last_blocks), n_last_blocks, avgpool_patchtokens)
+
+    return feature_fn
+
+
+# -------------------------------------------------------------------------------------------- sharding
+
+
+def shard_indices(num_samples: int, rank: int, world_size: int, pad: bool = True) -> list[int]:
+    """Dataset indices rank `rank` of `world_size` processes handles: rank, rank+W, rank+2W, …
+
+    With `pad`, every rank gets ceil(N/W) indices (short shards repeat their last index; the duplicate rows
+    are written to the same place on reassembly), because `all_gather` needs equally-shaped tensors.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside a world of {world_size}")
+    indices = list(range(rank, num_samples, world_size))
+    if pad:
+        per_rank = -(-num_samples // world_size)
+        filler = indices[-1] if indices else 0
+        indices += [filler] * (per_rank - len(indices))
+    return indices
+
+
+def assemble_in_dataset_order(features: Tensor, labels: Tensor, indices: Tensor, num_samples: int) -> tuple[Tensor, Tensor]:
+    """Put rows gathered from all ranks back at their dataset index; every index in range must be covered."""
+    ordered_features = features.new_empty((num_samples, features.shape[1]))
+    ordered_labels = labels.new_full((num_samples,), -1)
+    covered = torch.zeros(num_samples, dtype=torch.bool)
+    ordered_features[indices] = features
+    ordered_labels[indices] = labels
+    covered[indices] = True
+    if not bool(covered.all()):
+        raise RuntimeError(f"{int((~covered).sum())} dataset indices were extracted by no rank")
+    return ordered_features, ordered_labels
+
+
+# -------------------------------------------------------------------------------------------- extraction
+
+
+@torch.no_grad()  # not inference_mode: its tensors could not be used later by autograd (e.g. the log-reg fit)
+def extract_local_features(model: nn.Module, dataset: Dataset, indices: Sequence[int], device_ctx: DeviceContext,
+                           batch_size: int = 64, num_workers: int = 2, feature_fn: FeatureFn | None = None,
+                           desc: str = "features", progress: bool = True) -> tuple[Tensor, Tensor]:
+    """Features (float32, CPU) and labels of `dataset[i]` for `i` in `indices`, in that order.
+
+    `dataset[i]` must return (image tensor, integer label).  The labels are those the loader returns, so an
+    image the dataset skipped (unreadable file) is labelled like the image that replaced it.
+    """
+    feature_fn = feature_fn or cls_token_feature
+    loader = DataLoader(
+        Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False, drop_last=False,
+        num_workers=min(num_workers, os.cpu_count() or 1), pin_memory=device_ctx.pin_memory,
+        persistent_workers=False,
+    )
+    features: list[Tensor] = []
+    labels: list[Tensor] = []
+    for images, targets in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
+        images = images.to(device_ctx.device, non_blocking=True)
+        with device_ctx.autocast():
+            output = feature_fn(model, images)
+        features.append(output.float().cpu())
+        labels.append(torch.as_tensor(targets, dtype=torch.long).cpu())
+        device_ctx.mark_step()
+    if not features:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    return torch.cat(features), torch.cat(labels)
+
+
+def extract_features(model: nn.Module, dataset: Dataset, device_ctx: DeviceContext, batch_size: int = 64,
+                     num_workers: int = 2, feature_fn: FeatureFn | None = None,
+                     desc: str = "features") -> tuple[Tensor, Tensor]:
+    """Features (N, D) float32 and labels (N,) int64 of a whole dataset, on the CPU, in dataset order.
+
+    feature_fn(model, images) → (B, D) tensor; default: the normalised [CLS] token (`model(images)`).  Runs
+    under `torch.no_grad` and the context's autocast (bf16 with --hmp); the model must already sit
+    on `device_ctx.device`.  Distributed: each rank extracts `shard_indices(N, rank, W)`, then every rank
+    receives the full, ordered result.  The progress bar shows on rank 0 only.
+    """
+    num_samples = len(dataset)
+    if num_samples == 0:
+        raise UserError(f"cannot extract {desc}: the dataset is empty")
+    rank, world_size = get_rank(), get_world_size()
+    indices = shard_indices(num_samples, rank, world_size, pad=True)
+    features, labels = extract_local_features(model, dataset, indices, device_ctx, batch_size, num_workers,
+                                              feature_fn, desc, progress=is_main_process())
+    if world_size == 1:
+        return features, labels
+    # the process group may be NCCL, which gathers device tensors only
+    device = device_ctx.device
+    gathered_features = all_gather_cat(features.to(device)).cpu()
+    gathered_labels = all_gather_cat(labels.to(device)).cpu()
+    gathered_indices = all_gather_cat(torch.as_tensor(indices, dtype=torch.long, device=device)).cpu()
+    return assemble_in_dataset_order(gathered_features, gathered_labels, gathered_indices, num_samples)
+
+
+# ------------------------------------------------------------------------------------------ dump / load
+
+
+def dump_features(directory: str | os.PathLike, train_features: Tensor, train_labels: Tensor, test_features: Tensor,
+                  test_labels: Tensor, meta: dict | None = None) -> None:
+    """Save features as DINO v1 does (`trainfeat.pth`, `trainlabels.pth`, `testfeat.pth`, `testlabels.pth`).
+
+    `meta` (e.g. class names, checkpoint) goes to `features_meta.json` next to them.  Every file is written
+    atomically, so an interrupted dump never leaves a truncated file under the real name.
+    """
+    tensors = dict(train_features=train_features, train_labels=train_labels, test_features=test_features, test_labels=test_labels)
+    for name, tensor in tensors.items():
+        atomic_torch_save(tensor.detach().cpu(), os.path.join(directory, FEATURE_FILES[name]))
+    if meta is not None:
+        write_json_atomic(meta, os.path.join(directory, FEATURE_META_FILE))
+
+
+def load_features(directory: str | os.PathLike) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(train_features, train_labels, test_features, test_labels) from a `dump_features` folder (ours or DINO v1's)."""
+    directory = require_path(directory, "--load_features folder", must_be_dir=True)
+    missing = [f for f in FEATURE_FILES.values() if not os.path.isfile(os.path.join(directory, f))]
+    if missing:
+        raise UserError(f"--load_features folder {directory} lacks {', '.join(missing)} "
+                        f"(expected the files written by --dump_features: {', '.join(FEATURE_FILES.values())})")
+    loaded = []
+    for name in ("train_features", "train_labels", "test_features", "test_labels"):
+        path = os.path.join(directory, FEATURE_FILES[name])
+        try:
+            loaded.append(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as err:  # any unreadable file is the user's to fix; say which
+            raise UserError(f"cannot read {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    train_features, train_labels, test_features, test_labels = loaded
+    if train_features.shape[0] != train_labels.shape[0] or test_features.shape[0] != test_labels.shape[0]:
+        raise UserError(f"features and labels in {directory} have different lengths")
+    return train_features.float(), train_labels.long(), test_features.float(), test_labels.long()
+
+
+def load_features_meta(directory: str | os.PathLike) -> dict:
+    """The `meta` saved by `dump_features`, or {} for dumps without one (e.g. DINO v1's)."""
+    path = os.path.join(directory, FEATURE_META_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+# -------------------------------------------------------------------------------- shared eval set-up
+
+
+def load_eval_backbone(model_cfg, device_ctx: DeviceContext) -> nn.Module:
+    """The frozen backbone an eval config names (`model.pretrained_weights`, arch, patch size, …), on the device.
+
+    Loading goes through `dino.hub.resolve_backbone`: strict, arch inferred from the file, and a UserError
+    listing missing/unexpected keys when the file does not fit.
+    """
+    model = resolve_backbone(
+        model_cfg.pretrained_weights or None,
+        arch=model_cfg.get("arch") or None,
+        patch_size=model_cfg.get("patch_size") or None,
+        checkpoint_key=model_cfg.get("checkpoint_key") or "teacher",
+        num_register_tokens=model_cfg.get("num_register_tokens"),
+        allow_pickle=bool(model_cfg.get("allow_pickle", False)),
+    )
+    model.requires_grad_(False)
+    return model.eval().to(device_ctx.device)
+
+
+def resolve_data_path(data_path: str | None) -> str:
+    """`--data_path`, or the generated demo dataset when it is empty (so the scripts work out of the box)."""
+    if data_path:
+        return require_path(data_path, "--data_path", must_be_dir=True)
+    path = demo_dataset.ensure_demo_dataset()
+    print(f"no --data_path given: evaluating on the demo dataset at {path}")
+    return path
+
+
+@dataclass
+class EvalImageSizes:
+    """Resize (shorter side) and centre-crop size of the evaluation transform."""
+
+    resize_size: int
+    crop_size: int
+
+
+def resolve_image_sizes(resize_size: int | None, crop_size: int | None, native_size: int | None = None) -> EvalImageSizes:
+    """Fill unset sizes: the papers' 256 → 224, or for images of a known size (the demo dataset) crop =
+    that size and resize = crop·256/224, keeping the protocol's crop ratio without upsampling small images."""
+    if crop_size is None:
+        crop_size = native_size if native_size else 224
+    if resize_size is None:
+        resize_size = round(crop_size * 256 / 224)
+    if crop_size > resize_size:
+        raise UserError(f"--crop_size {crop_size} is larger than --resize_size {resize_size}")
+    return EvalImageSizes(int(resize_size), int(crop_size))
+
+
+def demo_image_size(data_path: str) -> int | None:
+    """Image size recorded by the demo-dataset generator in `data_path`, or None for any other folder."""
+    marker = os.path.join(data_path, "complete.json")
+    try:
+        with open(marker, encoding="utf-8") as handle:
+            return int(json.load(handle)["params"]["image_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def build_train_val_datasets(data_path: str, train_transform, val_transform):
+    """The ImageFolder pair `<data_path>/train` and `<data_path>/val` with identical class sets.
+
+    Raises a UserError before any loader worker starts when a split is missing or the class folders differ
+    (naming the classes only one split has); empty class folders produce a warning from the dataset.
+    """
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(data_path, split)):
+            raise UserError(f"{data_path} has no '{split}' folder; the evaluation expects the ImageFolder layout "
+                            f"<data_path>/train/<class>/<image> and <data_path>/val/<class>/<image>")
+    train = ImageFolderDataset(os.path.join(data_path, "train"), train_transform)
+    val = ImageFolderDataset(os.path.join(data_path, "val"), val_transform)
+    check_same_classes(train.classes, val.classes)
+    return train, val
+
+
+def check_same_classes(train_classes: Sequence[str], val_classes: Sequence[str]) -> None:
+    """UserError naming the classes that only one split has (labels are indices of sorted class names,
+    so a differing set would silently compare different classes)."""
+    only_train = sorted(set(train_classes) - set(val_classes))
+    only_val = sorted(set(val_classes) - set(train_classes))
+    if only_train or only_val:
+        parts = []
+        if only_train:
+            parts.append(f"only in train: {only_train[:10]}" + (f" (+{len(only_train) - 10} more)" if len(only_train) > 10 else ""))
+        if only_val:
+            parts.append(f"only in val: {only_val[:10]}" + (f" (+{len(only_val) - 10} more)" if len(only_val) > 10 else ""))
+        raise UserError("train and val have different class folders; " + "; ".join(parts))
+
+
+@dataclass
+class SplitFeatures:
+    """Features and labels of the train and val splits, with what produced them."""
+
+    train_features: Tensor
+    train_labels: Tensor
+    val_features: Tensor
+    val_labels: Tensor
+    classes: list[str] | None
+    protocol: dict
+
+    @property
+    def num_classes(self) -> int:
+        """From the class folders when known (an empty class still counts), else from the labels."""
+        if self.classes:
+            return len(self.classes)
+        return int(max(int(self.train_labels.max()), int(self.val_labels.max()))) + 1
+
+
+def features_from_config(cfg, device_ctx: DeviceContext, feature_fn: FeatureFn | None = None,
+                         feature_name: str = "L2-normalised final [CLS] token") -> SplitFeatures:
+    """Train/val features an eval config asks for: read from `cfg.load_features`, or extracted with the
+    backbone of `cfg.model` from `<cfg.data.data_path>/{train,val}` (resize + centre crop), then saved to
+    `cfg.dump_features` when set.  Every rank returns the full features."""
+    protocol: dict = dict(features=feature_name, checkpoint=cfg.model.pretrained_weights or "official release")
+    if cfg.load_features:
+        train_features, train_labels, val_features, val_labels = load_features(cfg.load_features)
+        meta = load_features_meta(cfg.load_features)
+        protocol.update(loaded_features=str(cfg.load_features), checkpoint=meta.get("checkpoint", "unknown"))
+        return SplitFeatures(train_features, train_labels, val_features, val_labels, meta.get("classes"), protocol)
+
+    data_path = resolve_data_path(cfg.data.data_path)
+    sizes = resolve_image_sizes(cfg.data.resize_size, cfg.data.crop_size, demo_image_size(data_path))
+    transform = make_eval_transform(sizes.resize_size, sizes.crop_size)
+    train_set, val_set = build_train_val_datasets(data_path, transform, transform)
+    model = load_eval_backbone(cfg.model, device_ctx)
+    protocol.update(data_path=data_path, resize_size=sizes.resize_size, crop_size=sizes.crop_size)
+    if is_main_process():
+        print(f"features: {feature_name} of {protocol['checkpoint']}; images: {data_path}/{{train,val}}, "
+              f"resize {sizes.resize_size} + centre crop {sizes.crop_size}; {len(train_set)} train / {len(val_set)} val, "
+              f"{len(train_set.classes)} classes")
+    batch_size, workers = int(cfg.data.batch_size_per_device), int(cfg.data.num_workers)
+    train_features, train_labels = extract_features(model, train_set, device_ctx, batch_size, workers, feature_fn, "train features")
+    val_features, val_labels = extract_features(model, val_set, device_ctx, batch_size, workers, feature_fn, "val features")
+    classes = list(train_set.classes)
+    if cfg.dump_features and is_main_process():
+        meta = dict(classes=classes, data_path=data_path, checkpoint=protocol["checkpoint"], features=feature_name)
+        dump_features(cfg.dump_features, train_features, train_labels, val_features, val_labels, meta)
+        print(f"features saved to {cfg.dump_features}")
+    return SplitFeatures(train_features, train_labels, val_features, val_labels, classes, protocol)
+
+
+# ---------------------------------------------------------------------- CLI flags shared by eval scripts
+# They set exactly the config keys read above (`model.*`, `data.*`, device, hmp, feature dumps), so every
+# eval script spells them alike: the DINO v1 names, with the DINO v1 aliases.
+
+
+def use_cuda_device(value: str) -> str:
+    """DINO v1's `--use_cuda true|false`, kept as a deprecated alias of `--device cuda|cpu`."""
+    try:
+        use_cuda = bool_flag(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"--use_cuda expects true or false, got {value!r}") from None
+    warnings.warn("--use_cuda is deprecated; use --device cuda|cpu", FutureWarning, stacklevel=2)
+    return "cuda" if use_cuda else "cpu"
+
+
+def backbone_flags() -> list[Flag]:
+    """--pretrained_weights --arch --patch_size --checkpoint_key --allow_pickle (keys `model.*`)."""
+    return [
+        Flag(("--pretrained_weights",), "model.pretrained_weights", "checkpoint to evaluate (ours or official), URL or hub name",
+             metavar="PATH"),
+        Flag(("--arch",), "model.arch", "ViT size; read from the checkpoint when not given", metavar="ARCH"),
+        Flag(("--patch_size",), "model.patch_size", "patch size; read from the checkpoint when not given", type=int, metavar="N"),
+        Flag(("--checkpoint_key",), "model.checkpoint_key", "network of a training checkpoint", choices=("teacher", "student")),
+        Flag(("--allow_pickle",), "model.allow_pickle", "load checkpoints that need pickle (trusted files only)", type=bool_flag),
+    ]
+
+
+def image_flags() -> list[Flag]:
+    """--data_path --batch_size_per_device (--batch_size_per_gpu) --num_workers --resize_size --crop_size (keys `data.*`)."""
+    return [
+        Flag(("--data_path",), "data.data_path", "ImageFolder root with train/ and val/ (empty: demo dataset)", metavar="PATH"),
+        Flag(("--batch_size_per_device", "--batch_size_per_gpu"), "data.batch_size_per_device", "images per batch per device",
+             type=int, metavar="N"),
+        Flag(("--num_workers",), "data.num_workers", "data loading processes per device", type=int, metavar="N"),
+        Flag(("--resize_size",), "data.resize_size", "shorter side before the centre crop", type=int, metavar="PX"),
+        Flag(("--crop_size",), "data.crop_size", "centre (eval) and random-resized (linear training) crop size", type=int,
+             metavar="PX"),
+    ]
+
+
+def device_flags() -> list[Flag]:
+    """--device, the deprecated --use_cuda, --hmp."""
+    return [
+        Flag(("--device",), "device", "where to run", choices=DEVICE_CHOICES),
+        Flag(("--use_cuda",), "device", "deprecated: --use_cuda true|false means --device cuda|cpu", type=use_cuda_device,
+             extra=dict(nargs="?", const="true", metavar="BOOL")),
+        Flag(("--hmp",), "hmp", "bf16 autocast for the backbone", type=bool_flag),
+    ]
+
+
+def feature_cache_flags() -> list[Flag]:
+    """--dump_features --load_features."""
+    return [
+        Flag(("--dump_features",), "dump_features", "save the extracted features to this folder", metavar="DIR"),
+        Flag(("--load_features",), "load_features", "use features saved by --dump_features instead of a backbone", metavar="DIR"),
+    ]
