@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
@@ -228,7 +229,7 @@ def load_features_meta(directory: str | os.PathLike) -> dict:
 # -------------------------------------------------------------------------------- shared eval set-up
 
 
-def load_eval_backbone(model_cfg, device_ctx: DeviceContext) -> nn.Module:
+def load_eval_backbone(model_cfg: DictConfig, device_ctx: DeviceContext) -> nn.Module:
     """The frozen backbone an eval config names (`model.pretrained_weights`, arch, patch size, …), on the device.
 
     Loading goes through `dino.hub.resolve_backbone`: strict, arch inferred from the file, and a UserError
@@ -285,7 +286,7 @@ def demo_image_size(data_path: str) -> int | None:
         return None
 
 
-def build_train_val_datasets(data_path: str, train_transform, val_transform):
+def build_train_val_datasets(data_path: str, train_transform, val_transform) -> tuple[ImageFolderDataset, ImageFolderDataset]:
     """The ImageFolder pair `<data_path>/train` and `<data_path>/val` with identical class sets.
 
     Raises a UserError before any loader worker starts when a split is missing or the class folders differ
@@ -334,7 +335,7 @@ class SplitFeatures:
         return int(max(int(self.train_labels.max()), int(self.val_labels.max()))) + 1
 
 
-def features_from_config(cfg, device_ctx: DeviceContext, feature_fn: FeatureFn | None = None,
+def features_from_config(cfg: DictConfig, device_ctx: DeviceContext, feature_fn: FeatureFn | None = None,
                          feature_name: str = "L2-normalised final [CLS] token") -> SplitFeatures:
     """Train/val features an eval config asks for: read from `cfg.load_features`, or extracted with the
     backbone of `cfg.model` from `<cfg.data.data_path>/{train,val}` (resize + centre crop), then saved to

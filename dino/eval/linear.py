@@ -288,6 +288,7 @@ def train_linear_probes(model: nn.Module, train_set: Dataset, val_set: Dataset, 
         trained_grid = nn.parallel.DistributedDataParallel(grid, device_ids=device_ids)
     writer = _summary_writer(output_dir, purge_step=start_epoch * steps_per_epoch if start_epoch else None)
 
+    final: list[dict] | None = None  # val results after the last epoch
     for epoch in range(start_epoch, training.epochs):
         sampler.set_epoch(epoch)
         trained_grid.train()
@@ -323,14 +324,17 @@ def train_linear_probes(model: nn.Module, train_set: Dataset, val_set: Dataset, 
                 writer.add_scalar("val/best_top1", best["top1"], (epoch + 1) * steps_per_epoch)
             if is_main_process():
                 print(f"epoch {epoch + 1}/{training.epochs}: best val top-1 {best['top1']:.2f} ({best['name']})")
+            if last_epoch:
+                final = results
         if is_main_process():
             save_linear_checkpoint(checkpoint_path, grid, optimizer, epoch + 1, history)
         barrier()
     if writer is not None:
         writer.close()
 
-    final = evaluate_probes(model, grid, val_set, device_ctx, training.batch_size_per_device, training.num_workers,
-                            desc="final val")
+    if final is None:  # nothing left to train (a finished run resumed, or --epochs 0)
+        final = evaluate_probes(model, grid, val_set, device_ctx, training.batch_size_per_device, training.num_workers,
+                                desc="final val")
     best = final[best_classifier(final)]
     return dict(best=dict(best, scaled_lr=scale_lr(best["lr"], global_batch)), classifiers=final, history=history,
                 epochs=training.epochs, global_batch_size=global_batch)
