@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dino.config import ConfigCLI, Flag, bool_flag
 from dino.errors import run_cli
+from dino.eval.cli_flags import backbone_flags, device_flags
 
-FLAGS = [
+FLAGS = backbone_flags() + device_flags(use_cuda_alias=False) + [
     Flag(("--data_path",), "data_path", "Copydays folder holding original/ and strong/"),
     Flag(("--distractors_path",), "distractors_path", "folder of distractor images added to the database"),
     Flag(("--whitening_path",), "whitening_path", "folder of images on which the PCA-whitening is learned"),
@@ -21,13 +22,6 @@ FLAGS = [
     Flag(("--top",), "top", "number of ranked database images scored per query", type=int),
     Flag(("--ranking",), "ranking", "ranking backend", choices=("auto", "torch", "faiss")),
     Flag(("--batch_size_per_gpu", "--batch_size"), "batch_size", "images per forward pass", type=int),
-    Flag(("--pretrained_weights",), "model.pretrained_weights", "checkpoint path, URL or official model name", metavar="PATH"),
-    Flag(("--arch",), "model.arch", "architecture (checked against the checkpoint)", metavar="ARCH"),
-    Flag(("--patch_size",), "model.patch_size", "patch size (checked against the checkpoint)", type=int, metavar="N"),
-    Flag(("--checkpoint_key",), "model.checkpoint_key", "key of the backbone in a training checkpoint", metavar="KEY"),
-    Flag(("--allow_pickle",), "model.allow_pickle", "allow checkpoints that need pickle", type=bool_flag),
-    Flag(("--device",), "device", "device", choices=("auto", "cuda", "hpu", "mps", "cpu")),
-    Flag(("--hmp",), "hmp", "bf16 autocast", type=bool_flag),
     Flag(("--output_dir",), "output_dir", "where copy_detection.json is written"),
     Flag(("--num_workers",), "num_workers", "data-loading workers", type=int),
 ]

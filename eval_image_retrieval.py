@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dino.config import ConfigCLI, Flag, bool_flag
 from dino.errors import run_cli
+from dino.eval.cli_flags import backbone_flags, device_flags
 
-FLAGS = [
+FLAGS = backbone_flags() + device_flags(use_cuda_alias=False) + [
     Flag(("--data_path",), "data_path", "folder holding roxford5k/ and/or rparis6k/ (jpg/ + gnd_<dataset>.pkl)"),
     Flag(("--dataset",), "dataset", "revisitop dataset: roxford5k | rparis6k"),
     Flag(("--imsize",), "imsize", "longer image side after PIL thumbnail", type=int),
@@ -19,13 +20,6 @@ FLAGS = [
     Flag(("--crop_queries",), "crop_queries", "crop queries to their bounding box (DINO v1 does not)", type=bool_flag),
     Flag(("--distractors",), "distractors", "folder of distractor images added to the database"),
     Flag(("--ranking",), "ranking", "ranking backend", choices=("auto", "torch", "faiss")),
-    Flag(("--pretrained_weights",), "model.pretrained_weights", "checkpoint path, URL or official model name", metavar="PATH"),
-    Flag(("--arch",), "model.arch", "architecture (checked against the checkpoint)", metavar="ARCH"),
-    Flag(("--patch_size",), "model.patch_size", "patch size (checked against the checkpoint)", type=int, metavar="N"),
-    Flag(("--checkpoint_key",), "model.checkpoint_key", "key of the backbone in a training checkpoint", metavar="KEY"),
-    Flag(("--allow_pickle",), "model.allow_pickle", "allow checkpoints that need pickle", type=bool_flag),
-    Flag(("--device",), "device", "device", choices=("auto", "cuda", "hpu", "mps", "cpu")),
-    Flag(("--hmp",), "hmp", "bf16 autocast", type=bool_flag),
     Flag(("--output_dir",), "output_dir", "where retrieval_<dataset>.json is written"),
     Flag(("--num_workers",), "num_workers", "data-loading workers", type=int),
 ]

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from dino.config import ConfigCLI, Flag
 from dino.errors import run_cli
-from dino.eval.features import backbone_flags, device_flags, feature_cache_flags, image_flags
+from dino.eval.cli_flags import backbone_flags, device_flags, feature_cache_flags, image_flags
 
 CLI = ConfigCLI(
     description="Weighted k-NN classification of frozen [CLS] features (DINO v1 / DINOv2 protocol).",

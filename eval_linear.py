@@ -15,7 +15,7 @@ from typing import Sequence
 
 from dino.config import ConfigCLI, Flag, bool_flag
 from dino.errors import run_cli
-from dino.eval.features import backbone_flags, device_flags, feature_cache_flags, image_flags
+from dino.eval.cli_flags import backbone_flags, device_flags, feature_cache_flags, image_flags
 
 CLI = ConfigCLI(
     description="Linear probes (DINOv2 grid, DINO v1 flags) or logistic regression on a frozen backbone.",

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dino.config import ConfigCLI, Flag, bool_flag
 from dino.errors import run_cli
+from dino.eval.cli_flags import backbone_flags, device_flags
 
-FLAGS = [
+FLAGS = backbone_flags() + device_flags(use_cuda_alias=False) + [
     Flag(("--data_path",), "data_path", "DAVIS-2017 folder (JPEGImages/480p, Annotations/480p, ImageSets/2017)"),
     Flag(("--split",), "split", "ImageSets/2017/<split>.txt"),
     Flag(("--n_last_frames",), "n_last_frames", "number of preceding frames used as context", type=int),
@@ -21,13 +22,6 @@ FLAGS = [
     Flag(("--frame_size",), "frame_size", "shorter frame side the frames are resized to", type=int),
     Flag(("--eval_only",), "eval_only", "only score the predictions already in --output_dir", type=bool_flag),
     Flag(("--output_dir",), "output_dir", "where predictions and results are written"),
-    Flag(("--pretrained_weights",), "model.pretrained_weights", "checkpoint path, URL or official model name", metavar="PATH"),
-    Flag(("--arch",), "model.arch", "architecture (checked against the checkpoint)", metavar="ARCH"),
-    Flag(("--patch_size",), "model.patch_size", "patch size (checked against the checkpoint)", type=int, metavar="N"),
-    Flag(("--checkpoint_key",), "model.checkpoint_key", "key of the backbone in a training checkpoint", metavar="KEY"),
-    Flag(("--allow_pickle",), "model.allow_pickle", "allow checkpoints that need pickle", type=bool_flag),
-    Flag(("--device",), "device", "device", choices=("auto", "cuda", "hpu", "mps", "cpu")),
-    Flag(("--hmp",), "hmp", "bf16 autocast", type=bool_flag),
 ]
 
 

@@ -13,10 +13,8 @@ that set those config keys.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -26,11 +24,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from dino.config import Flag, bool_flag
 from dino.data import demo_dataset
 from dino.data.datasets import ImageFolderDataset
 from dino.data.transforms import make_eval_transform
-from dino.distributed import DEVICE_CHOICES, DeviceContext, all_gather_cat, get_rank, get_world_size, is_main_process
+from dino.distributed import DeviceContext, all_gather_cat, get_rank, get_world_size, is_main_process
 from dino.errors import UserError, require_path
 from dino.eval.checkpointing import atomic_torch_save, write_json_atomic
 from dino.hub import resolve_backbone
@@ -366,61 +363,3 @@ def features_from_config(cfg: DictConfig, device_ctx: DeviceContext, feature_fn:
         dump_features(cfg.dump_features, train_features, train_labels, val_features, val_labels, meta)
         print(f"features saved to {cfg.dump_features}")
     return SplitFeatures(train_features, train_labels, val_features, val_labels, classes, protocol)
-
-
-# ---------------------------------------------------------------------- CLI flags shared by eval scripts
-# They set exactly the config keys read above (`model.*`, `data.*`, device, hmp, feature dumps), so every
-# eval script spells them alike: the DINO v1 names, with the DINO v1 aliases.
-
-
-def use_cuda_device(value: str) -> str:
-    """DINO v1's `--use_cuda true|false`, kept as a deprecated alias of `--device cuda|cpu`."""
-    try:
-        use_cuda = bool_flag(value)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"--use_cuda expects true or false, got {value!r}") from None
-    warnings.warn("--use_cuda is deprecated; use --device cuda|cpu", FutureWarning, stacklevel=2)
-    return "cuda" if use_cuda else "cpu"
-
-
-def backbone_flags() -> list[Flag]:
-    """--pretrained_weights --arch --patch_size --checkpoint_key --allow_pickle (keys `model.*`)."""
-    return [
-        Flag(("--pretrained_weights",), "model.pretrained_weights", "checkpoint to evaluate (ours or official), URL or hub name",
-             metavar="PATH"),
-        Flag(("--arch",), "model.arch", "ViT size; read from the checkpoint when not given", metavar="ARCH"),
-        Flag(("--patch_size",), "model.patch_size", "patch size; read from the checkpoint when not given", type=int, metavar="N"),
-        Flag(("--checkpoint_key",), "model.checkpoint_key", "network of a training checkpoint", choices=("teacher", "student")),
-        Flag(("--allow_pickle",), "model.allow_pickle", "load checkpoints that need pickle (trusted files only)", type=bool_flag),
-    ]
-
-
-def image_flags() -> list[Flag]:
-    """--data_path --batch_size_per_device (--batch_size_per_gpu) --num_workers --resize_size --crop_size (keys `data.*`)."""
-    return [
-        Flag(("--data_path",), "data.data_path", "ImageFolder root with train/ and val/ (empty: demo dataset)", metavar="PATH"),
-        Flag(("--batch_size_per_device", "--batch_size_per_gpu"), "data.batch_size_per_device", "images per batch per device",
-             type=int, metavar="N"),
-        Flag(("--num_workers",), "data.num_workers", "data loading processes per device", type=int, metavar="N"),
-        Flag(("--resize_size",), "data.resize_size", "shorter side before the centre crop", type=int, metavar="PX"),
-        Flag(("--crop_size",), "data.crop_size", "centre (eval) and random-resized (linear training) crop size", type=int,
-             metavar="PX"),
-    ]
-
-
-def device_flags() -> list[Flag]:
-    """--device, the deprecated --use_cuda, --hmp."""
-    return [
-        Flag(("--device",), "device", "where to run", choices=DEVICE_CHOICES),
-        Flag(("--use_cuda",), "device", "deprecated: --use_cuda true|false means --device cuda|cpu", type=use_cuda_device,
-             extra=dict(nargs="?", const="true", metavar="BOOL")),
-        Flag(("--hmp",), "hmp", "bf16 autocast for the backbone", type=bool_flag),
-    ]
-
-
-def feature_cache_flags() -> list[Flag]:
-    """--dump_features --load_features."""
-    return [
-        Flag(("--dump_features",), "dump_features", "save the extracted features to this folder", metavar="DIR"),
-        Flag(("--load_features",), "load_features", "use features saved by --dump_features instead of a backbone", metavar="DIR"),
-    ]
