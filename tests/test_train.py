@@ -193,3 +193,24 @@ def test_training_logs_pictures_to_tensorboard(tmp_path, image_folder):
     events.Reload()
     assert {"features/attention", "features/pca"} <= set(events.Tags()["images"])
     assert {"train/loss", "train/teacher_entropy_batch", "train/lr", "train/teacher_temp"} <= set(events.Tags()["scalars"])
+
+
+def test_main_dino_runs_and_compares_knn_with_random_init(tmp_path):
+    """The script path end to end: train on a labelled train/ split, then kNN vs a random backbone on val/."""
+    for split, count in (("train", 8), ("val", 3)):
+        for label, pattern in enumerate(("stripes_h", "checkerboard", "rings")):
+            folder = tmp_path / "data" / split / pattern
+            folder.mkdir(parents=True)
+            for i in range(count):
+                make_demo_image(label, seed=(label, i, split == "val"), image_size=32).save(folder / f"{i}.png")
+    out = tmp_path / "run"
+    args = [f"--data_path={tmp_path / 'data' / 'train'}", f"--output_dir={out}", "--epochs", "1", "--num_workers", "0",
+            "--batch_size_per_device", "8", "--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "32",
+            "--local_crops_size", "16", "--local_crops_number", "1", "--out_dim", "32", "train.knn_eval=true",
+            "model.depth=1", "model.embed_dim=48", "dino.head_hidden_dim=32", "dino.head_bottleneck_dim=16"]
+    result = cli_main(args)
+    report = json.loads((out / "knn_check.json").read_text())
+    assert result.knn == report
+    assert report["num_classes"] == 3 and 0.0 <= report["trained_top1"] <= 100.0
+    assert report["improvement"] == pytest.approx(report["trained_top1"] - report["random_init_top1"])
+    assert (out / "config.yaml").read_text().count("knn_eval: true") == 1
