@@ -3,6 +3,7 @@
 from dino.distributed.device import DEVICE_CHOICES, DeviceContext, resolve_device_type
 from dino.distributed.dist import (
     all_gather_cat,
+    any_rank,
     all_reduce_mean,
     all_reduce_sum,
     barrier,
@@ -12,11 +13,12 @@ from dino.distributed.dist import (
     init_distributed,
     is_enabled,
     is_main_process,
+    same_seed_on_every_rank,
     seed_everything,
 )
 
 __all__ = [
-    "DEVICE_CHOICES", "DeviceContext", "resolve_device_type", "all_gather_cat", "all_reduce_mean",
+    "DEVICE_CHOICES", "DeviceContext", "resolve_device_type", "all_gather_cat", "any_rank", "all_reduce_mean",
     "all_reduce_sum", "barrier", "get_local_world_size", "get_rank", "get_world_size", "init_distributed",
-    "is_enabled", "is_main_process", "seed_everything",
+    "is_enabled", "is_main_process", "same_seed_on_every_rank", "seed_everything",
 ]

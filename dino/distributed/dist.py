@@ -6,6 +6,7 @@ world of size 1, so the rest of the code never branches on "are we distributed?"
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
@@ -77,3 +78,26 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def same_seed_on_every_rank(seed: int):
+    """Run the block with torch's CPU generator seeded by `seed` on *every* rank, then restore it.
+
+    Weight initialisation must agree across ranks: FSDP2 shards each rank's own initial tensor, and the
+    teacher is a copy that DDP does not broadcast.  Per-rank randomness (drop path) keeps `seed + rank`.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        yield
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on at least one (e.g. a SIGTERM that reached one process)."""
+    if not is_enabled() or get_world_size() == 1:
+        return bool(flag)
+    tensor = torch.tensor([1.0 if flag else 0.0])
+    if tdist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    all_reduce_sum(tensor)
+    return bool(tensor.item() > 0)

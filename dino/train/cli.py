@@ -43,7 +43,8 @@ FLAGS = [
     Flag(("--hmp", "--use_bf16"), "train.hmp", "bf16 mixed precision on CUDA, HPU and CPU", type=bool_flag),
     Flag(("--fp16", "--use_fp16"), "train.fp16", "fp16 mixed precision with loss scaling (CUDA)", type=bool_flag),
     Flag(("--device",), "train.device", "auto, cuda, hpu, mps or cpu", choices=("auto", "cuda", "hpu", "mps", "cpu")),
-    Flag(("--parallel",), "train.parallel", "data parallelism across processes", choices=("ddp",)),
+    Flag(("--parallel",), "train.parallel", "data parallelism across processes: ddp, or fsdp (FSDP2, sharded checkpoints)",
+         choices=("ddp", "fsdp")),
     Flag(("--resume",), "train.resume", "continue from output_dir/checkpoint.pth when present", type=bool_flag),
     Flag(("--max_iters",), "train.max_iters", "stop (with a checkpoint) after this many iterations", type=int),
     Flag(("--knn_eval",), "train.knn_eval", "after training, kNN of the teacher vs a random backbone on the val split", type=bool_flag),
@@ -53,7 +54,12 @@ EPILOG = """\
 examples:
   python main_dino.py                                    # CPU demo on the built-in dataset (config 'demo')
   python main_dino.py --config dino_vits16 --data_path /data/imagenet/train --output_dir runs/vits16
+  torchrun --nproc_per_node=2 main_dino.py --arch vit_small --hmp      # 2 CPU processes (gloo), demo dataset
   torchrun --nproc_per_node=8 main_dino.py --config dinov2_vits14 --data_path DIR --hmp
+  torchrun --nproc_per_node=8 main_dino.py --config dinov2_vitl14 --data_path DIR --hmp --parallel fsdp
+  torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29400 --rdzv_id=JOB \
+      main_dino.py --config dinov2_vitl14 --data_path DIR --hmp --parallel fsdp   # run the same line on every node
+  python -m dino.run.slurm --nodes 2 --gpus_per_node 8 -- --config dinov2_vitl14 --parallel fsdp --hmp
   python main_dino.py --arch vit_small --patch_size 16 --data_path DIR --epochs 1 optim.lr=1e-3 ibot.loss_weight=1.0
 
 Presets live in configs/train/; any config key can be overridden as key=value after the flags.

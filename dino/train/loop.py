@@ -20,27 +20,43 @@ from tqdm import tqdm
 from dino.config import save_config, to_yaml
 from dino.distributed import (
     DeviceContext,
+    all_reduce_mean,
+    any_rank,
     barrier,
     get_local_world_size,
     get_world_size,
     init_distributed,
     is_main_process,
+    same_seed_on_every_rank,
     seed_everything,
 )
-from dino.distributed.parallel import unwrap, wrap_student
+from dino.distributed.checkpoint import copy_sharded, full_state_dict_on_rank0
+from dino.distributed.parallel import (
+    FSDPSettings,
+    check_parallel_mode,
+    is_sharded,
+    is_sharded_tensor,
+    shard_student_and_teacher,
+    unwrap,
+    wrap_student,
+)
 from dino.errors import UserError
 from dino.hub import save_backbone
 from dino.train.checkpoint import (
     CHECKPOINT_NAME,
+    SHARDED_CHECKPOINT_NAME,
     TEACHER_BACKBONE_NAME,
     atomic_save,
     capture_rng_state,
+    find_training_checkpoint,
+    load_sharded_training_checkpoint,
     load_training_checkpoint,
     restore_rng_state,
+    save_sharded_training_checkpoint,
 )
 from dino.train.clip import clip_grad_norm_per_module, clip_gradients_per_parameter
 from dino.train.data_pipeline import build_training_data
-from dino.train.meta_arch import SelfDistillationObjective, build_networks, update_teacher
+from dino.train.meta_arch import SelfDistillationObjective, build_networks, build_student_backbone, update_teacher
 from dino.train.metrics import MetricLogger, collapse_warning, teacher_entropy_stats
 from dino.train.param_groups import apply_schedules, build_param_groups
 from dino.train.schedules import Schedule, last_layer_lr_schedule, momentum_schedule, scale_lr, teacher_temp_schedule
@@ -89,7 +105,12 @@ def build_optimizer(cfg: DictConfig, student: torch.nn.Module) -> torch.optim.Op
                                 patch_embed_lr_mult=float(cfg.optim.patch_embed_lr_mult))
     name = str(cfg.optim.optimizer).lower()
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.optim.adamw_betas))
+        # The fused kernel updates each parameter in one pass instead of ~10 foreach passes: the optimiser
+        # step of the ViT-S/14 bench preset drops from ~1.5 s to ~0.2 s on 2 CPU cores. It exists for plain
+        # CPU / CUDA tensors; sharded (DTensor) and HPU parameters keep the foreach implementation.
+        params = [p for group in groups for p in group["params"]]
+        fused = all(p.device.type in ("cpu", "cuda") and not is_sharded_tensor(p) for p in params)
+        return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.optim.adamw_betas), fused=fused or None)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
     raise UserError(f"unknown optimizer {cfg.optim.optimizer!r}; choose adamw or sgd")
@@ -125,6 +146,7 @@ class TrainResult:
     stopped_early: bool
     last_metrics: dict[str, float] = field(default_factory=dict)
     knn: dict[str, Any] | None = None
+    preempted: bool = False  # stopped by SIGTERM after saving a checkpoint (a launcher may requeue the job)
 
 
 def _to_device(batch: dict, ctx: DeviceContext) -> dict:
@@ -146,8 +168,13 @@ def train_step(batch: dict, student, teacher, objective: SelfDistillationObjecti
         targets = objective.teacher_targets(teacher_out, teacher_temp, batch.get("n_masked_patches"))
         student_out = student(global_crops, local_crops, masks, mask_indices)
         loss, terms = objective(student_out, targets, batch.get("masks_weight"), n_images=global_crops.shape[0])
-    if not torch.isfinite(loss):
-        bad = ", ".join(f"{name}={float(value.detach()):.4g}" for name, value in terms.items())
+    # Mean over ranks of the loss and its terms (one all-reduce): what is logged, and what the finiteness
+    # check looks at, so that every rank stops together instead of leaving the others in a collective.
+    names = list(terms)
+    reduced = all_reduce_mean(torch.stack([loss.detach().float()] + [terms[n].detach().float() for n in names]))
+    global_loss, global_terms = reduced[0], dict(zip(names, reduced[1:]))
+    if not torch.isfinite(global_loss):
+        bad = ", ".join(f"{name}={float(value):.4g}" for name, value in global_terms.items())
         raise NonFiniteLossError(
             f"the loss became non-finite ({bad}); the last good checkpoint was kept. Try without --hmp/--fp16, "
             "a lower lr, or a smaller out_dim")
@@ -174,12 +201,23 @@ def train_step(batch: dict, student, teacher, objective: SelfDistillationObjecti
     else:
         optimizer.step()
     ctx.mark_step()
-    return loss.detach(), {k: v.detach() for k, v in terms.items()}, teacher_entropy_stats(targets["cls_probs"])
+    return global_loss, global_terms, teacher_entropy_stats(targets["cls_probs"])
 
 
 def _save_checkpoint(output_dir: Path, student, teacher, objective, optimizer, scaler, cfg, backbone_kwargs,
                      epoch: int, step_in_epoch: int, global_step: int, data_epoch: int, data_batch: int,
-                     extra_copy: str | None = None) -> None:
+                     extra_copy: str | None = None, sharded: bool = False, batch_size: int = 0) -> None:
+    """`checkpoint.pth` (rank 0) or, under FSDP, `checkpoint_sharded/` (all ranks); then the teacher export."""
+    if sharded:
+        progress = dict(epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step, data_epoch=data_epoch,
+                        data_batch=data_batch, world_size=get_world_size(), batch_size=batch_size)
+        directory = output_dir / SHARDED_CHECKPOINT_NAME
+        save_sharded_training_checkpoint(directory, unwrap(student), teacher, optimizer, objective, scaler, progress,
+                                         {"config": to_yaml(cfg), "backbone_kwargs": backbone_kwargs})
+        if extra_copy:
+            copy_sharded(directory, output_dir / (Path(extra_copy).stem + "_sharded"))
+        _export_teacher_backbone(output_dir, teacher, cfg, backbone_kwargs)
+        return
     if not is_main_process():
         return
     state = {
@@ -203,11 +241,43 @@ def _save_checkpoint(output_dir: Path, student, teacher, objective, optimizer, s
     save_backbone(teacher.backbone, output_dir / TEACHER_BACKBONE_NAME, backbone_kwargs)
 
 
+def _export_teacher_backbone(output_dir: Path, teacher, cfg: DictConfig, backbone_kwargs: dict) -> None:
+    """Collective under FSDP: gather the teacher backbone onto rank 0 and write `teacher_backbone.pth`."""
+    full = full_state_dict_on_rank0(teacher)
+    if not is_main_process():
+        return
+    prefix = "backbone."
+    weights = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+    # Built on the meta device and filled by assignment: a strict key check without a second copy in memory.
+    # Drop path does not change the weights; a uniform zero rate avoids host reads of meta tensors.
+    skeleton_cfg = OmegaConf.merge(cfg.model, {"drop_path_rate": 0.0, "drop_path_uniform": True})
+    with torch.device("meta"):
+        backbone, _ = build_student_backbone(skeleton_cfg)
+    backbone.load_state_dict(weights, strict=True, assign=True)
+    save_backbone(backbone, output_dir / TEACHER_BACKBONE_NAME, backbone_kwargs)
+
+
+def _check_same_global_batch(progress: dict[str, int], batch_size: int) -> None:
+    """A sharded checkpoint resumes on any number of processes as long as the global batch is unchanged.
+
+    Its position (iteration, data batch) counts global batches, and the schedules are indexed by it; with
+    another global batch both would silently mean something else.
+    """
+    saved = progress["batch_size"] * progress["world_size"]
+    now = batch_size * get_world_size()
+    if saved != now:
+        raise UserError(f"cannot resume: the checkpoint was trained with a global batch of {saved} "
+                        f"({progress['world_size']} process(es) × {progress['batch_size']}), this run has {now}; "
+                        f"set --batch_size_per_device {saved // get_world_size()} to keep it")
+
+
 def train(cfg: DictConfig) -> TrainResult:
     ctx = DeviceContext.create(str(cfg.train.device), hmp=bool(cfg.train.hmp), fp16=bool(cfg.train.fp16))
     init_distributed(ctx.backend)
     ctx.set_cpu_threads(get_local_world_size())
     seed_everything(int(cfg.train.seed))
+    parallel = check_parallel_mode(str(cfg.train.parallel))
+    sharded_checkpoints = parallel == "fsdp"
     main = is_main_process()
     output_dir = Path(str(cfg.train.output_dir)).expanduser()
     if main:
@@ -218,19 +288,35 @@ def train(cfg: DictConfig) -> TrainResult:
     data = build_training_data(cfg, ctx)
     iters_per_epoch = int(cfg.optim.iters_per_epoch or data.batches_per_data_epoch)
     epochs = int(cfg.optim.epochs)
-    student, teacher, backbone_kwargs = build_networks(cfg)
+    with same_seed_on_every_rank(int(cfg.train.seed)):
+        student, teacher, backbone_kwargs = build_networks(cfg)
     student.to(ctx.device)
     teacher.to(ctx.device)
     objective = SelfDistillationObjective(cfg, int(cfg.crops.local_crops_number)).to(ctx.device)
+    # FSDP2 swaps the parameters for DTensors, so it comes before the optimiser is built.
+    shard_student_and_teacher(student, teacher, ctx, parallel,
+                              FSDPSettings.from_config(cfg.train.get("fsdp", {}), bool(cfg.train.hmp)))
     optimizer = build_optimizer(cfg, student)
     scaler = ctx.grad_scaler()
     total_batch = data.batch_size * get_world_size()
     schedules = build_schedules(cfg, iters_per_epoch, total_batch)
 
     start_epoch, start_step_in_epoch, data_epoch, data_batch = 0, 0, 0, 0
-    checkpoint_path = output_dir / CHECKPOINT_NAME
+    checkpoint_path = find_training_checkpoint(output_dir, sharded_checkpoints) if bool(cfg.train.resume) else None
     resumed_rng = None
-    if bool(cfg.train.resume) and checkpoint_path.is_file():
+    if checkpoint_path is not None and sharded_checkpoints:
+        progress, resumed_rng = load_sharded_training_checkpoint(checkpoint_path, student, teacher, optimizer,
+                                                                 objective, scaler)
+        start_epoch, start_step_in_epoch = progress["epoch"], progress["step_in_epoch"]
+        _check_same_global_batch(progress, data.batch_size)
+        data_epoch, data_batch = progress["data_epoch"], progress["data_batch"]
+        if resumed_rng is None:
+            # another world size: per-rank streams cannot be carried over; start fresh, deterministic ones
+            seed_everything(int(cfg.train.seed) + progress["global_step"])
+        if main:
+            print(f"resumed from {checkpoint_path} (saved by {progress['world_size']} process(es)) "
+                  f"at epoch {start_epoch}, step {start_step_in_epoch}")
+    elif checkpoint_path is not None:
         state = load_training_checkpoint(checkpoint_path)
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
@@ -243,7 +329,7 @@ def train(cfg: DictConfig) -> TrainResult:
         resumed_rng = state["rng"]
         if main:
             print(f"resumed from {checkpoint_path} at epoch {start_epoch}, step {start_step_in_epoch}")
-    student_wrapped = wrap_student(student, ctx, str(cfg.train.parallel))
+    student_wrapped = wrap_student(student, ctx, parallel)
     if resumed_rng is not None:
         restore_rng_state(resumed_rng)
 
@@ -294,9 +380,12 @@ def train(cfg: DictConfig) -> TrainResult:
                     warned_collapse = True
 
                 reached_max = max_iters is not None and global_step >= max_iters
+                # a pre-emption signal may reach the ranks at different steps: agree before saving
+                stop.requested = any_rank(stop.requested)
                 if stop.requested or reached_max or (every and global_step % every == 0 and step_in_epoch < iters_per_epoch):
                     _save_checkpoint(output_dir, student_wrapped, teacher, objective, optimizer, scaler, cfg,
-                                     backbone_kwargs, epoch, step_in_epoch, global_step, data_epoch, data_batch)
+                                     backbone_kwargs, epoch, step_in_epoch, global_step, data_epoch, data_batch,
+                                     sharded=sharded_checkpoints, batch_size=data.batch_size)
                 if stop.requested or reached_max:
                     stopped_early = True
                     break
@@ -307,17 +396,20 @@ def train(cfg: DictConfig) -> TrainResult:
             freq = int(cfg.train.saveckp_freq)
             extra = f"checkpoint{epoch:04d}.pth" if freq and epoch % freq == 0 else None
             _save_checkpoint(output_dir, student_wrapped, teacher, objective, optimizer, scaler, cfg, backbone_kwargs,
-                             epoch, 0, global_step, data_epoch, data_batch, extra_copy=extra)
+                             epoch, 0, global_step, data_epoch, data_batch, extra_copy=extra,
+                             sharded=sharded_checkpoints, batch_size=data.batch_size)
             if main:
                 logger.log(global_step, {"epoch_end": epoch, "peak_memory_mb": ctx.max_memory_allocated_mb()},
                            tensorboard=False)
-                _maybe_visualize(cfg, teacher, logger, epoch, global_step)
+                if not is_sharded(teacher):  # rank 0 alone cannot run a sharded teacher
+                    _maybe_visualize(cfg, teacher, logger, epoch, global_step)
             logger.flush()
     barrier()
     logger.close()
     if stop.requested and main:
-        print(f"stopped by SIGTERM; checkpoint saved to {checkpoint_path}")
-    return TrainResult(output_dir, global_step, epoch, stopped_early, last_metrics)
+        saved = SHARDED_CHECKPOINT_NAME if sharded_checkpoints else CHECKPOINT_NAME
+        print(f"stopped by SIGTERM; checkpoint saved to {output_dir / saved}")
+    return TrainResult(output_dir, global_step, epoch, stopped_early, last_metrics, preempted=stop.requested)
 
 
 def _maybe_visualize(cfg: DictConfig, teacher, logger: MetricLogger, epoch: int, global_step: int) -> None:

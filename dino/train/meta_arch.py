@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from dino.distributed.parallel import local_tensor
 from dino.losses import DINOLoss, KoLeoLoss, dino_v1_loss, dinov2_clstoken_loss_terms, iBOTPatchLoss
 from dino.models import DINOHead, VisionTransformer, build_backbone
 
@@ -123,13 +124,17 @@ def build_networks(cfg: DictConfig) -> tuple[MultiCropNetwork, MultiCropNetwork,
 
 @torch.no_grad()
 def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
-    """EMA: θ_teacher ← m·θ_teacher + (1 − m)·θ_student, parameter by parameter (works on sharded DTensors)."""
-    student_params = [p.detach() for p in student.parameters()]
-    teacher_params = [p for p in teacher.parameters()]
+    """EMA: θ_teacher ← m·θ_teacher + (1 − m)·θ_student, parameter by parameter.
+
+    Under FSDP2 both networks are sharded identically, so the update runs on each rank's local shards
+    (no all-gather); under DDP / one process the local tensor is the whole parameter.
+    """
+    student_params = [local_tensor(p.detach()) for p in student.parameters()]
+    teacher_params = [local_tensor(p) for p in teacher.parameters()]
     if len(student_params) != len(teacher_params):
         raise RuntimeError("student and teacher have different parameter lists")
-    torch._foreach_mul_(teacher_params, momentum)
-    torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)
+    # lerp: θ_t + (1 − m)(θ_s − θ_t), the same EMA in one pass over the weights instead of two
+    torch._foreach_lerp_(teacher_params, student_params, 1 - momentum)
 
 
 class SelfDistillationObjective(nn.Module):

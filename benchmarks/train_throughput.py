@@ -1,0 +1,230 @@
+"""Training throughput: images/s, seconds per step, peak memory and model-FLOPs utilisation (MFU).
+
+    python benchmarks/train_throughput.py                              # CPU bench preset, fp32
+    python benchmarks/train_throughput.py --hmp                        # same, bf16 autocast
+    python benchmarks/train_throughput.py --preset vitl14 --hmp --parallel fsdp --steps 20   # GPU
+    torchrun --nproc_per_node=8 benchmarks/train_throughput.py --preset vitl14 --hmp --parallel fsdp
+
+One step is exactly the training loop's: `train_step` (teacher forward, targets, student forward, losses,
+backward, clipping, AdamW) followed by the EMA teacher update, on one real multi-crop batch (crops and iBOT
+masks from the data pipeline, reused every step so that data loading does not compete for the cores).
+
+* s/step: median over `--steps` timed steps after `--warmup` steps (the device is synchronised per step).
+* images/s: global batch (per-process batch × processes) / median s/step.
+* FLOPs per step: counted by `torch.utils.flop_counter.FlopCounterMode` over one whole step (matmuls,
+  attention, convolutions — forward and backward of student and teacher; elementwise work is not counted).
+* MFU: FLOPs per step / s/step / measured matmul rate, where the rate is the median of `--matmul_repeats`
+  square `--matmul_size`³ matrix products in the step's compute dtype, measured on the same device in the same
+  run (interleaved with the steps, so load from other processes hits both alike).  With `--hmp` the MFU is
+  also given against the fp32 rate.
+* peak memory: device memory on CUDA/HPU; on CPU the process's peak resident set size (everything the
+  process touched, including the batch and the Python runtime).
+
+Presets: `cpu_bench` (the issue's CPU preset: DINOv2 ViT-S/14, 2×224 + 8×98 crops, 65,536 prototypes, iBOT
+and KoLeo, batch 8), `vitl14` (DINOv2 ViT-L/14 recipe, batch 32 per device), `tiny` (a smoke test).
+Output: a markdown row block on stdout, appended to `--out FILE` when given (rank 0 only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from dino.config import compose  # noqa: E402
+from dino.data.demo_dataset import make_demo_image  # noqa: E402
+from dino.distributed import (  # noqa: E402
+    DeviceContext,
+    get_local_world_size,
+    get_world_size,
+    init_distributed,
+    is_main_process,
+    same_seed_on_every_rank,
+    seed_everything,
+)
+from dino.distributed.parallel import FSDPSettings, shard_student_and_teacher, unwrap, wrap_student  # noqa: E402
+from dino.train.data_pipeline import build_training_data  # noqa: E402
+from dino.train.loop import build_optimizer, train_step  # noqa: E402
+from dino.train.meta_arch import SelfDistillationObjective, build_networks, update_teacher  # noqa: E402
+from dino.train.param_groups import apply_schedules  # noqa: E402
+
+PRESETS = {
+    "cpu_bench": ("train/dinov2_vits14", ["train.batch_size_per_device=8", "crops.local_crops_number=8",
+                                          "crops.global_crops_size=224", "crops.local_crops_size=98",
+                                          "dino.head_n_prototypes=65536", "ibot.loss_weight=1.0",
+                                          "dino.koleo_loss_weight=0.1"]),
+    "vitl14": ("train/dinov2_vitl14", ["train.batch_size_per_device=32"]),
+    "tiny": ("train/demo", ["train.batch_size_per_device=8", "model.depth=2", "crops.local_crops_number=2",
+                            "dino.head_n_prototypes=256", "ibot.loss_weight=1.0", "dino.koleo_loss_weight=0.1"]),
+}
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def device_name(ctx: DeviceContext) -> str:
+    if ctx.type == "cuda":
+        return torch.cuda.get_device_name(ctx.device)
+    return f"{cpu_name()}, {torch.get_num_threads()} threads/process"
+
+
+def matmul_seconds(ctx: DeviceContext, size: int, dtype: torch.dtype) -> float:
+    """Seconds of one size³ matrix product (one timed call after the operands exist)."""
+    a = torch.randn(size, size, device=ctx.device, dtype=dtype)
+    b = torch.randn(size, size, device=ctx.device, dtype=dtype)
+    a @ b
+    ctx.synchronize()
+    start = time.perf_counter()
+    a @ b
+    ctx.synchronize()
+    return time.perf_counter() - start
+
+
+def one_batch(cfg, ctx: DeviceContext, image_size: int) -> dict:
+    """One multi-crop batch from the real data pipeline, on procedurally generated images."""
+    folder = Path(tempfile.mkdtemp(prefix="train_throughput_"))
+    for i in range(int(cfg.train.batch_size_per_device)):
+        make_demo_image(i % 4, seed=i, image_size=image_size).save(folder / f"{i}.png")
+    cfg.train.data_path = str(folder)
+    data = build_training_data(cfg, ctx)
+    _, _, batch = next(data.stream(0, 0))
+    return {k: v.to(ctx.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu_bench")
+    parser.add_argument("--hmp", action="store_true", help="bf16 autocast")
+    parser.add_argument("--fp16", action="store_true", help="fp16 autocast + GradScaler (CUDA)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp")
+    parser.add_argument("--batch", type=int, default=None, help="per-process batch (default: the preset's)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--matmul_size", type=int, default=2048)
+    parser.add_argument("--out", default=None, help="append the markdown block to this file")
+    parser.add_argument("overrides", nargs="*", help="extra config key=value overrides")
+    args = parser.parse_args(argv)
+
+    config_name, overrides = PRESETS[args.preset]
+    overrides = overrides + [f"train.parallel={args.parallel}", "train.num_workers=0"] + list(args.overrides)
+    if args.batch:
+        overrides.append(f"train.batch_size_per_device={args.batch}")
+    cfg = compose(config_name, overrides)
+    ctx = DeviceContext.create(args.device, hmp=args.hmp, fp16=args.fp16)
+    init_distributed(ctx.backend)
+    ctx.set_cpu_threads(get_local_world_size())
+    seed_everything(int(cfg.train.seed))
+
+    batch = one_batch(cfg, ctx, int(cfg.crops.global_crops_size))
+    with same_seed_on_every_rank(int(cfg.train.seed)):
+        student, teacher, _ = build_networks(cfg)
+    student.to(ctx.device)
+    teacher.to(ctx.device)
+    objective = SelfDistillationObjective(cfg, int(cfg.crops.local_crops_number)).to(ctx.device)
+    shard_student_and_teacher(student, teacher, ctx, args.parallel, FSDPSettings.from_config(cfg.train.fsdp, args.hmp))
+    optimizer = build_optimizer(cfg, student)
+    apply_schedules(optimizer, lr=1e-4, wd=0.04, last_layer_lr=1e-4)
+    scaler = ctx.grad_scaler()
+    student_wrapped = wrap_student(student, ctx, args.parallel)
+    global_batch = int(cfg.train.batch_size_per_device) * get_world_size()
+
+    def step():
+        train_step(batch, student_wrapped, teacher, objective, optimizer, scaler, ctx, cfg, 0.07)
+        update_teacher(unwrap(student_wrapped), teacher, 0.994)
+
+    for _ in range(args.warmup):
+        step()
+    ctx.synchronize()
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    flops_per_step = counter.get_total_flops()
+
+    compute_dtype = ctx.autocast_dtype or torch.float32
+    ctx.reset_peak_memory()
+    step_times, matmul_times, fp32_matmul_times = [], [], []
+    for _ in range(args.steps):
+        ctx.synchronize()
+        start = time.perf_counter()
+        step()
+        ctx.synchronize()
+        step_times.append(time.perf_counter() - start)
+        matmul_times.append(matmul_seconds(ctx, args.matmul_size, compute_dtype))
+        if compute_dtype != torch.float32:
+            fp32_matmul_times.append(matmul_seconds(ctx, args.matmul_size, torch.float32))
+    peak_mb = ctx.max_memory_allocated_mb()
+
+    s_per_step = statistics.median(step_times)
+    matmul_flops = 2 * args.matmul_size ** 3
+    rate = matmul_flops / statistics.median(matmul_times)
+    # every process runs the same work; the counted FLOPs and the rate are per process
+    result = {
+        "preset": args.preset, "precision": "bf16 autocast" if args.hmp else ("fp16" if args.fp16 else "fp32"),
+        "parallel": args.parallel, "processes": get_world_size(), "batch_per_process": int(cfg.train.batch_size_per_device),
+        "s_per_step": s_per_step, "images_per_s": global_batch / s_per_step, "gflop_per_step": flops_per_step / 1e9,
+        "matmul_gflops": rate / 1e9, "mfu": flops_per_step / s_per_step / rate, "peak_memory_mb": peak_mb,
+        "step_times": step_times,
+    }
+    if fp32_matmul_times:
+        fp32_rate = matmul_flops / statistics.median(fp32_matmul_times)
+        result["fp32_matmul_gflops"] = fp32_rate / 1e9
+        result["mfu_vs_fp32"] = flops_per_step / s_per_step / fp32_rate
+    if is_main_process():
+        report(result, args, ctx, compute_dtype)
+    return result
+
+
+def report(result: dict, args, ctx: DeviceContext, compute_dtype: torch.dtype) -> None:
+    dtype_name = str(compute_dtype).replace("torch.", "")
+    lines = [
+        f"### {result['preset']}, {result['precision']}, {result['parallel']} × {result['processes']} process(es), "
+        f"batch {result['batch_per_process']}/process",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; device: {device_name(ctx)}; "
+        f"torch {torch.__version__}",
+        f"- s/step (median of {args.steps} after {args.warmup} warm-up): **{result['s_per_step']:.3f}**; "
+        f"all: {', '.join(f'{t:.3f}' for t in result['step_times'])}",
+        f"- images/s: **{result['images_per_s']:.2f}**",
+        f"- counted FLOPs per step (FlopCounterMode): {result['gflop_per_step']:.1f} GFLOP",
+        f"- MFU denominator: {args.matmul_size}³ {dtype_name} matmul, median {result['matmul_gflops']:.1f} GFLOP/s "
+        "(same run, interleaved with the steps)",
+        f"- MFU: **{100 * result['mfu']:.1f}%**" + (f" (vs the fp32 matmul rate {result['fp32_matmul_gflops']:.1f} "
+                                                    f"GFLOP/s: {100 * result['mfu_vs_fp32']:.1f}%)"
+                                                    if "mfu_vs_fp32" in result else ""),
+        f"- peak memory: {result['peak_memory_mb']:.0f} MiB"
+        + (" (process peak RSS)" if ctx.type == "cpu" else " (max allocated)"),
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "a") as handle:
+            handle.write(text + "\n")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TORCH_HOME", str(ROOT / ".cache" / "torch-home"))
+    main()
