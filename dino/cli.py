@@ -1,0 +1,157 @@
+"""The `dino` command: features out of a trained backbone.
+
+    dino extract --pretrained_weights ckpt.pth --source /data/images --output_dir feats
+    dino search --features_dir feats --queries query.jpg --k 10
+    dino duplicates --features_dir feats --threshold 0.95
+    dino export --pretrained_weights ckpt.pth --format onnx|gguf|hf --output model.onnx
+
+`python -m dino ...` is the same command. Every default lives in configs/inference/<subcommand>.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Callable, Sequence
+
+from dino.config import ConfigCLI, Flag, bool_flag
+from dino.distributed.device import DEVICE_CHOICES
+from dino.errors import UserError, run_cli, suggest
+
+_MODEL_FLAGS = [
+    Flag(("--pretrained_weights",), "model.pretrained_weights", "checkpoint (ours or official), URL or hub name", metavar="PATH"),
+    Flag(("--arch",), "model.arch", "ViT size; read from the checkpoint when not given", metavar="ARCH"),
+    Flag(("--patch_size",), "model.patch_size", "patch size; read from the checkpoint when not given", type=int, metavar="N"),
+    Flag(("--checkpoint_key",), "model.checkpoint_key", "network of a training checkpoint", choices=("teacher", "student")),
+    Flag(("--allow_pickle",), "model.allow_pickle", "load checkpoints that need pickle (trusted files only)", type=bool_flag),
+]
+
+EXTRACT = ConfigCLI(
+    description="Extract one feature row per image ([CLS] and/or mean patch token) into a resumable features folder.",
+    group="inference", default_config="extract",
+    flags=_MODEL_FLAGS + [
+        Flag(("--source", "--data_path"), "data.source", "folder of images (recursive) or .txt file list", metavar="PATH"),
+        Flag(("--output_dir",), "output_dir", "features folder (rerun with the same folder to resume)", metavar="DIR"),
+        Flag(("--features",), "features", "what each row holds", choices=("cls", "patch_mean", "cls_patch_mean")),
+        Flag(("--normalize",), "normalize", "L2-normalise each row", type=bool_flag),
+        Flag(("--output_format",), "output_format", "merged feature file format", choices=("npy", "safetensors")),
+        Flag(("--batch_size",), "data.batch_size", "images per batch", type=int, metavar="N"),
+        Flag(("--num_workers",), "data.num_workers", "image loading processes", type=int, metavar="N"),
+        Flag(("--crop_size",), "data.crop_size", "centre crop size (multiple of the patch size)", type=int, metavar="PX"),
+        Flag(("--resize_size",), "data.resize_size", "shorter side before the crop", type=int, metavar="PX"),
+        Flag(("--chunk_size",), "chunk_size", "images per resumable chunk", type=int, metavar="N"),
+        Flag(("--device",), "device", "where to run", choices=DEVICE_CHOICES),
+        Flag(("--precision",), "precision", "fp32, bf16 weights, or int8 dynamic quantisation (CPU)", choices=("fp32", "bf16", "int8")),
+        Flag(("--compile",), "compile", "torch.compile the backbone", type=bool_flag),
+        Flag(("--progress",), "progress", "show a progress bar", type=bool_flag),
+    ],
+    epilog="example: dino extract --pretrained_weights ckpt.pth --source /data/images --output_dir feats",
+)
+
+SEARCH = ConfigCLI(
+    description="Top-k nearest neighbours of query images in a features folder, with an HTML/PNG contact sheet.",
+    group="inference", default_config="search",
+    flags=[
+        Flag(("--features_dir",), "features_dir", "folder written by `dino extract`", metavar="DIR"),
+        Flag(("--queries",), "queries", "query images, folders or .txt lists", nargs="+", metavar="PATH"),
+        Flag(("--k",), "k", "neighbours per query", type=int, metavar="K"),
+        Flag(("--index",), "index", "index kind", choices=("auto", "exact", "ivfpq", "torch")),
+        Flag(("--output_dir",), "output_dir", "where results.json and the contact sheet go", metavar="DIR"),
+        Flag(("--contact_sheet",), "contact_sheet", "contact sheet format", choices=("html", "png", "both", "none")),
+        Flag(("--device",), "device", "where new query images are embedded", choices=DEVICE_CHOICES),
+    ],
+    epilog="example: dino search --features_dir feats --queries photo.jpg --k 10",
+)
+
+DUPLICATES = ConfigCLI(
+    description="List near-duplicate image pairs (similarity ≥ threshold) of a features folder, most similar first.",
+    group="inference", default_config="duplicates",
+    flags=[
+        Flag(("--features_dir",), "features_dir", "folder written by `dino extract`", metavar="DIR"),
+        Flag(("--threshold",), "threshold", "minimum cosine similarity of a listed pair", type=float, metavar="T"),
+        Flag(("--output",), "output", "CSV file (similarity,first,second)", metavar="FILE"),
+    ],
+    epilog="example: dino duplicates --features_dir feats --threshold 0.95",
+)
+
+EXPORT = ConfigCLI(
+    description="Export a backbone to ONNX, GGUF (dinov2.cpp / ggml) or a Hugging Face Dinov2Model folder, and verify it.",
+    group="inference", default_config="export",
+    flags=_MODEL_FLAGS + [
+        Flag(("--format",), "format", "output format", choices=("onnx", "gguf", "hf")),
+        Flag(("--output",), "output", "output file (onnx, gguf) or folder (hf)", metavar="PATH"),
+        Flag(("--verify",), "verify", "compare the export with PyTorch", type=bool_flag),
+        Flag(("--image_size",), "onnx.image_size", "ONNX: fixed input size (the batch stays dynamic)", type=int, metavar="PX"),
+        Flag(("--ftype",), "gguf.ftype", "GGUF: tensor type of the matrices", choices=("f32", "f16")),
+    ],
+    epilog="example: dino export --pretrained_weights ckpt.pth --format gguf --output dinov2.gguf",
+)
+
+
+def _extract(argv: Sequence[str]) -> dict:
+    cfg, _ = EXTRACT.parse(argv)
+    from dino.inference.commands import run_extract
+
+    return run_extract(cfg)
+
+
+def _search(argv: Sequence[str]) -> dict:
+    cfg, _ = SEARCH.parse(argv)
+    from dino.inference.commands import run_search
+
+    return run_search(cfg)
+
+
+def _duplicates(argv: Sequence[str]) -> dict:
+    cfg, _ = DUPLICATES.parse(argv)
+    from dino.inference.commands import run_duplicates
+
+    return run_duplicates(cfg)
+
+
+def _export(argv: Sequence[str]) -> dict:
+    cfg, _ = EXPORT.parse(argv)
+    from dino.inference.commands import run_export
+
+    return run_export(cfg)
+
+
+COMMANDS: dict[str, tuple[Callable[[Sequence[str]], dict], ConfigCLI]] = {
+    "extract": (_extract, EXTRACT),
+    "search": (_search, SEARCH),
+    "duplicates": (_duplicates, DUPLICATES),
+    "export": (_export, EXPORT),
+}
+
+
+def usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: dino <command> [options]   (dino <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {cli.description}" for name, (_, cli) in COMMANDS.items()]
+    return "\n".join(lines) + "\n\n" + __doc__.split("\n\n")[1] + "\n"
+
+
+def dispatch(argv: Sequence[str]) -> dict | None:
+    """Run one subcommand; raises UserError for bad input (`main` turns it into one line and exit code 2)."""
+    argv = list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return None
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        raise UserError(f"unknown command {command!r}." + suggest(command, COMMANDS) + f" Commands: {', '.join(COMMANDS)}")
+    result = COMMANDS[command][0](rest)
+    if result is not None:
+        printable = {k: v for k, v in result.items() if k != "skipped"}
+        print(json.dumps(printable, indent=2, default=str))
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point (`dino`)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    run_cli(lambda: dispatch(args))
+
+
+if __name__ == "__main__":
+    main()

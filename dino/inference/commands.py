@@ -1,0 +1,184 @@
+"""What the `dino` subcommands do with their composed config (the CLI in dino/cli.py only parses flags)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from dino.errors import UserError
+
+
+def _load_model(model_cfg, device_ctx):
+    from dino.eval.features import load_eval_backbone
+
+    return load_eval_backbone(model_cfg, device_ctx)
+
+
+def _image_sizes(resize_size, crop_size: int) -> tuple[int, int]:
+    resize = int(resize_size) if resize_size else int(round(crop_size * 256 / 224))
+    return resize, int(crop_size)
+
+
+def prepare_fast_model(model, precision: str, compile_model: bool, device_ctx):
+    """The inference copy for a precision: fp32 | bf16 (weights) | int8 (CPU); returns (model, input dtype)."""
+    from dino.inference.fast import optimize_for_inference
+
+    if precision not in ("fp32", "bf16", "int8"):
+        raise UserError(f"unknown precision {precision!r}; choose fp32, bf16 or int8")
+    if precision == "int8" and device_ctx.type != "cpu":
+        raise UserError("--precision int8 (dynamic quantisation) runs on the CPU only; use --device cpu or --precision bf16")
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    fast = optimize_for_inference(model.cpu() if precision == "int8" else model, dtype=dtype, int8=precision == "int8",
+                                  compile=compile_model, device=device_ctx.device)
+    return fast, fast.input_dtype
+
+
+def run_extract(cfg) -> dict:
+    from dino.data.transforms import make_eval_transform
+    from dino.distributed import DeviceContext
+    from dino.inference.extract import ExtractionSettings, extract_features_to_folder, list_input_images
+
+    if not cfg.data.source:
+        raise UserError("no images given: pass --source FOLDER_OR_LIST")
+    paths = list_input_images(cfg.data.source)
+    device_ctx = DeviceContext.create(cfg.device)
+    model = _load_model(cfg.model, device_ctx)
+    resize, crop = _image_sizes(cfg.data.resize_size, cfg.data.crop_size)
+    if crop % model.patch_size:
+        raise UserError(f"--crop_size {crop} is not a multiple of the patch size {model.patch_size}")
+    fast, input_dtype = prepare_fast_model(model, cfg.precision, bool(cfg.compile), device_ctx)
+    settings = ExtractionSettings(
+        features=cfg.features, normalize=bool(cfg.normalize), batch_size=int(cfg.data.batch_size),
+        num_workers=int(cfg.data.num_workers), chunk_size=int(cfg.chunk_size), output_format=cfg.output_format,
+        progress=bool(cfg.progress),
+        extra_meta=dict(model=OmegaConf.to_container(cfg.model), resize_size=resize, crop_size=crop, precision=cfg.precision),
+    )
+    return extract_features_to_folder(fast, paths, cfg.output_dir, make_eval_transform(resize, crop), crop, settings,
+                                      device=device_ctx.device, input_dtype=input_dtype)
+
+
+def _query_paths(queries) -> list[str]:
+    from dino.inference.extract import list_input_images
+
+    paths = []
+    for query in queries:
+        if os.path.isdir(query) or str(query).lower().endswith(".txt"):
+            paths.extend(list_input_images(query))
+        elif os.path.isfile(query):
+            paths.append(os.path.abspath(query))
+        else:
+            raise UserError(f"query does not exist: {query}")
+    if not paths:
+        raise UserError("no query images: pass --queries IMAGE [IMAGE ...]")
+    return paths
+
+
+def _embed_new_queries(paths: list[str], meta: dict, cfg) -> np.ndarray:
+    """Features of query images that are not in the index, computed like the indexed ones (settings in meta.json)."""
+    import tempfile
+
+    from dino.data.transforms import make_eval_transform
+    from dino.distributed import DeviceContext
+    from dino.inference.extract import ExtractionSettings, extract_features_to_folder, load_extracted
+
+    if "model" not in meta:
+        raise UserError("the features folder has no meta.json with the model; only images already in it can be queried")
+    device_ctx = DeviceContext.create(cfg.device)
+    model = _load_model(OmegaConf.create(meta["model"]), device_ctx)
+    fast, input_dtype = prepare_fast_model(model, meta.get("precision", "fp32"), False, device_ctx)
+    stored = meta["settings"]
+    settings = ExtractionSettings(features=stored["features"], normalize=stored["normalize"], batch_size=int(cfg.batch_size),
+                                  num_workers=int(cfg.num_workers), progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = extract_features_to_folder(fast, paths, tmp, make_eval_transform(meta["resize_size"], meta["crop_size"]),
+                                             meta["crop_size"], settings, device=device_ctx.device, input_dtype=input_dtype)
+        if summary["num_skipped"]:
+            raise UserError(f"cannot read query image(s): {', '.join(summary['skipped'])}")
+        features, _, _ = load_extracted(tmp)
+    return features
+
+
+def run_search(cfg) -> dict:
+    from dino.inference.extract import load_extracted
+    from dino.inference.search import build_index, search, write_contact_sheet_html, write_contact_sheet_png
+
+    features, paths, meta = load_extracted(cfg.features_dir)
+    query_paths = _query_paths(list(cfg.queries))
+    position = {p: i for i, p in enumerate(paths)}
+    known = [p for p in query_paths if p in position]
+    new = [p for p in query_paths if p not in position]
+    query_features = {p: features[position[p]] for p in known}
+    if new:
+        query_features.update(zip(new, _embed_new_queries(new, meta, cfg)))
+    queries = np.stack([query_features[p] for p in query_paths])
+    index = build_index(features, cfg.index, nlist=cfg.nlist, pq_m=int(cfg.pq_m), nprobe=int(cfg.nprobe))
+    scores, ids = search(index, queries, int(cfg.k))
+    results = [[(paths[j], float(s)) for s, j in zip(row_scores, row_ids) if j >= 0] for row_scores, row_ids in zip(scores, ids)]
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(
+        [{"query": q, "neighbours": [{"path": p, "similarity": s} for p, s in r]} for q, r in zip(query_paths, results)], indent=2))
+    sheets = []
+    if cfg.contact_sheet in ("html", "both"):
+        sheets.append(str(write_contact_sheet_html(query_paths, results, out / "contact_sheet.html")))
+    if cfg.contact_sheet in ("png", "both"):
+        sheets.append(str(write_contact_sheet_png(query_paths, results, out / "contact_sheet.png")))
+    return dict(results=results, queries=query_paths, output_dir=str(out), contact_sheets=sheets, index=type(index).__name__)
+
+
+def run_duplicates(cfg) -> dict:
+    from dino.inference.extract import load_extracted
+    from dino.inference.search import near_duplicates, write_duplicates_csv
+
+    features, paths, _ = load_extracted(cfg.features_dir)
+    pairs = near_duplicates(features, float(cfg.threshold))
+    csv = write_duplicates_csv(pairs, paths, cfg.output)
+    return dict(num_pairs=len(pairs), output=str(csv),
+                pairs=[(paths[p.first], paths[p.second], round(p.similarity, 6)) for p in pairs[:20]])
+
+
+def run_export(cfg) -> dict:
+    from dino.distributed import DeviceContext
+
+    model = _load_model(cfg.model, DeviceContext.create("cpu")).float().eval()
+    fmt = cfg.format
+    output = cfg.output or f"output/export/model.{fmt}"  # a folder for hf
+    result: dict = dict(format=fmt, output=output)
+    if fmt == "onnx":
+        from dino.inference.export.onnx import export_onnx, verify_onnx
+
+        export_onnx(model, output, image_size=int(cfg.onnx.image_size), opset=int(cfg.onnx.opset))
+        if cfg.verify:
+            result["max_abs_diff"] = _verify_if_installed("onnxruntime", lambda: verify_onnx(model, output, int(cfg.onnx.image_size)))
+    elif fmt == "gguf":
+        from dino.inference.export.gguf import export_gguf, verify_gguf
+
+        try:
+            export_gguf(model, output, ftype=cfg.gguf.ftype, qkv_layout=cfg.gguf.qkv_layout)
+        except ImportError:
+            raise UserError("GGUF export needs the gguf package: pip install 'dino[gguf]'") from None
+        if cfg.verify:
+            result["tensors_verified"] = verify_gguf(model, output, ftype=cfg.gguf.ftype, qkv_layout=cfg.gguf.qkv_layout)
+    elif fmt == "hf":
+        from dino.inference.export.hf import export_hf, verify_hf
+
+        export_hf(model, output)
+        if cfg.verify:
+            result["max_abs_diff"] = _verify_if_installed("transformers", lambda: verify_hf(model, output))
+    else:
+        raise UserError(f"unknown export format {fmt!r}; choose onnx, gguf or hf")
+    return result
+
+
+def _verify_if_installed(package: str, verify):
+    try:
+        __import__(package)
+    except ImportError:
+        print(f"{package} is not installed: the export was written but not verified")
+        return None
+    return verify()

@@ -1,0 +1,77 @@
+"""The inference copy computes the training model's function: fp32 within 1e-4, int8 / bf16 within cosine 0.99."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dino.inference.fast import feature_cosine, optimize_for_inference
+from dino.models import build_backbone
+
+
+def tiny_model(**kwargs):
+    params = dict(img_size=42, depth=2, init_values=1.0)
+    params.update(kwargs)
+    model = build_backbone("vit_tiny", 14, **params).eval()
+    for block in model.blocks:
+        if hasattr(block.ls1, "gamma"):  # LayerScale away from 1, so folding it is really tested
+            block.ls1.gamma.data.uniform_(0.5, 1.5)
+            block.ls2.gamma.data.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(),
+    dict(num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True),
+    dict(init_values=None, use_mask_token=False),  # DINO v1: no LayerScale
+    dict(ffn_layer="swiglu"),
+])
+@pytest.mark.parametrize("matmul_patch_embed", [True, False])
+def test_fp32_matches_the_model(kwargs, matmul_patch_embed):
+    model = tiny_model(**kwargs)
+    fast = optimize_for_inference(model, matmul_patch_embed=matmul_patch_embed)
+    for size in ((42, 42), (28, 56)):  # the stored grid, and a non-square size that interpolates
+        images = torch.randn(3, 3, *size)
+        with torch.no_grad():
+            expected = model.forward_features(images)
+            got = fast.forward_features(images)
+            got_again = fast.forward_features(images)  # second call: cached position embedding
+        for key in ("x_norm_clstoken", "x_norm_regtokens", "x_norm_patchtokens"):
+            assert got[key].shape == expected[key].shape
+            if expected[key].numel():
+                assert (got[key] - expected[key]).abs().max() <= 1e-4, key
+        torch.testing.assert_close(got_again["x_norm_patchtokens"], got["x_norm_patchtokens"])
+        torch.testing.assert_close(fast(images), expected["x_norm_clstoken"], atol=1e-4, rtol=0)
+
+
+def test_source_model_is_left_unchanged():
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimize_for_inference(model, int8=True)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key])
+
+
+@pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines
+                    and "x86" not in torch.backends.quantized.supported_engines, reason="no int8 CPU engine")
+def test_int8_features_stay_close():
+    torch.manual_seed(0)
+    model = tiny_model(depth=4)
+    images = torch.randn(4, 3, 42, 42)
+    int8 = optimize_for_inference(model, int8=True)
+    assert any("quantized" in type(m).__module__ for m in int8.modules())  # the Linear layers really are int8
+    cosine = feature_cosine(model, int8, images)
+    assert 0.99 <= cosine < 1.0
+
+
+def test_bf16_features_stay_close():
+    model = tiny_model()
+    images = torch.randn(2, 3, 42, 42)
+    fast = optimize_for_inference(model, dtype=torch.bfloat16)
+    assert fast.input_dtype is torch.bfloat16 and fast.blocks[0].qkv.weight.dtype is torch.bfloat16
+    assert feature_cosine(model, fast, images) >= 0.99
+
+
+def test_int8_refuses_a_dtype():
+    with pytest.raises(ValueError):
+        optimize_for_inference(tiny_model(), dtype=torch.bfloat16, int8=True)
