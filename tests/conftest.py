@@ -1,5 +1,6 @@
 import os
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -18,3 +19,20 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def _deterministic_seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def fake_habana(monkeypatch):
+    """A fake `habana_frameworks` (HPU) whose `mark_step` calls are appended to the returned list."""
+    calls = []
+    core = types.ModuleType("habana_frameworks.torch.core")
+    core.mark_step = lambda: calls.append("mark_step")
+    hf_torch = types.ModuleType("habana_frameworks.torch")
+    hf_torch.core = core
+    hf = types.ModuleType("habana_frameworks")
+    hf.torch = hf_torch
+    monkeypatch.setitem(sys.modules, "habana_frameworks", hf)
+    monkeypatch.setitem(sys.modules, "habana_frameworks.torch", hf_torch)
+    monkeypatch.setitem(sys.modules, "habana_frameworks.torch.core", core)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    return calls

@@ -1,7 +1,5 @@
 """The device abstraction picks devices, backends and precision; HPU is exercised with a fake module."""
 
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -10,22 +8,6 @@ import torch
 from dino.distributed import DeviceContext, resolve_device_type
 from dino.distributed import device as device_module
 from dino.errors import UserError
-
-
-@pytest.fixture
-def fake_habana(monkeypatch):
-    calls = []
-    core = types.ModuleType("habana_frameworks.torch.core")
-    core.mark_step = lambda: calls.append("mark_step")
-    hf_torch = types.ModuleType("habana_frameworks.torch")
-    hf_torch.core = core
-    hf = types.ModuleType("habana_frameworks")
-    hf.torch = hf_torch
-    monkeypatch.setitem(sys.modules, "habana_frameworks", hf)
-    monkeypatch.setitem(sys.modules, "habana_frameworks.torch", hf_torch)
-    monkeypatch.setitem(sys.modules, "habana_frameworks.torch.core", core)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    return calls
 
 
 def test_auto_prefers_hpu_when_habana_imports(fake_habana):

@@ -26,10 +26,10 @@ import pytest
 import torch
 
 from dino.config import compose
-from dino.data.demo_dataset import make_demo_image
 from dino.errors import UserError
 from dino.hub import load_backbone
 from dino.train.loop import train
+from tests.helpers import tiny_overrides, write_image_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6  # 24 images, global batch 8 → 3 steps per epoch × 2 epochs
@@ -37,36 +37,24 @@ STEPS = 6  # 24 images, global batch 8 → 3 steps per epoch × 2 epochs
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images") / "train"
-    for label, pattern in enumerate(("stripes_h", "checkerboard", "rings")):
-        folder = root / pattern
-        folder.mkdir(parents=True)
-        for i in range(8):
-            make_demo_image(label, seed=(label, i), image_size=32).save(folder / f"{i}.png")
-    return root
+    """A labelled ImageFolder of 3 classes × 8 images, 32 px."""
+    return write_image_folder(tmp_path_factory.mktemp("images") / "train")
 
 
-def tiny_overrides(data_path, output_dir, batch_size, *extra):
-    return [
-        f"train.data_path={data_path}", f"train.output_dir={output_dir}", f"train.batch_size_per_device={batch_size}",
-        "train.num_workers=0", "train.knn_eval=false", "train.log_freq=1", "train.device=cpu", "train.saveckp_freq=1",
-        "model.arch=vit_tiny", "model.patch_size=8", "model.depth=2", "model.embed_dim=48", "model.drop_path_rate=0",
-        "crops.global_crops_size=32", "crops.local_crops_size=16", "crops.local_crops_number=2",
-        "dino.head_n_prototypes=64", "dino.head_hidden_dim=32", "dino.head_bottleneck_dim=16",
-        "optim.epochs=2", "optim.warmup_epochs=1",
-        # per-rank by design (see the module docstring); pinned here, not inherited from the demo preset
-        "dino.koleo_loss_weight=0.0", "ibot.loss_weight=0.0", *extra,
-    ]
+def distributed_overrides(data_path, output_dir, batch_size, *extra):
+    # per-rank by design (see the module docstring): pinned off here, not inherited from the demo preset
+    return tiny_overrides(data_path, output_dir, batch_size, "train.saveckp_freq=1", "model.drop_path_rate=0",
+                          "dino.koleo_loss_weight=0.0", "ibot.loss_weight=0.0", *extra)
 
 
 def train_one_process(data_path, output_dir, batch_size, *extra):
-    return train(compose("train/demo", tiny_overrides(data_path, output_dir, batch_size, *extra)))
+    return train(compose("train/demo", distributed_overrides(data_path, output_dir, batch_size, *extra)))
 
 
 def torchrun_two_processes(data_path, output_dir, batch_size, *extra):
     """`torchrun --nproc_per_node=2 main_dino.py …` on CPU, as a user would type it."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main_dino.py",
-               *tiny_overrides(data_path, output_dir, batch_size, *extra)]
+               *distributed_overrides(data_path, output_dir, batch_size, *extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]

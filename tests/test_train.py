@@ -19,6 +19,7 @@ from dino.train import loop as loop_module
 from dino.train.cli import main as cli_main
 from dino.train.loop import NonFiniteLossError, train
 from dino.train.meta_arch import build_networks
+from tests.helpers import tiny_overrides, write_image_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,26 +27,11 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     """A labelled ImageFolder of 3 classes × 8 images, 32 px."""
-    root = tmp_path_factory.mktemp("images") / "train"
-    for label, pattern in enumerate(("stripes_h", "checkerboard", "rings")):
-        folder = root / pattern
-        folder.mkdir(parents=True)
-        for i in range(8):
-            make_demo_image(label, seed=(label, i), image_size=32).save(folder / f"{i}.png")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("images") / "train")
 
 
 def tiny_config(data_path, output_dir, *extra):
-    overrides = [
-        f"train.data_path={data_path}", f"train.output_dir={output_dir}", "train.num_workers=0",
-        "train.batch_size_per_device=8", "train.knn_eval=false", "train.log_freq=1",
-        "model.arch=vit_tiny", "model.patch_size=8", "model.depth=2", "model.embed_dim=48",
-        "crops.global_crops_size=32", "crops.local_crops_size=16", "crops.local_crops_number=2",
-        "dino.head_n_prototypes=64", "dino.head_hidden_dim=32", "dino.head_bottleneck_dim=16",
-        "ibot.head_n_prototypes=64", "ibot.head_hidden_dim=32", "ibot.head_bottleneck_dim=16",
-        "optim.epochs=2", "optim.warmup_epochs=1",
-    ]
-    return compose("train/demo", overrides + list(extra))
+    return compose("train/demo", tiny_overrides(data_path, output_dir, 8, *extra))
 
 
 def losses_by_step(output_dir):
@@ -197,12 +183,8 @@ def test_training_logs_pictures_to_tensorboard(tmp_path, image_folder):
 
 def test_main_dino_runs_and_compares_knn_with_random_init(tmp_path):
     """The script path end to end: train on a labelled train/ split, then kNN vs a random backbone on val/."""
-    for split, count in (("train", 8), ("val", 3)):
-        for label, pattern in enumerate(("stripes_h", "checkerboard", "rings")):
-            folder = tmp_path / "data" / split / pattern
-            folder.mkdir(parents=True)
-            for i in range(count):
-                make_demo_image(label, seed=(label, i, split == "val"), image_size=32).save(folder / f"{i}.png")
+    write_image_folder(tmp_path / "data" / "train", per_class=8)
+    write_image_folder(tmp_path / "data" / "val", per_class=3, split_seed=1)
     out = tmp_path / "run"
     args = [f"--data_path={tmp_path / 'data' / 'train'}", f"--output_dir={out}", "--epochs", "1", "--num_workers", "0",
             "--batch_size_per_device", "8", "--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "32",

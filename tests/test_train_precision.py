@@ -8,34 +8,23 @@ import pytest
 import torch
 
 from dino.config import compose
-from dino.data.demo_dataset import make_demo_image
 from dino.distributed import DeviceContext
 from dino.train.data_pipeline import build_training_data
 from dino.train.loop import build_optimizer, train, train_step
 from dino.train.meta_arch import SelfDistillationObjective, build_networks
+from tests.helpers import tiny_overrides, write_image_folder
 
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images") / "train"
-    for label, pattern in enumerate(("stripes_h", "checkerboard", "rings")):
-        folder = root / pattern
-        folder.mkdir(parents=True)
-        for i in range(8):
-            make_demo_image(label, seed=(label, i), image_size=32).save(folder / f"{i}.png")
-    return root
+    """A labelled ImageFolder of 3 classes × 8 images, 32 px."""
+    return write_image_folder(tmp_path_factory.mktemp("images") / "train")
 
 
 def tiny_config(data_path, output_dir, *extra):
-    return compose("train/demo", [
-        f"train.data_path={data_path}", f"train.output_dir={output_dir}", "train.num_workers=0", "train.device=cpu",
-        "train.batch_size_per_device=8", "train.knn_eval=false", "train.log_freq=1", "model.arch=vit_tiny",
-        "model.patch_size=8", "model.depth=2", "model.embed_dim=48", "crops.global_crops_size=32",
-        "crops.local_crops_size=16", "crops.local_crops_number=2", "dino.head_n_prototypes=64",
-        "dino.head_hidden_dim=32", "dino.head_bottleneck_dim=16", "ibot.head_n_prototypes=64",
-        "ibot.head_hidden_dim=32", "ibot.head_bottleneck_dim=16", "optim.epochs=1", "optim.warmup_epochs=0",
-        "ibot.loss_weight=1.0", "dino.koleo_loss_weight=0.1", *extra,
-    ])
+    return compose("train/demo", tiny_overrides(
+        data_path, output_dir, 8, "optim.epochs=1", "optim.warmup_epochs=0", "ibot.loss_weight=1.0",
+        "dino.koleo_loss_weight=0.1", *extra))
 
 
 def losses_by_step(output_dir):
