@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,10 @@ _STRIP_PREFIXES = ("module.", "_orig_mod.", "backbone.")
 
 
 # --- reading files ------------------------------------------------------------------------------
-def load_checkpoint_file(path_or_url: str, allow_pickle: bool = False) -> dict:
-    """Read a checkpoint (local path or http(s) URL) onto the CPU.
+def load_checkpoint_file(path_or_url: str, allow_pickle: bool = False, network: str = "teacher") -> dict:
+    """Read a checkpoint (local path or http(s) URL, or a sharded DCP folder) onto the CPU.
+
+    For a sharded folder only `network` ('teacher' or 'student') is read, see `load_sharded_network`.
 
     `weights_only=True` unless `allow_pickle`: a file that needs arbitrary pickled code is refused with a
     message naming the flag that allows it.
@@ -70,7 +73,11 @@ def load_checkpoint_file(path_or_url: str, allow_pickle: bool = False) -> dict:
                 f"could not download {path_or_url} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
                 "Offline? Download the file elsewhere and pass its local path with --pretrained_weights"
             ) from None
-    path = require_path(path_or_url, "checkpoint", must_be_dir=False)
+    path = require_path(path_or_url, "checkpoint")
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, ".metadata")):
+            return load_sharded_network(path, network)
+        raise UserError(f"checkpoint {path} is a folder but not a sharded (DCP) checkpoint: no .metadata file in it")
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as err:
@@ -83,6 +90,40 @@ def load_checkpoint_file(path_or_url: str, allow_pickle: bool = False) -> dict:
     except Exception as err:  # torch.load raises many types on garbage input; all mean "not a checkpoint"
         detail = (str(err).splitlines() or [type(err).__name__])[0]
         raise UserError(f"cannot read checkpoint {path}: not a valid PyTorch file or truncated ({detail})") from None
+
+
+def load_sharded_network(directory: str, network: str = "teacher") -> dict:
+    """One network (`teacher` or `student`) of a sharded DCP training checkpoint, as a plain state dict.
+
+    Reads only that network's tensors (not the optimiser), in one process, whatever the number of ranks
+    that wrote it — the offline "consolidate" step for FSDP checkpoints. Returns `{network: state_dict}`
+    plus `backbone_kwargs` from the checkpoint's `meta.json` when present.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(directory)
+    try:
+        metadata = reader.read_metadata().state_dict_metadata
+    except Exception as err:
+        raise UserError(f"cannot read the sharded checkpoint {directory}: {(str(err).splitlines() or [''])[0]}") from None
+    prefix = network + "."
+    tensors = {key[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype)
+               for key, meta in metadata.items() if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
+    if not tensors:
+        networks = sorted({key.split(".", 1)[0] for key in metadata})
+        raise UserError(f"the sharded checkpoint {directory} holds no {network!r} weights (it holds: {', '.join(networks)})")
+    state = {network: tensors}
+    with warnings.catch_warnings():  # reading in one process is the point here, not a mistake
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+        dcp.load(state, storage_reader=reader, no_dist=True)
+    meta_file = Path(directory) / "meta.json"
+    if meta_file.is_file():
+        try:
+            state["backbone_kwargs"] = dict(json.loads(meta_file.read_text()).get("backbone_kwargs") or {})
+        except ValueError:
+            pass
+    return state
 
 
 def _is_tensor_dict(obj: Any) -> bool:
@@ -230,7 +271,8 @@ def load_backbone(pretrained_weights: str, arch: str | None = None, patch_size: 
     """
     if pretrained_weights in OFFICIAL_MODELS:
         return load_official(pretrained_weights, pretrained=True, **model_kwargs).eval()
-    checkpoint = load_checkpoint_file(pretrained_weights, allow_pickle=allow_pickle)
+    network = checkpoint_key if checkpoint_key in ("teacher", "student") else "teacher"
+    checkpoint = load_checkpoint_file(pretrained_weights, allow_pickle=allow_pickle, network=network)
     state_dict = extract_backbone_state_dict(checkpoint, checkpoint_key)
     stored = dict(checkpoint.get("backbone_kwargs", {})) if isinstance(checkpoint.get("backbone_kwargs"), dict) else {}
     stored = stored or _sidecar_kwargs(pretrained_weights)
