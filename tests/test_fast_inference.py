@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
+import dino.inference.fast as fast_module
 from dino.inference.fast import feature_cosine, optimize_for_inference
 from dino.models import build_backbone
 
@@ -54,14 +57,32 @@ def test_source_model_is_left_unchanged():
 
 @pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines
                     and "x86" not in torch.backends.quantized.supported_engines, reason="no int8 CPU engine")
-def test_int8_features_stay_close():
+@pytest.mark.parametrize("onednn", [True, False])
+def test_int8_features_stay_close(onednn, monkeypatch):
+    if onednn and not fast_module._HAS_ONEDNN_INT8:
+        pytest.skip("PyTorch built without oneDNN int8 linear")
+    monkeypatch.setattr(fast_module, "_HAS_ONEDNN_INT8", onednn)  # False: torch.ao dynamic quantisation
     torch.manual_seed(0)
     model = tiny_model(depth=4)
     images = torch.randn(4, 3, 42, 42)
     int8 = optimize_for_inference(model, int8=True)
-    assert any("quantized" in type(m).__module__ for m in int8.modules())  # the Linear layers really are int8
+    if onednn:  # the Linear layers really are int8
+        assert all(isinstance(block._int8["fc1"], fast_module._Int8Linear) for block in int8.blocks)
+    else:
+        assert any("quantized" in type(m).__module__ for m in int8.modules())
     cosine = feature_cosine(model, int8, images)
     assert 0.99 <= cosine < 1.0
+    features = int8.forward_features(images)
+    assert features["x_norm_patchtokens"].shape == (4, 9, model.embed_dim)
+    with torch.no_grad():  # a copy (packed oneDNN weights re-packed) computes the same features
+        torch.testing.assert_close(copy.deepcopy(int8)(images), int8(images))
+
+
+def test_int8_swiglu_falls_back_to_dynamic_quantisation():
+    model = tiny_model(ffn_layer="swiglu")
+    int8 = optimize_for_inference(model, int8=True)
+    assert any("quantized" in type(m).__module__ for m in int8.modules())
+    assert feature_cosine(model, int8, torch.randn(2, 3, 42, 42)) >= 0.99
 
 
 def test_bf16_features_stay_close():
@@ -75,3 +96,26 @@ def test_bf16_features_stay_close():
 def test_int8_refuses_a_dtype():
     with pytest.raises(ValueError):
         optimize_for_inference(tiny_model(), dtype=torch.bfloat16, int8=True)
+
+
+@pytest.mark.skipif(not fast_module._HAS_MKLDNN_LINEAR, reason="PyTorch built without oneDNN")
+def test_onednn_fused_blocks_match_the_plain_blocks(monkeypatch):
+    """The fused oneDNN path (bias, erf GELU and residual adds inside the GEMMs) computes the plain path's function."""
+    model = tiny_model()
+    fast = optimize_for_inference(model)
+    images = torch.randn(2, 3, 42, 42)
+    with torch.no_grad():
+        fused = fast.forward_features(images)["x_norm_patchtokens"]
+        assert fast.blocks[0]._packed._cache  # the fused path really ran
+        monkeypatch.setattr(fast_module, "_HAS_MKLDNN_LINEAR", False)
+        plain = fast.forward_features(images)["x_norm_patchtokens"]
+    assert (fused - plain).abs().max() <= 1e-5
+    # a changed weight is re-packed, not served stale
+    monkeypatch.setattr(fast_module, "_HAS_MKLDNN_LINEAR", True)
+    with torch.no_grad():
+        fast.blocks[0].mlp.fc1.weight.mul_(2)
+        changed = fast.forward_features(images)["x_norm_patchtokens"]
+        monkeypatch.setattr(fast_module, "_HAS_MKLDNN_LINEAR", False)
+        changed_plain = fast.forward_features(images)["x_norm_patchtokens"]
+    assert (changed - changed_plain).abs().max() <= 1e-5
+    copy.deepcopy(fast)  # packed oneDNN weights are not copied, they are rebuilt on use

@@ -12,7 +12,12 @@ pass does less work per image than the training model but computes the same func
   (flash attention on CPU and on CUDA in bf16/fp16, memory-efficient otherwise) — never the explicit
   softmax(q kᵀ) path that materialises the attention matrix;
 - the patch embedding (a conv with kernel = stride = p) runs as one matrix product over unfolded patches;
-- optional: bf16 weights (`dtype`), int8 dynamic quantisation of every Linear (`int8`, CPU), `torch.compile`.
+- fp32 on the CPU: each block's four Linear layers run as oneDNN GEMMs on weights packed once
+  (`mkldnn._linear_pointwise`), with the bias, the exact (erf) GELU and both residual additions fused into
+  the GEMMs — no bias copy before each GEMM and no separate GELU / add passes over the tokens;
+- `forward` (the [CLS] feature) applies the final LayerNorm to the [CLS] token only (it is per token);
+- optional: bf16 weights (`dtype`), int8 dynamic quantisation of every Linear (`int8`, CPU: oneDNN int8 GEMMs
+  with the same fusions where available), `torch.compile`.
 
 The fp32 result equals the training model's up to float rounding (folding γ into the weights changes the
 order of two multiplications); the tests hold it to 1e-4. int8 is lossy: `feature_cosine` measures the cost.
@@ -28,6 +33,93 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dino.models.vision_transformer import Mlp, VisionTransformer
+
+_HAS_MKLDNN_LINEAR = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                      and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+class _PackedLinears:
+    """oneDNN-packed copies of a block's fp32 Linear weights, made on first use and remade if a weight changes.
+
+    Plain `F.linear` on the CPU copies the bias into the output before the GEMM and runs GELU / the residual
+    add as separate passes over the tokens; `mkldnn._linear_pointwise` adds the bias, applies exact (erf)
+    GELU or adds the residual inside the GEMM, on weights reordered once into oneDNN's blocked layout.
+    """
+
+    def __init__(self):
+        self._cache: dict[int, tuple[tuple, Tensor]] = {}
+
+    def __deepcopy__(self, memo) -> "_PackedLinears":  # a copy has its own Linear modules: pack afresh
+        return _PackedLinears()
+
+    def __getstate__(self) -> dict:  # oneDNN tensors do not pickle; they are rebuilt on first use
+        return {"_cache": {}}
+
+    def get(self, linear: nn.Linear, rows: int) -> Tensor:
+        weight = linear.weight
+        # inference tensors (made under torch.inference_mode) keep no version counter: key on storage alone
+        key = (weight.data_ptr(), None if weight.is_inference() else weight._version, rows)
+        entry = self._cache.get(id(linear))
+        if entry is None or entry[0] != key:
+            with torch.no_grad():
+                entry = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows))
+            self._cache[id(linear)] = entry
+        return entry[1]
+
+
+_HAS_ONEDNN_INT8 = (_HAS_MKLDNN_LINEAR and hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qlinear_pointwise")
+                    and hasattr(torch.ops.onednn, "qlinear_prepack"))
+
+
+class _Int8Linear:
+    """int8 oneDNN Linear: weights int8 per output channel (symmetric), activations uint8 per tensor, quantised
+    on the fly from each call's min/max (dynamic); bias, exact GELU or a residual add are fused, output fp32."""
+
+    def __init__(self, linear: nn.Linear):
+        weight = linear.weight.detach().float()
+        self.out_features = weight.shape[0]
+        scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        qweight = torch.clamp(torch.round(weight / scale[:, None]), -128, 127).to(torch.int8)
+        self.qweight = qweight  # plain int8 copy: the packed (opaque) tensor can be neither copied nor pickled
+        self.weight = torch.ops.onednn.qlinear_prepack(qweight, None)
+        self.scale = scale
+        self.zero_point = torch.zeros(self.out_features, dtype=torch.long)
+        self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
+
+    def __getstate__(self) -> dict:
+        return {key: value for key, value in self.__dict__.items() if key != "weight"}
+
+    def __setstate__(self, state: dict) -> None:  # deepcopy / unpickle: pack the int8 weight again
+        self.__dict__.update(state)
+        self.weight = torch.ops.onednn.qlinear_prepack(self.qweight, None)
+
+    def __call__(self, x: Tensor, gelu: bool = False, residual: Tensor | None = None) -> Tensor:
+        lo, hi = torch.aminmax(x)
+        lo, hi = float(lo.clamp(max=0)), float(hi.clamp(min=0))
+        scale = (hi - lo) / 255 or 1.0
+        zero_point = min(255, max(0, round(-lo / scale)))
+        qx = torch.quantize_per_tensor(x, scale, zero_point, torch.quint8).int_repr()
+        if residual is not None:
+            return torch.ops.onednn.qlinear_pointwise.binary(
+                qx, scale, zero_point, self.weight, self.scale, self.zero_point, residual, self.bias, 1.0, 0,
+                torch.float32, 1.0, 0, "add", 1.0, "none", [], "")
+        return torch.ops.onednn.qlinear_pointwise(qx, scale, zero_point, self.weight, self.scale, self.zero_point,
+                                                  self.bias, 1.0, 0, torch.float32, "gelu" if gelu else "none", [],
+                                                  "none" if gelu else "")
+
+
+def _use_mkldnn(x: Tensor, *linears: nn.Module) -> bool:
+    """True when the oneDNN fused path computes exactly what the plain path would (fp32 CPU inference)."""
+    if not _HAS_MKLDNN_LINEAR or x.device.type != "cpu" or x.dtype != torch.float32 or x.requires_grad:
+        return False
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
+        return False
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and compiler.is_compiling():
+        return False
+    return all(type(linear) is nn.Linear and linear.weight.dtype == torch.float32 and not linear.weight.requires_grad
+               for linear in linears)
+
 
 def _fold_layerscale(linear: nn.Linear, gamma: Tensor) -> None:
     """Scale the output rows of `linear` by γ, so linear(x)·γ needs no separate multiply."""
@@ -51,18 +143,53 @@ class InferenceBlock(nn.Module):
         if hasattr(block.ls2, "gamma"):
             last = self.mlp.fc2 if isinstance(self.mlp, Mlp) else self.mlp.w3
             _fold_layerscale(last, block.ls2.gamma)
+        self._packed = _PackedLinears()
+
+    def _attend(self, qkv: Tensor, B: int, N: int, C: int) -> Tensor:
+        # (B, N, 3, heads, hd) → three (B, heads, N, hd) views; SDPA takes strided inputs without a copy
+        q, k, v = qkv.view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        # CPU flash attention writes (B, N, heads, hd) memory, so transpose + reshape below is free
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
 
     def attention(self, x: Tensor) -> Tensor:
         B, N, C = x.shape
-        # (B, N, 3, heads, hd) → three (B, heads, N, hd) views; SDPA takes strided inputs without a copy
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+        return self.proj(self._attend(self.qkv(x), B, N, C))
+
+    def quantize_int8_onednn(self) -> None:
+        """Run the four Linear layers as int8 oneDNN GEMMs (`_Int8Linear`) from now on (CPU, Mlp blocks)."""
+        self._int8 = {name: _Int8Linear(linear) for name, linear in
+                      (("qkv", self.qkv), ("proj", self.proj), ("fc1", self.mlp.fc1), ("fc2", self.mlp.fc2))}
+
+    def _forward_int8(self, x: Tensor) -> Tensor:
+        B, N, C = x.shape
+        q = self._int8
+        qkv = q["qkv"](self.norm1(x).reshape(B * N, C))
+        attended = self._attend(qkv, B, N, C).reshape(B * N, C)
+        x = q["proj"](attended, residual=x.reshape(B * N, C))  # x + proj(attn)
+        hidden = q["fc1"](self.norm2(x), gelu=True)
+        return q["fc2"](hidden, residual=x).view(B, N, C)  # x + fc2(GELU(fc1(norm2(x))))
 
     def forward(self, x: Tensor) -> Tensor:
+        if getattr(self, "_int8", None) is not None:
+            return self._forward_int8(x)
+        if isinstance(self.mlp, Mlp) and _use_mkldnn(x, self.qkv, self.proj, self.mlp.fc1, self.mlp.fc2):
+            return self._forward_mkldnn(x)
         x = x + self.attention(self.norm1(x))  # not in place: x may be a view the caller still needs
         x += self.mlp(self.norm2(x))
         return x
+
+    def _forward_mkldnn(self, x: Tensor) -> Tensor:
+        """Same function as `forward`, with bias, GELU and the residual adds fused into oneDNN GEMMs."""
+        B, N, C = x.shape
+        rows = B * N
+        linear = torch.ops.mkldnn._linear_pointwise
+        pack = self._packed.get
+        qkv = linear(self.norm1(x), pack(self.qkv, rows), self.qkv.bias, "none", [], "")
+        attended = self._attend(qkv, B, N, C)
+        x = linear.binary(attended, x, pack(self.proj, rows), self.proj.bias, "add")  # x + proj(attn)
+        fc1, fc2 = self.mlp.fc1, self.mlp.fc2
+        hidden = linear(self.norm2(x), pack(fc1, rows), fc1.bias, "gelu", [], "none")  # "none": exact erf GELU
+        return linear.binary(hidden, x, pack(fc2, rows), fc2.bias, "add")  # x + fc2(GELU(fc1(norm2(x))))
 
 
 class InferenceViT(nn.Module):
@@ -125,10 +252,14 @@ class InferenceViT(nn.Module):
 
     def forward_tokens(self, x: Tensor) -> Tensor:
         """Pixels → final normalised tokens (B, 1 + registers + patches, D)."""
+        return self.norm(self.forward_blocks(x))
+
+    def forward_blocks(self, x: Tensor) -> Tensor:
+        """Pixels → tokens after the last block, before the final LayerNorm."""
         tokens = self.prepare_tokens(x)
         for block in self.blocks:
             tokens = block(tokens)
-        return self.norm(tokens)
+        return tokens
 
     def forward_features(self, x: Tensor) -> dict:
         x_norm = self.forward_tokens(x)
@@ -140,7 +271,10 @@ class InferenceViT(nn.Module):
         }
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.forward_tokens(x)[:, 0]
+        if "forward_tokens" in self.__dict__:  # replaced by its torch.compile'd version: use that graph
+            return self.forward_tokens(x)[:, 0]
+        # LayerNorm is per token: normalising only [CLS] gives the same [CLS] for 1/N of the work
+        return self.norm(self.forward_blocks(x)[:, 0])
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
@@ -161,6 +295,9 @@ def optimize_for_inference(model: VisionTransformer, dtype: torch.dtype | None =
     dtype: cast the weights (torch.bfloat16 or torch.float16); inputs must then be given in that dtype
         (`InferenceViT.input_dtype` says which). None keeps fp32.
     int8: quantise the Linear layers to int8 (dynamic, CPU); the accuracy cost is reported by `feature_cosine`.
+        With oneDNN (standard x86 builds) and Mlp blocks: int8 oneDNN GEMMs, weights per output channel,
+        activations per tensor from each call's min/max, bias / GELU / residual adds fused (`_Int8Linear`);
+        otherwise (SwiGLU, other builds) `torch.ao` dynamic quantisation (`quantize_int8`).
     compile: wrap `forward_tokens` in `torch.compile` with inductor's weight freezing (the first call per
         input shape compiles, minutes on a small CPU; call it under `torch.no_grad` / `inference_mode`).
     """
@@ -174,7 +311,11 @@ def optimize_for_inference(model: VisionTransformer, dtype: torch.dtype | None =
     if int8:
         if device is not None and torch.device(device).type != "cpu":
             raise ValueError("int8 dynamic quantisation runs on the CPU only")
-        fast.blocks = quantize_int8(fast.blocks)
+        if _HAS_ONEDNN_INT8 and all(isinstance(block.mlp, Mlp) for block in fast.blocks):
+            for block in fast.blocks:
+                block.quantize_int8_onednn()
+        else:
+            fast.blocks = quantize_int8(fast.blocks)
     fast.input_dtype = dtype or torch.float32
     if compile:
         # freezing: weights become constants, so inductor can pre-pack them for the CPU matmul kernels
