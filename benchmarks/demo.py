@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import resource
 import statistics
 import sys
@@ -40,15 +39,6 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
     return statistics.median(rates)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -56,6 +46,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra main_dino.py arguments (flags or key=value)")
     args = parser.parse_args()
 
+    from dino.distributed import DeviceContext
     from dino.train.cli import main as train_main
 
     rate_before = matmul_gflops()
@@ -66,7 +57,7 @@ def main() -> None:
     rate_after = matmul_gflops()
     report = {
         "date": datetime.date.today().isoformat(),
-        "cpu": cpu_name(),
+        "cpu": DeviceContext.create("cpu").description(),
         "threads": torch.get_num_threads(),
         "matmul_fp32_gflops_before_after": [round(rate_before, 1), round(rate_after, 1)],
         "wall_time_s": round(wall, 1),

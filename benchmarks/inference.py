@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import statistics
 import time
 import warnings
@@ -28,15 +27,6 @@ from dino.models import ARCH_SIZES, build_backbone
 
 warnings.filterwarnings("ignore")
 
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def vit_flops(arch: str, image: int, patch: int = 14) -> float:
@@ -187,7 +177,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device_ctx = DeviceContext.create(args.device)
-    lines = [f"date: {datetime.date.today().isoformat()} · machine: {cpu_name()} · {torch.get_num_threads()} torch threads · "
+    lines = [f"date: {datetime.date.today().isoformat()} · machine: {DeviceContext.create('cpu').description()} · "
              f"device: {device_ctx.type} · torch {torch.__version__}"]
     floor_rate = matmul_rate(device_ctx.device)
     lines.append(f"measured fp32 matmul rate: {floor_rate:.0f} GFLOP/s")

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -71,20 +70,6 @@ PRESETS = {
 }
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def device_name(ctx: DeviceContext) -> str:
-    if ctx.type == "cuda":
-        return torch.cuda.get_device_name(ctx.device)
-    return f"{cpu_name()}, {torch.get_num_threads()} threads/process"
 
 
 def matmul_seconds(ctx: DeviceContext, size: int, dtype: torch.dtype) -> float:
@@ -203,7 +188,7 @@ def report(result: dict, args, ctx: DeviceContext, compute_dtype: torch.dtype) -
     lines = [
         f"### {result['preset']}, {result['precision']}, {result['parallel']} × {result['processes']} process(es), "
         f"batch {result['batch_per_process']}/process",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; device: {device_name(ctx)}; "
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; device: {ctx.description()}; "
         f"torch {torch.__version__}",
         f"- s/step (median of {args.steps} after {args.warmup} warm-up): **{result['s_per_step']:.3f}**; "
         f"all: {', '.join(f'{t:.3f}' for t in result['step_times'])}",

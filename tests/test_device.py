@@ -63,3 +63,8 @@ def test_only_the_distributed_package_asks_for_cuda():
         if "torch.cuda.is_available" in path.read_text():
             offenders.append(str(path.relative_to(root)))
     assert offenders == []
+
+
+def test_description_names_the_cpu_and_threads():
+    text = DeviceContext.create("cpu").description()
+    assert text.endswith(f"{torch.get_num_threads()} threads") and len(text) > len(" threads") + 3

@@ -57,10 +57,12 @@ def test_source_model_is_left_unchanged():
 
 @pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines
                     and "x86" not in torch.backends.quantized.supported_engines, reason="no int8 CPU engine")
-@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("onednn", [
+    pytest.param(True, marks=pytest.mark.skipif(not fast_module._HAS_ONEDNN_INT8,
+                                                reason="PyTorch built without oneDNN int8 linear")),
+    False,
+])
 def test_int8_features_stay_close(onednn, monkeypatch):
-    if onednn and not fast_module._HAS_ONEDNN_INT8:
-        pytest.skip("PyTorch built without oneDNN int8 linear")
     monkeypatch.setattr(fast_module, "_HAS_ONEDNN_INT8", onednn)  # False: torch.ao dynamic quantisation
     torch.manual_seed(0)
     model = tiny_model(depth=4)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import platform
 from dataclasses import dataclass, field
 
 import torch
@@ -172,6 +173,18 @@ class DeviceContext:
         if self.type == "cpu":
             cores = os.cpu_count() or 1
             torch.set_num_threads(max(1, cores // max(1, local_world_size)))
+
+    def description(self) -> str:
+        """What benchmarks print as the machine: the GPU's name, or the CPU model and thread count."""
+        if self.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        cpu = platform.processor() or "unknown CPU"
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as handle:
+                cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+        except OSError:
+            pass
+        return f"{cpu}, {torch.get_num_threads()} threads" if self.type == "cpu" else f"{self.type} ({cpu} host)"
 
     def sdpa_supports_xformers(self) -> bool:
         """xFormers' memory-efficient attention only runs on CUDA."""
