@@ -114,6 +114,48 @@ def test_extract_resumes_after_interruption(tiny_checkpoint, image_folder, tmp_p
     assert fresh["resumed_chunks"] == 0
 
 
+@pytest.mark.skipif(not __import__("dino.inference.fast", fromlist=["x"])._HAS_ONEDNN_INT8,
+                    reason="PyTorch built without oneDNN int8 linear")
+def test_extract_int8_static_calibrates_once_and_resumes_on_the_same_grids(tiny_checkpoint, image_folder, tmp_path,
+                                                                          monkeypatch):
+    from dino.distributed import DeviceContext
+    from dino.inference.commands import prepare_fast_model
+
+    checkpoint, model = tiny_checkpoint
+    args = ("--precision", "int8_static", "--calibration_images", "4")
+    fresh = run_extract(checkpoint, image_folder, tmp_path / "fresh", *args)
+    assert fresh["int8_cosine_on_calibration"] >= 0.99
+    meta = json.loads((tmp_path / "fresh" / "meta.json").read_text())
+    assert meta["precision"] == "int8_static" and len(meta["int8_ranges"]) == 2 * 4  # 2 blocks × 4 int8 layers
+    features = np.load(tmp_path / "fresh" / "features.npy")
+    paths = (tmp_path / "fresh" / "paths.txt").read_text().splitlines()
+    assert (np.sum(features * expected_cls(model, paths), axis=1) >= 0.99).all()  # rows are unit vectors
+
+    real_chunk = extract_module._extract_chunk
+    calls = []
+
+    def interrupted_after_one_chunk(*chunk_args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_chunk(*chunk_args, **kwargs)
+
+    monkeypatch.setattr(extract_module, "_extract_chunk", interrupted_after_one_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        run_extract(checkpoint, image_folder, tmp_path / "resumed", *args)
+    monkeypatch.setattr(extract_module, "_extract_chunk", real_chunk)
+    resumed = run_extract(checkpoint, image_folder, tmp_path / "resumed", *args)
+    assert resumed["resumed_chunks"] == 1
+    np.testing.assert_array_equal(np.load(tmp_path / "resumed" / "features.npy"), features)
+
+    # the stored grids alone rebuild the same int8 model (how `dino search` embeds new queries)
+    restored, _ = prepare_fast_model(model, "int8_static", False, DeviceContext.create("cpu"), meta["int8_ranges"])
+    images = torch.stack([make_eval_transform(RESIZE, CROP)(load_image(p)) for p in paths])
+    with torch.no_grad():
+        again = torch.nn.functional.normalize(restored(images), dim=-1).numpy()
+    np.testing.assert_allclose(again, features, atol=1e-5)
+
+
 def test_extract_refuses_a_folder_of_another_image_list(tiny_checkpoint, image_folder, tmp_path):
     from dino.errors import UserError
 

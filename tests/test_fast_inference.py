@@ -80,6 +80,39 @@ def test_int8_features_stay_close(onednn, monkeypatch):
         torch.testing.assert_close(copy.deepcopy(int8)(images), int8(images))
 
 
+@pytest.mark.skipif(not fast_module._HAS_ONEDNN_INT8, reason="PyTorch built without oneDNN int8 linear")
+def test_static_int8_is_calibrated_close_and_batch_independent():
+    torch.manual_seed(0)
+    model = tiny_model(depth=4)
+    calibration = torch.randn(8, 3, 42, 42)
+    images = torch.randn(4, 3, 42, 42)  # held out: not seen by the calibration
+    static = optimize_for_inference(model, int8=True, calibration_images=calibration.split(3))
+    for block in static.blocks:  # every layer's input range is fixed, and it is the range the inputs really had
+        for name, layer in block._int8.items():
+            lo, hi = layer.observed_range
+            assert lo < 0 < hi, name
+            scale, zero_point = layer.input_quantization
+            assert scale == pytest.approx((hi - lo) / 255) and zero_point == round(-lo / scale)
+    with torch.no_grad():  # fc1 hands fc2 its input as uint8 codes on fc2's grid
+        block = static.blocks[0]
+        tokens = static.prepare_tokens(images)
+        hidden = block._int8["fc1"](block.norm2(tokens).reshape(-1, model.embed_dim), gelu=True,
+                                    output_quantization=block._int8["fc2"].input_quantization)
+        assert hidden.dtype == torch.uint8
+        assert 0.99 <= feature_cosine(model, static, images) < 1.0
+        # a static range makes an image's features independent of the other images in its batch
+        torch.testing.assert_close(static(images[:1]), static(images)[:1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(copy.deepcopy(static)(images), static(images))
+
+
+@pytest.mark.skipif(not fast_module._HAS_ONEDNN_INT8, reason="PyTorch built without oneDNN int8 linear")
+def test_calibrate_int8_needs_an_int8_model_and_images():
+    with pytest.raises(ValueError, match="int8=True"):
+        fast_module.calibrate_int8(optimize_for_inference(tiny_model()), torch.randn(1, 3, 42, 42))
+    with pytest.raises(ValueError, match="at least one image"):
+        optimize_for_inference(tiny_model(), int8=True, calibration_images=[])
+
+
 def test_int8_swiglu_falls_back_to_dynamic_quantisation():
     model = tiny_model(ffn_layer="swiglu")
     int8 = optimize_for_inference(model, int8=True)

@@ -24,18 +24,48 @@ def _image_sizes(resize_size, crop_size: int) -> tuple[int, int]:
     return resize, int(crop_size)
 
 
-def prepare_fast_model(model, precision: str, compile_model: bool, device_ctx):
-    """The inference copy for a precision: fp32 | bf16 (weights) | int8 (CPU); returns (model, input dtype)."""
-    from dino.inference.fast import optimize_for_inference
+PRECISIONS = ("fp32", "bf16", "int8", "int8_static")
 
-    if precision not in ("fp32", "bf16", "int8"):
-        raise UserError(f"unknown precision {precision!r}; choose fp32, bf16 or int8")
-    if precision == "int8" and device_ctx.type != "cpu":
-        raise UserError("--precision int8 (dynamic quantisation) runs on the CPU only; use --device cpu or --precision bf16")
+
+def prepare_fast_model(model, precision: str, compile_model: bool, device_ctx, calibration=None):
+    """The inference copy for a precision; returns (model, input dtype).
+
+    fp32 | bf16 (weights) | int8 (dynamic activation ranges, CPU) | int8_static (CPU; activation ranges fixed
+    by `calibration`: a batch of images, or the ranges stored by an earlier run as `fast.int8_ranges` gives them).
+    """
+    from dino.inference.fast import load_int8_ranges, optimize_for_inference
+
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    int8 = precision.startswith("int8")
+    if int8 and device_ctx.type != "cpu":
+        raise UserError(f"--precision {precision} (int8 quantisation) runs on the CPU only; use --device cpu or --precision bf16")
+    if precision == "int8_static" and calibration is None:
+        raise UserError("--precision int8_static needs calibration images")
     dtype = torch.bfloat16 if precision == "bf16" else None
-    fast = optimize_for_inference(model.cpu() if precision == "int8" else model, dtype=dtype, int8=precision == "int8",
-                                  compile=compile_model, device=device_ctx.device)
+    images = calibration if isinstance(calibration, torch.Tensor) else None
+    fast = optimize_for_inference(model.cpu() if int8 else model, dtype=dtype, int8=int8, compile=compile_model,
+                                  device=device_ctx.device, calibration_images=images if precision == "int8_static" else None)
+    if precision == "int8_static" and images is None:
+        load_int8_ranges(fast, calibration)
     return fast, fast.input_dtype
+
+
+def _calibration_batch(paths: list[str], transform, count: int) -> torch.Tensor:
+    """Up to `count` readable images from the start of `paths`, transformed like the images to embed."""
+    from dino.data.datasets import CorruptImageError, load_image
+
+    images = []
+    for path in paths:
+        if len(images) == count:
+            break
+        try:
+            images.append(transform(load_image(path)))
+        except CorruptImageError:
+            continue  # listed as skipped by the extraction itself
+    if not images:
+        raise UserError("no readable image to calibrate int8_static on")
+    return torch.stack(images)
 
 
 def run_extract(cfg) -> dict:
@@ -51,15 +81,43 @@ def run_extract(cfg) -> dict:
     resize, crop = _image_sizes(cfg.data.resize_size, cfg.data.crop_size)
     if crop % model.patch_size:
         raise UserError(f"--crop_size {crop} is not a multiple of the patch size {model.patch_size}")
-    fast, input_dtype = prepare_fast_model(model, cfg.precision, bool(cfg.compile), device_ctx)
+    transform = make_eval_transform(resize, crop)
+    extra_meta = dict(model=OmegaConf.to_container(cfg.model), resize_size=resize, crop_size=crop, precision=cfg.precision)
+    calibration, cosine = None, None
+    if cfg.precision == "int8_static":
+        stored = _stored_int8_ranges(cfg.output_dir)  # resuming: keep the grids the finished chunks were made with
+        calibration = stored if stored is not None else _calibration_batch(paths, transform, int(cfg.calibration_images))
+    fast, input_dtype = prepare_fast_model(model, cfg.precision, bool(cfg.compile), device_ctx, calibration)
+    if cfg.precision == "int8_static":
+        from dino.inference.fast import feature_cosine, int8_ranges
+
+        extra_meta["int8_ranges"] = int8_ranges(fast)
+        if isinstance(calibration, torch.Tensor):
+            sample = calibration[:16]
+            cosine = feature_cosine(model.cpu().eval(), fast, sample)
+            print(f"int8_static: calibrated on {len(calibration)} images; [CLS] cosine vs fp32 on {len(sample)} of them: "
+                  f"min {cosine:.4f}", flush=True)
     settings = ExtractionSettings(
         features=cfg.features, normalize=bool(cfg.normalize), batch_size=int(cfg.data.batch_size),
         num_workers=int(cfg.data.num_workers), chunk_size=int(cfg.chunk_size), output_format=cfg.output_format,
-        progress=bool(cfg.progress),
-        extra_meta=dict(model=OmegaConf.to_container(cfg.model), resize_size=resize, crop_size=crop, precision=cfg.precision),
+        progress=bool(cfg.progress), extra_meta=extra_meta,
     )
-    return extract_features_to_folder(fast, paths, cfg.output_dir, make_eval_transform(resize, crop), crop, settings,
-                                      device=device_ctx.device, input_dtype=input_dtype)
+    summary = extract_features_to_folder(fast, paths, cfg.output_dir, transform, crop, settings,
+                                         device=device_ctx.device, input_dtype=input_dtype)
+    if cosine is not None:
+        summary["int8_cosine_on_calibration"] = cosine
+    return summary
+
+
+def _stored_int8_ranges(output_dir) -> list | None:
+    """int8 grids of an interrupted int8_static extraction in `output_dir`, if it wrote any."""
+    import json
+
+    path = os.path.join(output_dir, "settings.json")  # written before the first chunk
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle).get("int8_ranges")
 
 
 def _query_paths(queries) -> list[str]:
@@ -90,7 +148,8 @@ def _embed_new_queries(paths: list[str], meta: dict, cfg) -> np.ndarray:
         raise UserError("the features folder has no meta.json with the model; only images already in it can be queried")
     device_ctx = DeviceContext.create(cfg.device)
     model = _load_model(OmegaConf.create(meta["model"]), device_ctx)
-    fast, input_dtype = prepare_fast_model(model, meta.get("precision", "fp32"), False, device_ctx)
+    # int8_static: the query goes through the grids the indexed images went through
+    fast, input_dtype = prepare_fast_model(model, meta.get("precision", "fp32"), False, device_ctx, meta.get("int8_ranges"))
     stored = meta["settings"]
     settings = ExtractionSettings(features=stored["features"], normalize=stored["normalize"], batch_size=int(cfg.batch_size),
                                   num_workers=int(cfg.num_workers), progress=False)

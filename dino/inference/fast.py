@@ -27,12 +27,17 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dino.models.vision_transformer import Mlp, VisionTransformer
+
+# the quint8 creation functions warn that they are deprecated; `_Int8Linear` only uses them as a fast one-pass
+# fp32 → uint8 rounding (the codes are read back as plain uint8), so the warning says nothing to our users
+warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.*deprecated")
 
 _HAS_MKLDNN_LINEAR = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
                       and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
@@ -71,9 +76,28 @@ _HAS_ONEDNN_INT8 = (_HAS_MKLDNN_LINEAR and hasattr(torch.ops, "onednn") and hasa
                     and hasattr(torch.ops.onednn, "qlinear_prepack"))
 
 
+def _uint8_view(qx: Tensor) -> Tensor:
+    """The raw uint8 codes of a quint8 tensor without a copy (`int_repr()` would copy them)."""
+    return torch.empty(0, dtype=torch.uint8, device=qx.device).set_(qx.untyped_storage(), qx.storage_offset(),
+                                                                   qx.shape, qx.stride())
+
+
+def _affine_uint8(lo: float, hi: float) -> tuple[float, int]:
+    """Scale and zero point that map [lo, hi] (widened to contain 0) onto the 256 uint8 codes."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = (hi - lo) / 255 or 1.0
+    return scale, min(255, max(0, round(-lo / scale)))
+
+
 class _Int8Linear:
-    """int8 oneDNN Linear: weights int8 per output channel (symmetric), activations uint8 per tensor, quantised
-    on the fly from each call's min/max (dynamic); bias, exact GELU or a residual add are fused, output fp32."""
+    """int8 oneDNN Linear: weights int8 per output channel (symmetric), activations uint8 per tensor; bias, exact
+    GELU or a residual add fused into the GEMM.
+
+    Activation ranges are either dynamic (each call's min/max: one extra pass over the input, and an image's
+    features depend slightly on the rest of its batch) or static, fixed by `calibrate` from the min/max seen
+    over calibration batches (no range pass, batch-independent results, and the GEMM before can write uint8
+    directly: see `output_quantization`).
+    """
 
     def __init__(self, linear: nn.Linear):
         weight = linear.weight.detach().float()
@@ -85,6 +109,9 @@ class _Int8Linear:
         self.scale = scale
         self.zero_point = torch.zeros(self.out_features, dtype=torch.long)
         self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
+        self.input_quantization: tuple[float, int] | None = None  # static (scale, zero point) once calibrated
+        self.observed_range: tuple[float, float] | None = None  # min/max of the inputs while calibrating
+        self.observing = False
 
     def __getstate__(self) -> dict:
         return {key: value for key, value in self.__dict__.items() if key != "weight"}
@@ -93,19 +120,40 @@ class _Int8Linear:
         self.__dict__.update(state)
         self.weight = torch.ops.onednn.qlinear_prepack(self.qweight, None)
 
-    def __call__(self, x: Tensor, gelu: bool = False, residual: Tensor | None = None) -> Tensor:
-        lo, hi = torch.aminmax(x)
-        lo, hi = float(lo.clamp(max=0)), float(hi.clamp(min=0))
-        scale = (hi - lo) / 255 or 1.0
-        zero_point = min(255, max(0, round(-lo / scale)))
-        qx = torch.quantize_per_tensor(x, scale, zero_point, torch.quint8).int_repr()
+    def calibrate(self) -> None:
+        """Freeze the input range observed so far into a static scale and zero point."""
+        if self.observed_range is None:
+            raise RuntimeError("no calibration batch has passed through this layer")
+        self.input_quantization = _affine_uint8(*self.observed_range)
+        self.observing = False
+
+    def quantize_input(self, x: Tensor) -> tuple[Tensor, float, int]:
+        if x.dtype == torch.uint8:  # already quantised by the previous GEMM with this layer's static range
+            return x, *self.input_quantization
+        if self.input_quantization is not None:
+            scale, zero_point = self.input_quantization
+        else:
+            lo, hi = (float(v) for v in torch.aminmax(x))
+            if self.observing:
+                seen = self.observed_range or (lo, hi)
+                self.observed_range = (min(seen[0], lo), max(seen[1], hi))
+            scale, zero_point = _affine_uint8(lo, hi)
+        return _uint8_view(torch.quantize_per_tensor(x, scale, zero_point, torch.quint8)), scale, zero_point
+
+    def __call__(self, x: Tensor, gelu: bool = False, residual: Tensor | None = None,
+                 output_quantization: tuple[float, int] | None = None) -> Tensor:
+        """fp32 output, or uint8 codes on `output_quantization`'s grid (for the next layer's static input)."""
+        qx, scale, zero_point = self.quantize_input(x)
         if residual is not None:
             return torch.ops.onednn.qlinear_pointwise.binary(
                 qx, scale, zero_point, self.weight, self.scale, self.zero_point, residual, self.bias, 1.0, 0,
                 torch.float32, 1.0, 0, "add", 1.0, "none", [], "")
+        out_scale, out_zero_point, out_dtype = 1.0, 0, torch.float32
+        if output_quantization is not None:
+            (out_scale, out_zero_point), out_dtype = output_quantization, torch.uint8
         return torch.ops.onednn.qlinear_pointwise(qx, scale, zero_point, self.weight, self.scale, self.zero_point,
-                                                  self.bias, 1.0, 0, torch.float32, "gelu" if gelu else "none", [],
-                                                  "none" if gelu else "")
+                                                  self.bias, out_scale, out_zero_point, out_dtype,
+                                                  "gelu" if gelu else "none", [], "none" if gelu else "")
 
 
 def _use_mkldnn(x: Tensor, *linears: nn.Module) -> bool:
@@ -166,7 +214,8 @@ class InferenceBlock(nn.Module):
         qkv = q["qkv"](self.norm1(x).reshape(B * N, C))
         attended = self._attend(qkv, B, N, C).reshape(B * N, C)
         x = q["proj"](attended, residual=x.reshape(B * N, C))  # x + proj(attn)
-        hidden = q["fc1"](self.norm2(x), gelu=True)
+        # static ranges: fc1 writes GELU's output straight onto fc2's uint8 input grid (no fp32 round trip)
+        hidden = q["fc1"](self.norm2(x), gelu=True, output_quantization=q["fc2"].input_quantization)
         return q["fc2"](hidden, residual=x).view(B, N, C)  # x + fc2(GELU(fc1(norm2(x))))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -289,15 +338,21 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
 def optimize_for_inference(model: VisionTransformer, dtype: torch.dtype | None = None, int8: bool = False,
                            compile: bool = False, matmul_patch_embed: bool = True,
-                           device: torch.device | str | None = None) -> InferenceViT:
+                           device: torch.device | str | None = None,
+                           calibration_images: Tensor | Iterable[Tensor] | None = None) -> InferenceViT:
     """A frozen, faster copy of `model` with the same `forward_features` and `forward`.
 
     dtype: cast the weights (torch.bfloat16 or torch.float16); inputs must then be given in that dtype
         (`InferenceViT.input_dtype` says which). None keeps fp32.
     int8: quantise the Linear layers to int8 (dynamic, CPU); the accuracy cost is reported by `feature_cosine`.
         With oneDNN (standard x86 builds) and Mlp blocks: int8 oneDNN GEMMs, weights per output channel,
-        activations per tensor from each call's min/max, bias / GELU / residual adds fused (`_Int8Linear`);
-        otherwise (SwiGLU, other builds) `torch.ao` dynamic quantisation (`quantize_int8`).
+        activations per tensor, bias / GELU / residual adds fused (`_Int8Linear`); otherwise (SwiGLU, other
+        builds) `torch.ao` dynamic quantisation (`quantize_int8`).
+    calibration_images: with int8 on the oneDNN path, a batch (or an iterable of batches) of typical inputs:
+        the activation ranges seen on them become static, so no range pass runs per layer, fc1 writes fc2's
+        uint8 input directly, and an image's features no longer depend on the rest of its batch (static int8).
+        Inputs outside the calibrated range are clipped to it: calibrate on images like the ones to embed.
+        None: dynamic ranges (each call's min/max).
     compile: wrap `forward_tokens` in `torch.compile` with inductor's weight freezing (the first call per
         input shape compiles, minutes on a small CPU; call it under `torch.no_grad` / `inference_mode`).
     """
@@ -314,6 +369,8 @@ def optimize_for_inference(model: VisionTransformer, dtype: torch.dtype | None =
         if _HAS_ONEDNN_INT8 and all(isinstance(block.mlp, Mlp) for block in fast.blocks):
             for block in fast.blocks:
                 block.quantize_int8_onednn()
+            if calibration_images is not None:
+                calibrate_int8(fast, calibration_images)
         else:
             fast.blocks = quantize_int8(fast.blocks)
     fast.input_dtype = dtype or torch.float32
@@ -321,6 +378,46 @@ def optimize_for_inference(model: VisionTransformer, dtype: torch.dtype | None =
         # freezing: weights become constants, so inductor can pre-pack them for the CPU matmul kernels
         fast.forward_tokens = torch.compile(fast.forward_tokens, dynamic=False, options={"freezing": True})
     return fast.eval()
+
+
+@torch.no_grad()
+def calibrate_int8(model: InferenceViT, batches: Tensor | Iterable[Tensor]) -> None:
+    """Fix every int8 layer's input range to the min/max seen over `batches` (static int8)."""
+    layers = _int8_layers(model)
+    for layer in layers:
+        layer.input_quantization, layer.observed_range, layer.observing = None, None, True
+    seen = 0
+    for batch in ([batches] if isinstance(batches, Tensor) else batches):
+        model.forward_blocks(batch.float())
+        seen += len(batch)
+    if not seen:
+        raise ValueError("calibrate_int8 needs at least one image")
+    for layer in layers:
+        layer.calibrate()
+
+
+def _int8_layers(model: InferenceViT) -> list[_Int8Linear]:
+    layers = [layer for block in model.blocks for layer in (getattr(block, "_int8", None) or {}).values()]
+    if not layers:
+        raise ValueError("this needs a model made with optimize_for_inference(..., int8=True) on oneDNN")
+    return layers
+
+
+def int8_ranges(model: InferenceViT) -> list[list[float]]:
+    """The static activation grids [scale, zero point] of every int8 layer, in order (to store next to features)."""
+    layers = _int8_layers(model)
+    if any(layer.input_quantization is None for layer in layers):
+        raise ValueError("the model is not calibrated (dynamic int8): call calibrate_int8 first")
+    return [[float(layer.input_quantization[0]), int(layer.input_quantization[1])] for layer in layers]
+
+
+def load_int8_ranges(model: InferenceViT, ranges: list[list[float]]) -> None:
+    """Restore grids saved by `int8_ranges`, so that new images are embedded exactly like the stored ones."""
+    layers = _int8_layers(model)
+    if len(ranges) != len(layers):
+        raise ValueError(f"{len(ranges)} stored int8 ranges for a model with {len(layers)} int8 layers")
+    for layer, (scale, zero_point) in zip(layers, ranges):
+        layer.input_quantization, layer.observing = (float(scale), int(zero_point)), False
 
 
 @torch.no_grad()
