@@ -15,7 +15,8 @@ pass does less work per image than the training model but computes the same func
 - fp32 on the CPU: each block's four Linear layers run as oneDNN GEMMs on weights packed once
   (`mkldnn._linear_pointwise`), with the bias, the exact (erf) GELU and both residual additions fused into
   the GEMMs — no bias copy before each GEMM and no separate GELU / add passes over the tokens;
-- `forward` (the [CLS] feature) applies the final LayerNorm to the [CLS] token only (it is per token);
+- `forward` (the [CLS] feature) runs the last block's attention with [CLS] as the only query and its projection,
+  MLP and the final LayerNorm on the [CLS] row only (the other tokens' outputs of the last block are never used);
 - optional: bf16 weights (`dtype`), int8 dynamic quantisation of every Linear (`int8`, CPU: oneDNN int8 GEMMs
   with the same fusions where available), `torch.compile`.
 
@@ -218,6 +219,31 @@ class InferenceBlock(nn.Module):
         hidden = q["fc1"](self.norm2(x), gelu=True, output_quantization=q["fc2"].input_quantization)
         return q["fc2"](hidden, residual=x).view(B, N, C)  # x + fc2(GELU(fc1(norm2(x))))
 
+    def forward_cls(self, x: Tensor) -> Tensor:
+        """This block's output for the [CLS] token only, (B, 1, C) — what a [CLS] feature needs from the last block.
+
+        Every token is still a key and a value, but only [CLS] is a query, and the projection and MLP run on one
+        row per image: about a tenth of the block's work (same result up to float rounding).
+        """
+        B, N, C = x.shape
+        int8 = getattr(self, "_int8", None)
+        normed = self.norm1(x)
+        if int8 is not None:
+            qkv = int8["qkv"](normed.reshape(B * N, C))
+        elif _use_mkldnn(x, self.qkv):
+            qkv = torch.ops.mkldnn._linear_pointwise(normed, self._packed.get(self.qkv, B * N), self.qkv.bias, "none", [], "")
+        else:
+            qkv = self.qkv(normed)
+        q, k, v = qkv.view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        attended = F.scaled_dot_product_attention(q[:, :, :1], k, v).reshape(B, C)  # (B, heads, 1, hd) → (B, C)
+        cls = x[:, 0]
+        if int8 is not None:  # static ranges hold for any subset of rows; dynamic ones are taken over these rows
+            cls = int8["proj"](attended, residual=cls.contiguous())
+            hidden = int8["fc1"](self.norm2(cls), gelu=True, output_quantization=int8["fc2"].input_quantization)
+            return int8["fc2"](hidden, residual=cls).unsqueeze(1)
+        cls = cls + self.proj(attended)
+        return (cls + self.mlp(self.norm2(cls))).unsqueeze(1)
+
     def forward(self, x: Tensor) -> Tensor:
         if getattr(self, "_int8", None) is not None:
             return self._forward_int8(x)
@@ -322,8 +348,13 @@ class InferenceViT(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if "forward_tokens" in self.__dict__:  # replaced by its torch.compile'd version: use that graph
             return self.forward_tokens(x)[:, 0]
-        # LayerNorm is per token: normalising only [CLS] gives the same [CLS] for 1/N of the work
-        return self.norm(self.forward_blocks(x)[:, 0])
+        # only [CLS] leaves the last block, and LayerNorm is per token: the same [CLS] for less work
+        tokens = self.prepare_tokens(x)
+        for block in self.blocks[:-1]:
+            tokens = block(tokens)
+        if len(self.blocks):
+            tokens = self.blocks[-1].forward_cls(tokens)
+        return self.norm(tokens[:, 0])
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
