@@ -20,22 +20,103 @@ def tiny_model(**kwargs):
     return model
 
 
+# the position-embedding settings of the official models: DINO v1 / DINOv2 hub (offset 0.1), DINOv2 with
+# registers (offset 0, antialias), and offset 0 without antialias
+POS_MODES = [dict(interpolate_offset=0.1, interpolate_antialias=False),
+             dict(interpolate_offset=0.0, interpolate_antialias=True),
+             dict(interpolate_offset=0.0, interpolate_antialias=False)]
+
+
+@pytest.mark.parametrize("mode", POS_MODES, ids=["offset", "antialias", "plain"])
+@pytest.mark.parametrize("side", [7, 37])
+def test_resize_matrices_match_f_interpolate(mode, side):
+    import torch.nn.functional as F
+
+    from dino.inference.export.onnx import bicubic_resize_matrix
+
+    offset, antialias = mode["interpolate_offset"], mode["interpolate_antialias"]
+    torch.manual_seed(0)
+    grid = torch.randn(1, 3, side, side)
+    for height, width in [(1, 1), (2, 5), (side - 2, side - 2), (side, side), (side, side + 1), (side + 3, side),
+                          (side + 9, side + 9), (3 * side, 2 * side)]:
+        if offset:
+            expected = F.interpolate(grid, scale_factor=((height + offset) / side, (width + offset) / side),
+                                     mode="bicubic", antialias=antialias)
+        else:
+            expected = F.interpolate(grid, size=(height, width), mode="bicubic", antialias=antialias)
+        rows = bicubic_resize_matrix(height, side, offset, antialias)
+        cols = bicubic_resize_matrix(width, side, offset, antialias)
+        assert rows.shape == (height, side) and cols.shape == (width, side)
+        resized = torch.einsum("ia,cab,jb->cij", rows, grid[0], cols)
+        # float rounding only: the source coordinates are fp32 in PyTorch too (|grid| ≤ ~4 here)
+        torch.testing.assert_close(resized, expected[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", POS_MODES, ids=["offset", "antialias", "plain"])
+def test_resized_position_grid_matches_the_model(mode):
+    from dino.inference.export.onnx import resize_position_grid
+
+    model = tiny_model(**mode)  # 3×3 grid
+    with torch.no_grad():
+        model.pos_embed.normal_()  # away from the small init, so a wrong weight shows
+    grid = model.pos_embed[0, 1:].reshape(3, 3, -1)
+    for height, width in [(1, 1), (2, 4), (3, 3), (3, 5), (5, 3), (6, 6)]:
+        expected = model.interpolate_pos_encoding(height * width + 1, height * 14, width * 14)[0, 1:]
+        got = resize_position_grid(grid, height, width, mode["interpolate_offset"], mode["interpolate_antialias"])
+        if (height, width) == (3, 3):  # the model's shortcut: the stored grid as it is
+            assert torch.equal(got, expected)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True)],
+                         ids=["v2", "registers"])
+def test_onnx_matches_pytorch_with_dynamic_batch_and_size(tmp_path, kwargs):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from dino.inference.export.onnx import export_onnx, onnx_has_dynamic_size, run_onnx, verify_onnx
+
+    model = tiny_model(**kwargs)  # stored grid 3×3 (42 px)
+    with torch.no_grad():
+        model.pos_embed.normal_()
+    path = export_onnx(model, tmp_path / "m.onnx", image_size=28)  # the example is neither of the sizes below but one
+    assert onnx_has_dynamic_size(path)
+    op_types = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "Resize" not in op_types and "Einsum" in op_types
+    # smaller, stored (the model's no-interpolation shortcut), larger, non-square both ways; batch 1 and 3
+    for batch, (height, width) in [(3, (28, 28)), (1, (42, 42)), (2, (70, 70)), (1, (28, 56)), (2, (56, 42))]:
+        images = torch.randn(batch, 3, height, width)
+        with torch.no_grad():
+            expected = model.forward_features(images)
+        cls, patches = run_onnx(path, images.numpy(), threads=1)
+        assert cls.shape == (batch, 192) and patches.shape == (batch, height * width // 196, 192)
+        assert np.abs(cls - expected["x_norm_clstoken"].numpy()).max() <= 1e-4
+        assert np.abs(patches - expected["x_norm_patchtokens"].numpy()).max() <= 1e-4
+    assert verify_onnx(model, path, 28) <= 1e-4  # example, stored, larger and non-square sizes
+
+
 @pytest.mark.parametrize("registers", [0, 2])
-def test_onnx_matches_pytorch_with_dynamic_batch(tmp_path, registers):
+def test_onnx_fixed_size_matches_pytorch_with_dynamic_batch(tmp_path, registers):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from dino.inference.export.onnx import export_onnx, run_onnx
+    from dino.errors import UserError
+    from dino.inference.export.onnx import export_onnx, onnx_has_dynamic_size, run_onnx, verify_onnx
 
     model = tiny_model(num_register_tokens=registers)
-    path = export_onnx(model, tmp_path / "m.onnx", image_size=28)  # not the stored 42: the baked embedding is interpolated
+    path = export_onnx(model, tmp_path / "m.onnx", image_size=28, dynamic_size=False)  # baked, interpolated embedding
+    assert not onnx_has_dynamic_size(path)
     for batch in (1, 3):
         images = torch.randn(batch, 3, 28, 28)
         with torch.no_grad():
             expected = model.forward_features(images)
-        cls, patches = run_onnx(path, images.numpy())
+        cls, patches = run_onnx(path, images.numpy(), threads=1)
         assert cls.shape == (batch, 192) and patches.shape == (batch, 4, 192)
         assert np.abs(cls - expected["x_norm_clstoken"].numpy()).max() <= 1e-4
         assert np.abs(patches - expected["x_norm_patchtokens"].numpy()).max() <= 1e-4
+    assert verify_onnx(model, path, 28) <= 1e-4
+    with torch.no_grad():
+        model.pos_embed.add_(torch.randn_like(model.pos_embed))  # (a constant shift would vanish in LayerNorm)
+    with pytest.raises(UserError, match="differs from PyTorch"):
+        verify_onnx(model, path, 28)
 
 
 @pytest.mark.parametrize("ftype", ["f32", "f16"])
