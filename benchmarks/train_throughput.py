@@ -2,6 +2,8 @@
 
     python benchmarks/train_throughput.py                              # CPU bench preset, fp32
     python benchmarks/train_throughput.py --hmp                        # same, bf16 autocast
+    python benchmarks/train_throughput.py --compile                    # transformer blocks compiled (train.compile)
+    python benchmarks/train_throughput.py --compare_eager              # eager and compiled, one process each
     python benchmarks/train_throughput.py --preset vitl14 --hmp --parallel fsdp --steps 20   # GPU
     torchrun --nproc_per_node=8 benchmarks/train_throughput.py --preset vitl14 --hmp --parallel fsdp
 
@@ -18,7 +20,15 @@ masks from the data pipeline, reused every step so that data loading does not co
   run (interleaved with the steps, so load from other processes hits both alike).  With `--hmp` the MFU is
   also given against the fp32 rate.
 * peak memory: device memory on CUDA/HPU; on CPU the process's peak resident set size (everything the
-  process touched, including the batch and the Python runtime).
+  process touched, including the batch and the Python runtime) over the timed steps — on Linux the peak is
+  reset after the warm-up (freed heap returned by `malloc_trim`, then `/proc/self/clear_refs`), so the
+  compiler's transient memory does not count (its resident code and caches do); the process's peak since
+  start, compilation included, is given next to it.
+* `--compile` (`train.compile=true`): the transformer blocks are compiled (inductor) before the warm-up; the
+  first warm-up step, which compiles, is reported as the compile time. FLOPs are counted on an eager step
+  (`torch.compiler.set_stance("force_eager")`), so both variants divide the same work by their step time.
+* `--compare_eager`: runs the benchmark twice, eager then compiled, each in its own process (peak RSS is
+  per process), and prints both side by side — the issue asks for a peak no higher than the eager step's.
 
 Presets: `cpu_bench` (the issue's CPU preset: DINOv2 ViT-S/14, 2×224 + 8×98 crops, 65,536 prototypes, iBOT
 and KoLeo, batch 8), `vitl14` (DINOv2 ViT-L/14 recipe, batch 32 per device), `tiny` (a smoke test).
@@ -28,9 +38,12 @@ Output: a markdown row block on stdout, appended to `--out FILE` when given (ran
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -56,7 +69,7 @@ from dino.distributed import (  # noqa: E402
 from dino.distributed.parallel import FSDPSettings, shard_student_and_teacher, unwrap, wrap_student  # noqa: E402
 from dino.train.data_pipeline import build_training_data  # noqa: E402
 from dino.train.loop import build_optimizer, train_step  # noqa: E402
-from dino.train.meta_arch import SelfDistillationObjective, build_networks, update_teacher  # noqa: E402
+from dino.train.meta_arch import SelfDistillationObjective, build_networks, compile_blocks, update_teacher  # noqa: E402
 from dino.train.param_groups import apply_schedules  # noqa: E402
 
 PRESETS = {
@@ -70,6 +83,35 @@ PRESETS = {
 }
 
 
+JSON_PREFIX = "RESULT_JSON "  # the line `--json` prints and `--compare_eager` parses
+
+
+def reset_peak_memory(ctx: DeviceContext) -> bool:
+    """Reset the peak-memory counter; on CPU the peak RSS (VmHWM) via /proc, Linux only. Returns success."""
+    ctx.reset_peak_memory()
+    if ctx.type != "cpu":
+        return True
+    try:  # hand freed heap back first (glibc), or the reset peak starts at what warm-up/compiling once held
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # 5: reset the peak resident set size to the current one
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_since_reset_mb() -> float:
+    """VmHWM of this process in MiB (the peak RSS since the last `reset_peak_memory`)."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
 
 
 def matmul_seconds(ctx: DeviceContext, size: int, dtype: torch.dtype) -> float:
@@ -107,14 +149,22 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--matmul_size", type=int, default=2048)
+    parser.add_argument("--compile", action="store_true", help="compile the transformer blocks (train.compile=true)")
+    parser.add_argument("--compare_eager", action="store_true",
+                        help="run eager and --compile, each in its own process, and compare time and peak memory")
+    parser.add_argument("--json", action="store_true", help=f"also print the result as one '{JSON_PREFIX}{{...}}' line")
     parser.add_argument("--out", default=None, help="append the markdown block to this file")
     parser.add_argument("overrides", nargs="*", help="extra config key=value overrides")
     args = parser.parse_args(argv)
+    if args.compare_eager:
+        return compare_eager(argv if argv is not None else sys.argv[1:], args)
 
     config_name, overrides = PRESETS[args.preset]
     overrides = overrides + [f"train.parallel={args.parallel}", "train.num_workers=0"] + list(args.overrides)
     if args.batch:
         overrides.append(f"train.batch_size_per_device={args.batch}")
+    if args.compile:
+        overrides.append("train.compile=true")
     cfg = compose(config_name, overrides)
     ctx = DeviceContext.create(args.device, hmp=args.hmp, fp16=args.fp16)
     init_distributed(ctx.backend)
@@ -127,6 +177,9 @@ def main(argv=None) -> dict:
     student.to(ctx.device)
     teacher.to(ctx.device)
     objective = SelfDistillationObjective(cfg, int(cfg.crops.local_crops_number)).to(ctx.device)
+    compiled = bool(cfg.train.compile)
+    if compiled:  # where the training loop does it: before sharding
+        compile_blocks(student, teacher)
     shard_student_and_teacher(student, teacher, ctx, args.parallel, FSDPSettings.from_config(cfg.train.fsdp, args.hmp))
     optimizer = build_optimizer(cfg, student)
     apply_schedules(optimizer, lr=1e-4, wd=0.04, last_layer_lr=1e-4)
@@ -138,19 +191,23 @@ def main(argv=None) -> dict:
         train_step(batch, student_wrapped, teacher, objective, optimizer, scaler, ctx, cfg, 0.07)
         update_teacher(unwrap(student_wrapped), teacher, 0.994)
 
+    warmup_times = []
     for _ in range(args.warmup):
+        start = time.perf_counter()
         step()
-    ctx.synchronize()
+        ctx.synchronize()
+        warmup_times.append(time.perf_counter() - start)
 
     from torch.utils.flop_counter import FlopCounterMode
 
+    # counted on an eager step: the compiled kernels bypass the dispatcher the counter listens to
     counter = FlopCounterMode(display=False)
-    with counter:
+    with (torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()), counter:
         step()
     flops_per_step = counter.get_total_flops()
 
     compute_dtype = ctx.autocast_dtype or torch.float32
-    ctx.reset_peak_memory()
+    peak_reset = reset_peak_memory(ctx)
     step_times, matmul_times, fp32_matmul_times = [], [], []
     for _ in range(args.steps):
         ctx.synchronize()
@@ -161,7 +218,11 @@ def main(argv=None) -> dict:
         matmul_times.append(matmul_seconds(ctx, args.matmul_size, compute_dtype))
         if compute_dtype != torch.float32:
             fp32_matmul_times.append(matmul_seconds(ctx, args.matmul_size, torch.float32))
-    peak_mb = ctx.max_memory_allocated_mb()
+    if ctx.type == "cpu" and peak_reset:
+        peak_mb, peak_scope = peak_rss_since_reset_mb(), "peak RSS over the timed steps"
+    else:
+        peak_mb, peak_scope = ctx.max_memory_allocated_mb(), ("max allocated" if ctx.type != "cpu"
+                                                             else "process peak RSS")
 
     s_per_step = statistics.median(step_times)
     matmul_flops = 2 * args.matmul_size ** 3
@@ -169,10 +230,12 @@ def main(argv=None) -> dict:
     # every process runs the same work; the counted FLOPs and the rate are per process
     result = {
         "preset": args.preset, "precision": "bf16 autocast" if args.hmp else ("fp16" if args.fp16 else "fp32"),
-        "parallel": args.parallel, "processes": get_world_size(), "batch_per_process": int(cfg.train.batch_size_per_device),
+        "compile": compiled, "parallel": args.parallel, "processes": get_world_size(),
+        "batch_per_process": int(cfg.train.batch_size_per_device),
         "s_per_step": s_per_step, "images_per_s": global_batch / s_per_step, "gflop_per_step": flops_per_step / 1e9,
         "matmul_gflops": rate / 1e9, "mfu": flops_per_step / s_per_step / rate, "peak_memory_mb": peak_mb,
-        "step_times": step_times,
+        "peak_memory_scope": peak_scope, "process_peak_memory_mb": ctx.max_memory_allocated_mb(),
+        "step_times": step_times, "warmup_times": warmup_times,
     }
     if fp32_matmul_times:
         fp32_rate = matmul_flops / statistics.median(fp32_matmul_times)
@@ -180,14 +243,60 @@ def main(argv=None) -> dict:
         result["mfu_vs_fp32"] = flops_per_step / s_per_step / fp32_rate
     if is_main_process():
         report(result, args, ctx, compute_dtype)
+        if args.json:
+            print(JSON_PREFIX + json.dumps(result), flush=True)
     return result
+
+
+def compare_eager(argv: list[str], args) -> dict:
+    """Run this script eagerly and with `--compile`, one process each, one after the other; compare them."""
+    base = [a for a in argv if a not in ("--compare_eager", "--compile", "--json") and not a.startswith("--out=")]
+    if "--out" in base:  # the children only print; the comparison alone is appended to the file
+        del base[base.index("--out"):base.index("--out") + 2]
+    results, load_before = {}, os.getloadavg()
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        command = [sys.executable, str(Path(__file__).resolve()), *base, *extra, "--json"]
+        print(f"$ {' '.join(command)}", flush=True)
+        child = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+        lines = child.stdout.splitlines()
+        print("\n".join(line for line in lines if not line.startswith(JSON_PREFIX)), flush=True)
+        if child.returncode != 0:
+            raise SystemExit(f"the {name} run failed (exit {child.returncode})")
+        results[name] = json.loads([line for line in lines if line.startswith(JSON_PREFIX)][-1][len(JSON_PREFIX):])
+    eager, compiled = results["eager"], results["compiled"]
+    rows = [("s/step (median)", "s_per_step", "{:.3f}"), ("images/s", "images_per_s", "{:.2f}"),
+            ("MFU", "mfu", "{:.1%}"), ("matmul GFLOP/s (denominator)", "matmul_gflops", "{:.1f}"),
+            (f"peak memory, MiB ({eager['peak_memory_scope']})", "peak_memory_mb", "{:.0f}"),
+            ("process peak memory since start, MiB", "process_peak_memory_mb", "{:.0f}"),
+            ("first warm-up step, s", "first_step", "{:.1f}")]
+    for result in results.values():  # the compiled run's includes compiling
+        result["first_step"] = result["warmup_times"][0] if result["warmup_times"] else float("nan")
+    lines = [f"### {eager['preset']}, {eager['precision']}: eager vs compiled blocks (train.compile), "
+             "one process each",
+             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; torch {torch.__version__}; "
+             f"load average (1, 5, 15 min) before {', '.join(f'{x:.2f}' for x in load_before)}, after "
+             f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}",
+             "", "| | eager | compiled |", "|---|---|---|"]
+    for label, key, fmt in rows:
+        lines.append(f"| {label} | {fmt.format(eager[key])} | {fmt.format(compiled[key])} |")
+    ratio = compiled["peak_memory_mb"] / eager["peak_memory_mb"]
+    lines += ["", f"- speed-up: {eager['s_per_step'] / compiled['s_per_step']:.3f}×; compiled peak memory = "
+              f"{ratio:.3f} × eager ({'not higher' if ratio <= 1.0 else 'HIGHER'})",
+              f"- compile time ≈ first compiled warm-up step − eager's: "
+              f"{compiled['first_step'] - eager['first_step']:.1f} s", ""]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "a") as handle:
+            handle.write(text + "\n")
+    return results
 
 
 def report(result: dict, args, ctx: DeviceContext, compute_dtype: torch.dtype) -> None:
     dtype_name = str(compute_dtype).replace("torch.", "")
     lines = [
         f"### {result['preset']}, {result['precision']}, {result['parallel']} × {result['processes']} process(es), "
-        f"batch {result['batch_per_process']}/process",
+        f"batch {result['batch_per_process']}/process, " + ("compiled blocks" if result["compile"] else "eager"),
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; device: {ctx.description()}; "
         f"torch {torch.__version__}",
         f"- s/step (median of {args.steps} after {args.warmup} warm-up): **{result['s_per_step']:.3f}**; "
@@ -199,8 +308,11 @@ def report(result: dict, args, ctx: DeviceContext, compute_dtype: torch.dtype) -
         f"- MFU: **{100 * result['mfu']:.1f}%**" + (f" (vs the fp32 matmul rate {result['fp32_matmul_gflops']:.1f} "
                                                     f"GFLOP/s: {100 * result['mfu_vs_fp32']:.1f}%)"
                                                     if "mfu_vs_fp32" in result else ""),
-        f"- peak memory: {result['peak_memory_mb']:.0f} MiB"
-        + (" (process peak RSS)" if ctx.type == "cpu" else " (max allocated)"),
+        f"- peak memory: {result['peak_memory_mb']:.0f} MiB ({result['peak_memory_scope']}); process peak since "
+        f"start: {result['process_peak_memory_mb']:.0f} MiB",
+        f"- compile: {'on' if result['compile'] else 'off'}; warm-up steps: "
+        f"{', '.join(f'{t:.1f}' for t in result['warmup_times'])} s"
+        + (" (the first one compiles)" if result["compile"] else ""),
         "",
     ]
     text = "\n".join(lines)

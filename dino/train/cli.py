@@ -45,6 +45,8 @@ FLAGS = [
     Flag(("--device",), "train.device", "auto, cuda, hpu, mps or cpu", choices=("auto", "cuda", "hpu", "mps", "cpu")),
     Flag(("--parallel",), "train.parallel", "data parallelism across processes: ddp, or fsdp (FSDP2, sharded checkpoints)",
          choices=("ddp", "fsdp")),
+    Flag(("--compile",), "train.compile", "torch.compile every transformer block (the first step compiles)",
+         type=bool_flag),
     Flag(("--resume",), "train.resume", "continue from output_dir/checkpoint.pth when present", type=bool_flag),
     Flag(("--max_iters",), "train.max_iters", "stop (with a checkpoint) after this many iterations", type=int),
     Flag(("--knn_eval",), "train.knn_eval", "after training, kNN of the teacher vs a random backbone on the val split", type=bool_flag),

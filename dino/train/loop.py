@@ -56,7 +56,13 @@ from dino.train.checkpoint import (
 )
 from dino.train.clip import clip_grad_norm_per_module, clip_gradients_per_parameter
 from dino.train.data_pipeline import build_training_data
-from dino.train.meta_arch import SelfDistillationObjective, build_networks, build_student_backbone, update_teacher
+from dino.train.meta_arch import (
+    SelfDistillationObjective,
+    build_networks,
+    build_student_backbone,
+    compile_blocks,
+    update_teacher,
+)
 from dino.train.metrics import MetricLogger, collapse_warning, teacher_entropy_stats
 from dino.train.param_groups import apply_schedules, build_param_groups
 from dino.train.schedules import Schedule, last_layer_lr_schedule, momentum_schedule, scale_lr, teacher_temp_schedule
@@ -293,6 +299,8 @@ def train(cfg: DictConfig) -> TrainResult:
     student.to(ctx.device)
     teacher.to(ctx.device)
     objective = SelfDistillationObjective(cfg, int(cfg.crops.local_crops_number)).to(ctx.device)
+    if bool(cfg.train.get("compile", False)):
+        compile_blocks(student, teacher)  # before FSDP2, which then wraps the compiled blocks
     # FSDP2 swaps the parameters for DTensors, so it comes before the optimiser is built.
     shard_student_and_teacher(student, teacher, ctx, parallel,
                               FSDPSettings.from_config(cfg.train.get("fsdp", {}), bool(cfg.train.hmp)))

@@ -122,6 +122,31 @@ def build_networks(cfg: DictConfig) -> tuple[MultiCropNetwork, MultiCropNetwork,
     return student, teacher, backbone_kwargs
 
 
+def compile_blocks(*networks: MultiCropNetwork) -> None:
+    """`train.compile`: compile every transformer block of the given networks in place (inductor, static shapes).
+
+    `nn.Module.compile` keeps the module and its parameters as they are (no `_orig_mod` wrapper), so state-dict
+    keys, checkpoints, parameter groups and the EMA update do not change. All blocks share the same code, so
+    they share the compiled graphs too: one per crop size (global, local), network (student with grads,
+    teacher without) and distinct stochastic-depth rate, each a guard variant of the same frame. The recompile
+    limit is raised to fit them all — above it dynamo would silently run the remaining variants eagerly.
+    A uniform rate (the DINOv2 presets) compiles 3 graphs; DINO v1's rate, linear in depth, 3 per block
+    (minutes on CPU).
+    """
+    blocks = [block for network in networks for block in network.backbone.blocks]
+    rates = {getattr(block.drop_path, "drop_prob", 0.0) for block in blocks}
+    # crop sizes × networks × rates, + headroom for other input sizes (e.g. attention maps for tensorboard)
+    needed = 2 * len(networks) * len(rates) + 8
+    config = torch._dynamo.config
+    # torch < 2.6 names them cache_size_limit / accumulated_cache_size_limit
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    accumulated = "accumulated_" + limit
+    setattr(config, limit, max(getattr(config, limit), needed))
+    setattr(config, accumulated, max(getattr(config, accumulated), 2 * needed))
+    for block in blocks:
+        block.compile(dynamic=False)
+
+
 @torch.no_grad()
 def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
     """EMA: θ_teacher ← m·θ_teacher + (1 − m)·θ_student, parameter by parameter.
