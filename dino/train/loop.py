@@ -6,7 +6,6 @@ optimiser and schedules → resume → epochs of `train_step` → checkpoints an
 
 from __future__ import annotations
 
-import math
 import signal
 import time
 from dataclasses import dataclass, field
