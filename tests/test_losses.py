@@ -301,3 +301,30 @@ def test_koleo_finite_on_duplicates():
     d_third = (unit[2] - unit[0]).norm()
     expected = -(2 * math.log(d_duplicate + 1e-8) + math.log(d_third.item() + 1e-8)) / 3
     assert value.item() == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("rows, width", [(5, 7), (37, 4096), (3, 1 << 20)])  # one block, many blocks, 1 row per block
+def test_soft_cross_entropy_matches_autograd_of_log_softmax(rows, width):
+    from dino.losses.soft_cross_entropy import soft_cross_entropy
+
+    torch.manual_seed(0)
+    logits = (torch.randn(rows, width) * 4).requires_grad_()
+    targets = torch.softmax(torch.randn(rows, width) * 3, dim=-1)
+    targets[0] *= 0.5  # rows need not sum to 1 (T_i enters the formula)
+    row_weights = torch.rand(rows)
+    reference_logits = logits.detach().clone().requires_grad_()
+    expected = -(targets * torch.log_softmax(reference_logits / 0.1, dim=-1)).sum(-1)
+    (expected * row_weights).sum().backward()
+    got = soft_cross_entropy(logits, targets, 0.1)
+    (got * row_weights).sum().backward()
+    torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(logits.grad, reference_logits.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_soft_cross_entropy_rejects_bad_inputs():
+    from dino.losses.soft_cross_entropy import soft_cross_entropy
+
+    with pytest.raises(ValueError, match="both be"):
+        soft_cross_entropy(torch.zeros(2, 3), torch.zeros(2, 4), 0.1)
+    with pytest.raises(ValueError, match="positive"):
+        soft_cross_entropy(torch.zeros(2, 3), torch.zeros(2, 3), 0.0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import sys
 import platform
 from dataclasses import dataclass, field
 
@@ -169,10 +170,17 @@ class DeviceContext:
         return self.type == "cuda"
 
     def set_cpu_threads(self, local_world_size: int) -> None:
-        """On CPU give every local process an equal share of the cores."""
+        """On CPU give every local process an equal share of the cores, and keep freed memory for reuse.
+
+        A training step on the CPU allocates and frees gigabytes of activations, logits and gradients. glibc
+        hands every block above 32 MB straight back to the kernel, so the next step page-faults all of it in
+        again (zero-filled): on virtual machines that costs 10–20 % of a ViT-S step. `retain_freed_memory`
+        keeps those pages in the process instead; the peak memory is the same, it is just not returned.
+        """
         if self.type == "cpu":
             cores = os.cpu_count() or 1
             torch.set_num_threads(max(1, cores // max(1, local_world_size)))
+            retain_freed_memory()
 
     def description(self) -> str:
         """What benchmarks print as the machine: the GPU's name, or the CPU model and thread count."""
@@ -189,3 +197,24 @@ class DeviceContext:
     def sdpa_supports_xformers(self) -> bool:
         """xFormers' memory-efficient attention only runs on CUDA."""
         return self.type == "cuda"
+
+
+def retain_freed_memory() -> bool:
+    """Make glibc's malloc serve large blocks from the heap and never trim it (Linux/glibc; else no-op).
+
+    mallopt(M_MMAP_MAX, 0): no block gets its own mmap (which free() would unmap); mallopt(M_TRIM_THRESHOLD,
+    huge): freed heap memory stays mapped.  Returns whether both settings took.
+    """
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+    # the threshold is an int here and a size_t inside glibc: -1 becomes SIZE_MAX, i.e. never trim
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))
