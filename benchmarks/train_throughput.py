@@ -27,8 +27,10 @@ masks from the data pipeline, reused every step so that data loading does not co
 * `--compile` (`train.compile=true`): the transformer blocks are compiled (inductor) before the warm-up; the
   first warm-up step, which compiles, is reported as the compile time. FLOPs are counted on an eager step
   (`torch.compiler.set_stance("force_eager")`), so both variants divide the same work by their step time.
-* `--compare_eager`: runs the benchmark twice, eager then compiled, each in its own process (peak RSS is
-  per process), and prints both side by side — the issue asks for a peak no higher than the eager step's.
+* `--plain_eager`: the same step written the textbook way (`use_plain_eager_step`: iBOT cross-entropy by
+  autograd of log_softmax, glibc's default allocator) — the reference the issue compares peak memory with.
+* `--compare_eager`: runs plain eager, ours eager and ours compiled, each in its own process (peak RSS is per
+  process), and prints them side by side with speed and peak-memory ratios against plain eager.
 
 Presets: `cpu_bench` (the issue's CPU preset: DINOv2 ViT-S/14, 2×224 + 8×98 crops, 65,536 prototypes, iBOT
 and KoLeo, batch 8), `vitl14` (DINOv2 ViT-L/14 recipe, batch 32 per device), `tiny` (a smoke test).
@@ -150,14 +152,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--matmul_size", type=int, default=2048)
     parser.add_argument("--compile", action="store_true", help="compile the transformer blocks (train.compile=true)")
+    parser.add_argument("--plain_eager", action="store_true",
+                        help="the textbook formulation of the step (reference for memory and speed, see use_plain_eager_step)")
     parser.add_argument("--compare_eager", action="store_true",
-                        help="run eager and --compile, each in its own process, and compare time and peak memory")
+                        help="run --plain_eager, ours eager and ours --compile, each in its own process, and compare "
+                             "time and peak memory")
     parser.add_argument("--json", action="store_true", help=f"also print the result as one '{JSON_PREFIX}{{...}}' line")
     parser.add_argument("--out", default=None, help="append the markdown block to this file")
     parser.add_argument("overrides", nargs="*", help="extra config key=value overrides")
     args = parser.parse_args(argv)
     if args.compare_eager:
         return compare_eager(argv if argv is not None else sys.argv[1:], args)
+    if args.plain_eager:
+        use_plain_eager_step()
 
     config_name, overrides = PRESETS[args.preset]
     overrides = overrides + [f"train.parallel={args.parallel}", "train.num_workers=0"] + list(args.overrides)
@@ -234,7 +241,7 @@ def main(argv=None) -> dict:
     # every process runs the same work; the counted FLOPs and the rate are per process
     result = {
         "preset": args.preset, "precision": "bf16 autocast" if args.hmp else ("fp16" if args.fp16 else "fp32"),
-        "compile": compiled, "parallel": args.parallel, "processes": get_world_size(),
+        "compile": compiled, "plain_eager": bool(args.plain_eager), "parallel": args.parallel, "processes": get_world_size(),
         "batch_per_process": int(cfg.train.batch_size_per_device),
         "s_per_step": s_per_step, "images_per_s": global_batch / s_per_step, "gflop_per_step": flops_per_step / 1e9,
         "matmul_gflops": rate / 1e9, "mfu": flops_per_step / s_per_step / rate, "peak_memory_mb": peak_mb,
@@ -252,13 +259,33 @@ def main(argv=None) -> dict:
     return result
 
 
+VARIANTS = (("plain eager", ["--plain_eager"]), ("eager", []), ("compiled", ["--compile"]))
+
+
+def use_plain_eager_step() -> None:
+    """`--plain_eager`: the same step written the textbook way, as the reference for memory and speed.
+
+    The iBOT cross-entropy through autograd of `log_softmax` (materialising (M, K) temporaries, M ≈ 600 masked
+    patches × K = 65,536), and glibc's default allocator (blocks above 32 MB go back to the kernel when freed).
+    """
+    import torch.nn.functional as F
+
+    import dino.distributed.device as device_module
+    import dino.losses.ibot_patch_loss as ibot_module
+
+    ibot_module.soft_cross_entropy = (
+        lambda logits, targets, temperature: -(targets * F.log_softmax(logits / temperature, dim=-1)).sum(-1))
+    device_module.retain_freed_memory = lambda: False
+
+
 def compare_eager(argv: list[str], args) -> dict:
-    """Run this script eagerly and with `--compile`, one process each, one after the other; compare them."""
-    base = [a for a in argv if a not in ("--compare_eager", "--compile", "--json") and not a.startswith("--out=")]
+    """Run this script as plain eager, eager and `--compile`, one process each, one after the other; compare."""
+    base = [a for a in argv if a not in ("--compare_eager", "--compile", "--plain_eager", "--json")
+            and not a.startswith("--out=")]
     if "--out" in base:  # the children only print; the comparison alone is appended to the file
         del base[base.index("--out"):base.index("--out") + 2]
     results, load_before = {}, os.getloadavg()
-    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+    for name, extra in VARIANTS:
         command = [sys.executable, str(Path(__file__).resolve()), *base, *extra, "--json"]
         print(f"$ {' '.join(command)}", flush=True)
         child = subprocess.run(command, stdout=subprocess.PIPE, text=True)
@@ -267,27 +294,30 @@ def compare_eager(argv: list[str], args) -> dict:
         if child.returncode != 0:
             raise SystemExit(f"the {name} run failed (exit {child.returncode})")
         results[name] = json.loads([line for line in lines if line.startswith(JSON_PREFIX)][-1][len(JSON_PREFIX):])
-    eager, compiled = results["eager"], results["compiled"]
+    plain = results["plain eager"]
     rows = [("s/step (median)", "s_per_step", "{:.3f}"), ("images/s", "images_per_s", "{:.2f}"),
             ("MFU", "mfu", "{:.1%}"), ("matmul GFLOP/s (denominator)", "matmul_gflops", "{:.1f}"),
-            (f"peak memory, MiB ({eager['peak_memory_scope']})", "peak_memory_mb", "{:.0f}"),
+            (f"peak memory, MiB ({plain['peak_memory_scope']})", "peak_memory_mb", "{:.0f}"),
             ("process peak memory since start, MiB", "process_peak_memory_mb", "{:.0f}"),
             ("first warm-up step, s", "first_step", "{:.1f}")]
     for result in results.values():  # the compiled run's includes compiling
         result["first_step"] = result["warmup_times"][0] if result["warmup_times"] else float("nan")
-    lines = [f"### {eager['preset']}, {eager['precision']}: eager vs compiled blocks (train.compile), "
+    names = [name for name, _ in VARIANTS]
+    lines = [f"### {plain['preset']}, {plain['precision']}: plain eager vs ours (eager, compiled blocks), "
              "one process each",
              f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; torch {torch.__version__}; "
              f"load average (1, 5, 15 min) before {', '.join(f'{x:.2f}' for x in load_before)}, after "
              f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}",
-             "", "| | eager | compiled |", "|---|---|---|"]
+             "", "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for label, key, fmt in rows:
-        lines.append(f"| {label} | {fmt.format(eager[key])} | {fmt.format(compiled[key])} |")
-    ratio = compiled["peak_memory_mb"] / eager["peak_memory_mb"]
-    lines += ["", f"- speed-up: {eager['s_per_step'] / compiled['s_per_step']:.3f}×; compiled peak memory = "
-              f"{ratio:.3f} × eager ({'not higher' if ratio <= 1.0 else 'HIGHER'})",
-              f"- compile time ≈ first compiled warm-up step − eager's: "
-              f"{compiled['first_step'] - eager['first_step']:.1f} s", ""]
+        lines.append(f"| {label} | " + " | ".join(fmt.format(results[name][key]) for name in names) + " |")
+    lines.append("")
+    for name in names[1:]:
+        ratio = results[name]["peak_memory_mb"] / plain["peak_memory_mb"]
+        lines.append(f"- {name}: {plain['s_per_step'] / results[name]['s_per_step']:.3f}× the plain step's speed; "
+                     f"peak memory {ratio:.3f} × plain eager ({'not higher' if ratio <= 1.0 else 'HIGHER'})")
+    lines += [f"- compile time ≈ first compiled warm-up step − eager's: "
+              f"{results['compiled']['first_step'] - results['eager']['first_step']:.1f} s", ""]
     text = "\n".join(lines)
     print(text)
     if args.out:
@@ -300,7 +330,8 @@ def report(result: dict, args, ctx: DeviceContext, compute_dtype: torch.dtype) -
     dtype_name = str(compute_dtype).replace("torch.", "")
     lines = [
         f"### {result['preset']}, {result['precision']}, {result['parallel']} × {result['processes']} process(es), "
-        f"batch {result['batch_per_process']}/process, " + ("compiled blocks" if result["compile"] else "eager"),
+        f"batch {result['batch_per_process']}/process, " + ("compiled blocks" if result["compile"] else
+                                                        "plain eager" if result.get("plain_eager") else "eager"),
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; device: {ctx.description()}; "
         f"torch {torch.__version__}",
         f"- s/step (median of {args.steps} after {args.warmup} warm-up): **{result['s_per_step']:.3f}**; "
