@@ -28,7 +28,9 @@ class WeightNormLinear(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
+        # v · (g / ‖v‖), as torch's weight_norm computes it: the (out, 1) factor first, so autograd keeps no
+        # second (out, in) product (65,536 × 256 at the papers' sizes) alive for the backward pass
+        return self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight)

@@ -171,6 +171,7 @@ def train_step(batch: dict, student, teacher, objective: SelfDistillationObjecti
         with torch.no_grad():
             teacher_out = teacher(global_crops, None, None, mask_indices)
         targets = objective.teacher_targets(teacher_out, teacher_temp, batch.get("n_masked_patches"))
+        del teacher_out  # its (masked patches × prototypes) logits would otherwise live through the backward pass
         student_out = student(global_crops, local_crops, masks, mask_indices)
         loss, terms = objective(student_out, targets, batch.get("masks_weight"), n_images=global_crops.shape[0])
     # Mean over ranks of the loss and its terms (one all-reduce): what is logged, and what the finiteness
