@@ -277,3 +277,36 @@ def test_dino_head_matches_formula_and_official_keys():
     # every prototype has unit norm while weight_g is fixed at 1
     torch.testing.assert_close(head.last_layer.weight.norm(dim=1), torch.ones(50))
     assert DINOHead(32, 50, norm_last_layer=False).last_layer.weight_g.requires_grad
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_mlp_recomputing_gelu_gives_autograd_values_and_keeps_less(autocast):
+    """The training MLP keeps fc1's output only (GELU recomputed in backward): same outputs and gradients."""
+    import copy
+
+    from dino.models.vision_transformer import Mlp
+
+    torch.manual_seed(0)
+    mlp = Mlp(16, 64)
+    plain = copy.deepcopy(mlp)
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    x_plain = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = mlp(x)
+        expected = plain.fc2(plain.act(plain.fc1(x_plain)))
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            mlp(x)
+    assert out.dtype == expected.dtype
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out.float().square().sum().backward()
+    expected.float().square().sum().backward()
+    torch.testing.assert_close(x.grad, x_plain.grad)
+    for name in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
+        got, want = mlp.get_parameter(name).grad, plain.get_parameter(name).grad
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, msg=name)
+    hidden_sized = [t for t in saved if t.shape[-1] == 64 and t.dim() == 3]
+    assert len(hidden_sized) == 1  # fc1's output, not also GELU's
+    with torch.no_grad():  # inference takes the plain path
+        torch.testing.assert_close(mlp(x), plain(x))

@@ -102,8 +102,40 @@ class Attention(nn.Module):
         return (out, attn) if return_attention else out
 
 
+class _GeluLinear(torch.autograd.Function):
+    """y = GELU(h) Wᵀ + b, keeping h but not GELU(h) for the backward pass, which recomputes it.
+
+    Autograd of `fc2(GELU(h))` keeps both h (for GELU's derivative) and GELU(h) (for fc2's weight gradient):
+    two tensors of the MLP's hidden width (4× the model width) per block. Recomputing GELU(h) — one cheap
+    elementwise pass — halves that, the largest activation memory of a ViT training step.
+    Dtypes follow autocast: the output and the backward products are in h's dtype, gradients of the weight
+    and bias in theirs.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(hidden, weight, bias)
+        return F.linear(F.gelu(hidden), weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        hidden, weight, bias = ctx.saved_tensors
+        grad_out = grad_out.to(hidden.dtype)
+        with torch.enable_grad():  # GELU's derivative through autograd: exactly what eager autograd computes
+            detached = hidden.detach().requires_grad_()
+            activated = F.gelu(detached)
+        grad_weight = (grad_out.flatten(0, -2).t() @ activated.detach().flatten(0, -2)).to(weight.dtype)
+        grad_bias = None if bias is None else grad_out.flatten(0, -2).sum(0).to(bias.dtype)
+        grad_activated = grad_out @ weight.to(hidden.dtype)
+        (grad_hidden,) = torch.autograd.grad(activated, detached, grad_activated)
+        return grad_hidden, grad_weight, grad_bias
+
+
 class Mlp(nn.Module):
-    """Two-layer feed-forward: fc2(GELU(fc1(x))), exact (erf) GELU."""
+    """Two-layer feed-forward: fc2(GELU(fc1(x))), exact (erf) GELU.
+
+    When gradients flow, GELU(fc1(x)) is recomputed in the backward pass instead of kept (`_GeluLinear`).
+    """
 
     def __init__(self, in_features: int, hidden_features: int, bias: bool = True):
         super().__init__()
@@ -112,7 +144,10 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, in_features, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        hidden = self.fc1(x)
+        if torch.is_grad_enabled() and (hidden.requires_grad or self.fc2.weight.requires_grad):
+            return _GeluLinear.apply(hidden, self.fc2.weight, self.fc2.bias)
+        return self.fc2(self.act(hidden))
 
 
 class SwiGLUFFN(nn.Module):
