@@ -269,7 +269,8 @@ def use_plain_eager_step() -> None:
     The iBOT cross-entropy through autograd of `log_softmax` (materialising (M, K) temporaries, M ≈ 600 masked
     patches × K = 65,536), the MLP keeping GELU's output for the backward pass, and glibc's default allocator
     (blocks above 32 MB go back to the kernel when freed). What it shares with ours is what the reference
-    DINOv2 step does too: teacher outputs dropped once the targets exist, weight norm as v·(g/‖v‖).
+    DINOv2 step does too: teacher outputs dropped once the targets exist, weight norm as v·(g/‖v‖), one split
+    of the head output.
     """
     import torch.nn.functional as F
 
