@@ -145,7 +145,8 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         hidden = self.fc1(x)
-        if torch.is_grad_enabled() and (hidden.requires_grad or self.fc2.weight.requires_grad):
+        # (a quantised or otherwise swapped fc2 — torch.ao, inference copies — takes the plain path)
+        if torch.is_grad_enabled() and hidden.requires_grad and type(self.fc2) is nn.Linear:
             return _GeluLinear.apply(hidden, self.fc2.weight, self.fc2.bias)
         return self.fc2(self.act(hidden))
 
