@@ -47,6 +47,23 @@ def run_extract(checkpoint, source, out, *extra):
                      "--chunk_size", "3", "--device", "cpu", "--progress", "false", *extra])
 
 
+def interrupt_after_one_chunk(monkeypatch, extraction) -> None:
+    """Run `extraction` so that the process dies while the second chunk is being extracted."""
+    real_chunk = extract_module._extract_chunk
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_chunk(*args, **kwargs)
+
+    monkeypatch.setattr(extract_module, "_extract_chunk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        extraction()
+    monkeypatch.setattr(extract_module, "_extract_chunk", real_chunk)
+
+
 def expected_cls(model, paths):
     transform = make_eval_transform(RESIZE, CROP)
     images = torch.stack([transform(load_image(p)) for p in paths])
@@ -90,21 +107,8 @@ def test_extract_pooled_patch_features_and_safetensors(tiny_checkpoint, image_fo
 def test_extract_resumes_after_interruption(tiny_checkpoint, image_folder, tmp_path, monkeypatch):
     checkpoint, _ = tiny_checkpoint
     out = tmp_path / "feats"
-    real_chunk = extract_module._extract_chunk
-    calls = []
-
-    def interrupted_after_one_chunk(*args, **kwargs):
-        if calls:
-            raise KeyboardInterrupt  # the process dies while the second chunk is being extracted
-        calls.append(len(args[1]))
-        return real_chunk(*args, **kwargs)
-
-    monkeypatch.setattr(extract_module, "_extract_chunk", interrupted_after_one_chunk)
-    with pytest.raises(KeyboardInterrupt):
-        run_extract(checkpoint, image_folder, out)
+    interrupt_after_one_chunk(monkeypatch, lambda: run_extract(checkpoint, image_folder, out))
     assert sorted(p.name for p in (out / "chunks").iterdir() if p.suffix == ".txt") == ["00000.txt"]
-
-    monkeypatch.setattr(extract_module, "_extract_chunk", real_chunk)
     summary = run_extract(checkpoint, image_folder, out)
     assert summary["resumed_chunks"] == 1
     assert summary["extracted_images"] == 8 - 3  # only the images of the unfinished chunks
@@ -131,19 +135,7 @@ def test_extract_int8_static_calibrates_once_and_resumes_on_the_same_grids(tiny_
     paths = (tmp_path / "fresh" / "paths.txt").read_text().splitlines()
     assert (np.sum(features * expected_cls(model, paths), axis=1) >= 0.99).all()  # rows are unit vectors
 
-    real_chunk = extract_module._extract_chunk
-    calls = []
-
-    def interrupted_after_one_chunk(*chunk_args, **kwargs):
-        if calls:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real_chunk(*chunk_args, **kwargs)
-
-    monkeypatch.setattr(extract_module, "_extract_chunk", interrupted_after_one_chunk)
-    with pytest.raises(KeyboardInterrupt):
-        run_extract(checkpoint, image_folder, tmp_path / "resumed", *args)
-    monkeypatch.setattr(extract_module, "_extract_chunk", real_chunk)
+    interrupt_after_one_chunk(monkeypatch, lambda: run_extract(checkpoint, image_folder, tmp_path / "resumed", *args))
     resumed = run_extract(checkpoint, image_folder, tmp_path / "resumed", *args)
     assert resumed["resumed_chunks"] == 1
     np.testing.assert_array_equal(np.load(tmp_path / "resumed" / "features.npy"), features)
