@@ -47,7 +47,10 @@ def prepare_fast_model(model, precision: str, compile_model: bool, device_ctx, c
     fast = optimize_for_inference(model.cpu() if int8 else model, dtype=dtype, int8=int8, compile=compile_model,
                                   device=device_ctx.device, calibration_images=images if precision == "int8_static" else None)
     if precision == "int8_static" and images is None:
-        load_int8_ranges(fast, calibration)
+        try:
+            load_int8_ranges(fast, calibration)
+        except ValueError as error:  # grids stored for another model
+            raise UserError(f"the stored int8_static ranges do not fit this model ({error}); use another --output_dir") from None
     return fast, fast.input_dtype
 
 
