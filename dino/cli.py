@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
 from dino.config import ConfigCLI, Flag, bool_flag
 from dino.distributed.device import DEVICE_CHOICES
@@ -93,40 +93,22 @@ EXPORT = ConfigCLI(
 )
 
 
-def _extract(argv: Sequence[str]) -> dict:
-    cfg, _ = EXTRACT.parse(argv)
-    from dino.inference.commands import run_extract
-
-    return run_extract(cfg)
-
-
-def _search(argv: Sequence[str]) -> dict:
-    cfg, _ = SEARCH.parse(argv)
-    from dino.inference.commands import run_search
-
-    return run_search(cfg)
-
-
-def _duplicates(argv: Sequence[str]) -> dict:
-    cfg, _ = DUPLICATES.parse(argv)
-    from dino.inference.commands import run_duplicates
-
-    return run_duplicates(cfg)
-
-
-def _export(argv: Sequence[str]) -> dict:
-    cfg, _ = EXPORT.parse(argv)
-    from dino.inference.commands import run_export
-
-    return run_export(cfg)
-
-
-COMMANDS: dict[str, tuple[Callable[[Sequence[str]], dict], ConfigCLI]] = {
-    "extract": (_extract, EXTRACT),
-    "search": (_search, SEARCH),
-    "duplicates": (_duplicates, DUPLICATES),
-    "export": (_export, EXPORT),
+# subcommand → its flags and the `dino.inference.commands` function that runs it (imported on use: `--help`
+# and bad flags answer without loading torch-heavy modules)
+COMMANDS: dict[str, tuple[str, ConfigCLI]] = {
+    "extract": ("run_extract", EXTRACT),
+    "search": ("run_search", SEARCH),
+    "duplicates": ("run_duplicates", DUPLICATES),
+    "export": ("run_export", EXPORT),
 }
+
+
+def _run_command(command: str, argv: Sequence[str]) -> dict:
+    runner_name, cli = COMMANDS[command]
+    cfg, _ = cli.parse(argv)
+    from dino.inference import commands
+
+    return getattr(commands, runner_name)(cfg)
 
 
 def usage() -> str:
@@ -145,7 +127,7 @@ def dispatch(argv: Sequence[str]) -> dict | None:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         raise UserError(f"unknown command {command!r}." + suggest(command, COMMANDS) + f" Commands: {', '.join(COMMANDS)}")
-    result = COMMANDS[command][0](rest)
+    result = _run_command(command, rest)
     if result is not None:
         printable = {k: v for k, v in result.items() if k != "skipped"}
         print(json.dumps(printable, indent=2, default=str))

@@ -175,7 +175,8 @@ class DeviceContext:
         A training step on the CPU allocates and frees gigabytes of activations, logits and gradients. glibc
         hands every block above 32 MB straight back to the kernel, so the next step page-faults all of it in
         again (zero-filled): on virtual machines that costs 10–20 % of a ViT-S step. `retain_freed_memory`
-        keeps those pages in the process instead; the peak memory is the same, it is just not returned.
+        keeps those pages in the process instead; the heap then fragments a little (measured: ~2–4 % higher
+        peak RSS on the CPU bench preset, BENCHMARKS.md) and the memory is not returned until the process ends.
         """
         if self.type == "cpu":
             cores = os.cpu_count() or 1

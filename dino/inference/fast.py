@@ -17,8 +17,8 @@ pass does less work per image than the training model but computes the same func
   the GEMMs — no bias copy before each GEMM and no separate GELU / add passes over the tokens;
 - `forward` (the [CLS] feature) runs the last block's attention with [CLS] as the only query and its projection,
   MLP and the final LayerNorm on the [CLS] row only (the other tokens' outputs of the last block are never used);
-- optional: bf16 weights (`dtype`), int8 dynamic quantisation of every Linear (`int8`, CPU: oneDNN int8 GEMMs
-  with the same fusions where available), `torch.compile`.
+- optional: bf16 weights (`dtype`), int8 quantisation of every Linear (`int8`, CPU: oneDNN int8 GEMMs with the
+  same fusions where available; activation ranges dynamic, or static with `calibration_images`), `torch.compile`.
 
 The fp32 result equals the training model's up to float rounding (folding γ into the weights changes the
 order of two multiplications); the tests hold it to 1e-4. int8 is lossy: `feature_cosine` measures the cost.
