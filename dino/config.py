@@ -1,4 +1,4 @@
-"""Configuration: YAML presets in `configs/`, composed with hydra's compose API, with CLI flags on top.
+"""Configuration: YAML presets in `dino/configs/` (or $DINO_CONFIG_DIR), composed with hydra's compose API, with CLI flags on top.
 
 One source of truth: every default lives in a YAML file.  A script declares which flags it accepts and the
 config key each flag sets (`Flag`); `ConfigCLI.parse` then
@@ -24,7 +24,36 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dino.errors import UserError, suggest
 
-CONFIG_DIR = Path(os.environ.get("DINO_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
+# The presets ship inside the package (dino/configs/<group>/<name>.yaml, read through importlib.resources so a
+# wheel finds them).  $DINO_CONFIG_DIR names a folder of the same layout with a user's own presets: a name is
+# looked up there first, then among the package's presets.
+def package_config_dir() -> Path:
+    """The package's preset folder (a real directory in a wheel, an editable install or a checkout)."""
+    from importlib.resources import files
+
+    return Path(str(files("dino") / "configs"))
+
+
+def config_dirs() -> list[Path]:
+    """Folders searched for `<group>/<name>.yaml`, in order: $DINO_CONFIG_DIR (when set), then the package's."""
+    folders = []
+    override = os.environ.get("DINO_CONFIG_DIR")
+    if override:
+        folder = Path(override).expanduser()
+        if not folder.is_dir():
+            raise UserError(f"DINO_CONFIG_DIR={override!r} is not a folder (it should hold train/, eval/ or inference/)")
+        folders.append(folder)
+    folders.append(package_config_dir())
+    return folders
+
+
+def find_config(config_name: str) -> Path | None:
+    """Path of `<group>/<name>.yaml` in the first folder of `config_dirs()` holding it, else None."""
+    for folder in config_dirs():
+        path = folder / f"{config_name}.yaml"
+        if path.is_file():
+            return path
+    return None
 
 
 def bool_flag(value: str | bool) -> bool:
@@ -40,9 +69,9 @@ def bool_flag(value: str | bool) -> bool:
 
 
 def list_presets(group: str) -> list[str]:
-    """Names of the YAML presets in `configs/<group>/` (files starting with '_' are shared bases)."""
-    folder = CONFIG_DIR / group
-    return sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))
+    """Names of the YAML presets in `<config dir>/<group>/` (files starting with '_' are shared bases)."""
+    names = {p.stem for folder in config_dirs() for p in (folder / group).glob("*.yaml")}
+    return sorted(name for name in names if not name.startswith("_"))
 
 
 def flatten_keys(cfg: Any, prefix: str = "") -> list[str]:
@@ -63,24 +92,27 @@ def _override_key(override: str) -> str:
 
 
 def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """Compose `configs/<config_name>.yaml` with hydra overrides; unknown keys raise a UserError."""
+    """Compose `<config dir>/<config_name>.yaml` with hydra overrides; unknown keys raise a UserError."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    path = CONFIG_DIR / f"{config_name}.yaml"
-    if not path.is_file():
+    path = find_config(config_name)
+    if path is None:
         group = str(Path(config_name).parent)
         available = list_presets(group) if group != "." else []
         raise UserError(
-            f"unknown config {Path(config_name).name!r} (looked for {path})."
+            f"unknown config {Path(config_name).name!r} (looked in {', '.join(str(d / Path(config_name).parent) for d in config_dirs())})."
             + suggest(Path(config_name).name, available)
             + (f" Available: {', '.join(available)}" if available else "")
         )
-    # each group folder is its own config root, so a preset's keys sit at the top level
+    # each group folder is its own config root, so a preset's keys sit at the top level; a user's preset can
+    # still build on the package's shared bases (`defaults: [_base]`) through hydra's search path
+    package_group = package_config_dir() / Path(config_name).parent
+    search = [] if path.parent == package_group else [f"hydra.searchpath=[file://{package_group}]"]
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base=None, config_dir=str(path.parent)):
-        base = hydra_compose(config_name=path.stem)
+        base = hydra_compose(config_name=path.stem, overrides=search)
         valid = flatten_keys(base)
         for override in overrides:
             if "=" not in override:
@@ -89,7 +121,7 @@ def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
             if key not in valid and not override.startswith("+"):
                 raise UserError(f"unknown config key {key!r}." + suggest(key, valid))
         try:
-            cfg = hydra_compose(config_name=path.stem, overrides=list(overrides))
+            cfg = hydra_compose(config_name=path.stem, overrides=search + list(overrides))
         except Exception as err:  # hydra's own parse errors: show them as one line
             raise UserError(f"bad override: {str(err).splitlines()[0]}") from None
     OmegaConf.set_struct(cfg, True)
@@ -130,7 +162,7 @@ class ConfigCLI:
 
     Args:
         description: shown at the top of --help.
-        group: the configs/ sub-folder holding this script's presets (e.g. 'train' or 'eval').
+        group: the config folder's sub-folder holding this script's presets (e.g. 'train' or 'eval').
         default_config: the preset used without --config.
         flags: the flags this script accepts.
         epilog: text at the end of --help (examples).
@@ -162,7 +194,7 @@ class ConfigCLI:
         presets = list_presets(self.group)
         parser.add_argument(
             "--config", metavar="NAME",
-            help=f"preset in configs/{self.group}/ (default: {self.default_config}; available: {', '.join(presets)})",
+            help=f"preset in dino/configs/{self.group}/ or $DINO_CONFIG_DIR/{self.group}/ (default: {self.default_config}; available: {', '.join(presets)})",
         )
         for flag in self.flags:
             default = OmegaConf.select(defaults, flag.key, default=None) if defaults is not None else None
