@@ -99,14 +99,12 @@ def load_sharded_network(directory: str, network: str = "teacher") -> dict:
     that wrote it — the offline "consolidate" step for FSDP checkpoints. Returns `{network: state_dict}`
     plus `backbone_kwargs` from the checkpoint's `meta.json` when present.
     """
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = dcp.FileSystemReader(directory)
-    try:
-        metadata = reader.read_metadata().state_dict_metadata
-    except Exception as err:
-        raise UserError(f"cannot read the sharded checkpoint {directory}: {(str(err).splitlines() or [''])[0]}") from None
+    from dino.distributed.checkpoint import load_sharded, read_metadata_safely
+
+    # never DCP's own reader: it unpickles `.metadata` with plain pickle (code execution from a crafted folder)
+    metadata = read_metadata_safely(directory).state_dict_metadata
     prefix = network + "."
     tensors = {key[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype)
                for key, meta in metadata.items() if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
@@ -116,7 +114,7 @@ def load_sharded_network(directory: str, network: str = "teacher") -> dict:
     state = {network: tensors}
     with warnings.catch_warnings():  # reading in one process is the point here, not a mistake
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
-        dcp.load(state, storage_reader=reader, no_dist=True)
+        load_sharded(state, directory, single_process=True)
     meta_file = Path(directory) / "meta.json"
     if meta_file.is_file():
         try:
