@@ -78,6 +78,11 @@ CLI = ConfigCLI(
 
 def main(argv: Sequence[str] | None = None):
     cfg, _ = CLI.parse(argv)
+    from dino.config_validation import check_resume_against_output_dir, validate_training_config
+
+    # Everything the user can get wrong is reported before the device, the data or config.yaml are touched.
+    validate_training_config(cfg)
+    check_resume_against_output_dir(cfg)
     from dino.train.loop import train
     from dino.train.knn_check import report_knn_if_requested
 
