@@ -121,33 +121,121 @@ def assemble_in_dataset_order(features: Tensor, labels: Tensor, indices: Tensor,
 # -------------------------------------------------------------------------------------------- extraction
 
 
+class _Unreplaced(Dataset):
+    """`dataset[i]` → (image tensor or None, label, readable) over an `ImageListDataset`'s samples.
+
+    The dataset itself replaces an unreadable image by the next readable one (right for training), which in
+    an evaluation would count another image, often of another class, in place of the broken one.
+    """
+
+    def __init__(self, dataset):
+        self.samples = dataset.samples
+        self.transform = dataset.transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        from dino.data.datasets import CorruptImageError, load_image
+
+        path, label = self.samples[index]
+        try:
+            image = load_image(path)
+        except CorruptImageError:
+            return None, label, False
+        return (self.transform(image) if self.transform is not None else image), label, True
+
+
+def _collate_readable(batch):
+    images = [image for image, _, ok in batch if ok]
+    labels = torch.as_tensor([label for _, label, _ in batch], dtype=torch.long)
+    readable = torch.as_tensor([ok for _, _, ok in batch], dtype=torch.bool)
+    return (torch.stack(images) if images else None), labels, readable
+
+
+def _can_skip_unreadable(dataset: Dataset) -> bool:
+    return hasattr(dataset, "samples") and hasattr(dataset, "transform")
+
+
 @torch.no_grad()  # not inference_mode: its tensors could not be used later by autograd (e.g. the log-reg fit)
+def _extract_local(model: nn.Module, dataset: Dataset, indices: Sequence[int], device_ctx: DeviceContext,
+                   batch_size: int, num_workers: int, feature_fn: FeatureFn | None, desc: str, progress: bool,
+                   skip_unreadable: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(features, labels, readable mask) of `dataset[i]` for `i` in `indices`; unreadable rows are zeros."""
+    feature_fn = feature_fn or cls_token_feature
+    skip_unreadable = skip_unreadable and _can_skip_unreadable(dataset)
+    source = _Unreplaced(dataset) if skip_unreadable else dataset
+    loader = DataLoader(
+        Subset(source, list(indices)), batch_size=batch_size, shuffle=False, drop_last=False,
+        num_workers=min(num_workers, os.cpu_count() or 1), pin_memory=device_ctx.pin_memory,
+        persistent_workers=False, **({"collate_fn": _collate_readable} if skip_unreadable else {}),
+    )
+    features: list[Tensor] = []
+    labels: list[Tensor] = []
+    readable: list[Tensor] = []
+    dim = None
+    for batch in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
+        images, targets = batch[0], batch[1]
+        ok = batch[2] if skip_unreadable else torch.ones(len(targets), dtype=torch.bool)
+        rows = None
+        if images is not None:
+            images = images.to(device_ctx.device, non_blocking=True)
+            with device_ctx.autocast():
+                output = feature_fn(model, images)
+            rows = output.float().cpu()
+            dim = rows.shape[1]
+            device_ctx.mark_step()
+        features.append((ok, rows))
+        labels.append(torch.as_tensor(targets, dtype=torch.long).cpu())
+        readable.append(ok)
+    if not features:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.bool)
+    if dim is None:
+        raise UserError(f"cannot extract {desc}: none of its {len(indices)} images could be read")
+    full = []
+    for ok, rows in features:  # zero rows where an image was unreadable: equal shapes for the gather
+        block = torch.zeros(len(ok), dim)
+        if rows is not None:
+            block[ok] = rows
+        full.append(block)
+    return torch.cat(full), torch.cat(labels), torch.cat(readable)
+
+
 def extract_local_features(model: nn.Module, dataset: Dataset, indices: Sequence[int], device_ctx: DeviceContext,
                            batch_size: int = 64, num_workers: int = 2, feature_fn: FeatureFn | None = None,
                            desc: str = "features", progress: bool = True) -> tuple[Tensor, Tensor]:
     """Features (float32, CPU) and labels of `dataset[i]` for `i` in `indices`, in that order.
 
     `dataset[i]` must return (image tensor, integer label).  The labels are those the loader returns, so an
-    image the dataset skipped (unreadable file) is labelled like the image that replaced it.
+    image the dataset skipped (unreadable file) is labelled like the image that replaced it; the evaluations
+    use `extract_readable_features`, which leaves such images out instead.
     """
-    feature_fn = feature_fn or cls_token_feature
-    loader = DataLoader(
-        Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False, drop_last=False,
-        num_workers=min(num_workers, os.cpu_count() or 1), pin_memory=device_ctx.pin_memory,
-        persistent_workers=False,
-    )
-    features: list[Tensor] = []
-    labels: list[Tensor] = []
-    for images, targets in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
-        images = images.to(device_ctx.device, non_blocking=True)
-        with device_ctx.autocast():
-            output = feature_fn(model, images)
-        features.append(output.float().cpu())
-        labels.append(torch.as_tensor(targets, dtype=torch.long).cpu())
-        device_ctx.mark_step()
-    if not features:
-        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
-    return torch.cat(features), torch.cat(labels)
+    features, labels, _ = _extract_local(model, dataset, indices, device_ctx, batch_size, num_workers, feature_fn,
+                                         desc, progress, skip_unreadable=False)
+    return features, labels
+
+
+def _extract(model, dataset, device_ctx, batch_size, num_workers, feature_fn, desc, skip_unreadable):
+    num_samples = len(dataset)
+    if num_samples == 0:
+        raise UserError(f"cannot extract {desc}: the dataset is empty")
+    rank, world_size = get_rank(), get_world_size()
+    indices = shard_indices(num_samples, rank, world_size, pad=True)
+    features, labels, readable = _extract_local(model, dataset, indices, device_ctx, batch_size, num_workers,
+                                                feature_fn, desc, is_main_process(), skip_unreadable)
+    if world_size == 1:
+        return features, labels, readable
+    # the process group may be NCCL, which gathers device tensors only
+    device = device_ctx.device
+    gathered_features = all_gather_cat(features.to(device)).cpu()
+    gathered_labels = all_gather_cat(labels.to(device)).cpu()
+    gathered_readable = all_gather_cat(readable.to(device, torch.long)).cpu()
+    gathered_indices = all_gather_cat(torch.as_tensor(indices, dtype=torch.long, device=device)).cpu()
+    ordered_features, ordered_labels = assemble_in_dataset_order(gathered_features, gathered_labels, gathered_indices,
+                                                                 num_samples)
+    ordered_readable = torch.zeros(num_samples, dtype=torch.long)
+    ordered_readable[gathered_indices] = gathered_readable
+    return ordered_features, ordered_labels, ordered_readable.bool()
 
 
 def extract_features(model: nn.Module, dataset: Dataset, device_ctx: DeviceContext, batch_size: int = 64,
@@ -160,21 +248,24 @@ def extract_features(model: nn.Module, dataset: Dataset, device_ctx: DeviceConte
     on `device_ctx.device`.  Distributed: each rank extracts `shard_indices(N, rank, W)`, then every rank
     receives the full, ordered result.  The progress bar shows on rank 0 only.
     """
-    num_samples = len(dataset)
-    if num_samples == 0:
-        raise UserError(f"cannot extract {desc}: the dataset is empty")
-    rank, world_size = get_rank(), get_world_size()
-    indices = shard_indices(num_samples, rank, world_size, pad=True)
-    features, labels = extract_local_features(model, dataset, indices, device_ctx, batch_size, num_workers,
-                                              feature_fn, desc, progress=is_main_process())
-    if world_size == 1:
-        return features, labels
-    # the process group may be NCCL, which gathers device tensors only
-    device = device_ctx.device
-    gathered_features = all_gather_cat(features.to(device)).cpu()
-    gathered_labels = all_gather_cat(labels.to(device)).cpu()
-    gathered_indices = all_gather_cat(torch.as_tensor(indices, dtype=torch.long, device=device)).cpu()
-    return assemble_in_dataset_order(gathered_features, gathered_labels, gathered_indices, num_samples)
+    features, labels, _ = _extract(model, dataset, device_ctx, batch_size, num_workers, feature_fn, desc, False)
+    return features, labels
+
+
+def extract_readable_features(model: nn.Module, dataset: Dataset, device_ctx: DeviceContext, batch_size: int = 64,
+                              num_workers: int = 2, feature_fn: FeatureFn | None = None,
+                              desc: str = "features") -> tuple[Tensor, Tensor, list[int]]:
+    """As `extract_features`, but an unreadable image is left out instead of replaced by its neighbour.
+
+    Returns (features, labels) of the readable images in dataset order and the dataset indices that were
+    skipped, so an evaluation counts only images it actually saw, each with its own label.  Datasets that
+    do not expose `samples` and `transform` (not an `ImageListDataset`) are read as they are.
+    """
+    features, labels, readable = _extract(model, dataset, device_ctx, batch_size, num_workers, feature_fn, desc, True)
+    skipped = torch.nonzero(~readable).flatten().tolist()
+    if skipped:
+        features, labels = features[readable], labels[readable]
+    return features, labels, skipped
 
 
 # ------------------------------------------------------------------------------------------ dump / load
@@ -355,8 +446,16 @@ def features_from_config(cfg: DictConfig, device_ctx: DeviceContext, feature_fn:
               f"resize {sizes.resize_size} + centre crop {sizes.crop_size}; {len(train_set)} train / {len(val_set)} val, "
               f"{len(train_set.classes)} classes")
     batch_size, workers = int(cfg.data.batch_size_per_device), int(cfg.data.num_workers)
-    train_features, train_labels = extract_features(model, train_set, device_ctx, batch_size, workers, feature_fn, "train features")
-    val_features, val_labels = extract_features(model, val_set, device_ctx, batch_size, workers, feature_fn, "val features")
+    train_features, train_labels, train_skipped = extract_readable_features(
+        model, train_set, device_ctx, batch_size, workers, feature_fn, "train features")
+    val_features, val_labels, val_skipped = extract_readable_features(
+        model, val_set, device_ctx, batch_size, workers, feature_fn, "val features")
+    # an unreadable image is left out, not replaced by a neighbour (possibly of another class): say how many
+    protocol.update(skipped_train=len(train_skipped), skipped_val=len(val_skipped))
+    for name, dataset, skipped in (("train", train_set, train_skipped), ("val", val_set, val_skipped)):
+        if skipped and is_main_process():
+            shown = ", ".join(dataset.samples[i][0] for i in skipped[:5]) + (" …" if len(skipped) > 5 else "")
+            print(f"warning: skipped {len(skipped)} unreadable {name} image(s), not counted: {shown}")
     classes = list(train_set.classes)
     if cfg.dump_features and is_main_process():
         meta = dict(classes=classes, data_path=data_path, checkpoint=protocol["checkpoint"], features=feature_name)

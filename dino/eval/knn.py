@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dino.distributed import DeviceContext, barrier, init_distributed, is_main_process
+from dino.config_validation import output_dir_problem
 from dino.errors import UserError
 from dino.eval.checkpointing import write_json_atomic
 from dino.eval.features import features_from_config
@@ -133,10 +134,20 @@ def run_knn(cfg) -> dict:
     """
     k_values = [int(k) for k in cfg.knn.nb_knn]
     temperature = float(cfg.knn.temperature)
+    # everything the user can get wrong is checked before minutes (or hours) of feature extraction
+    problems = []
     if not k_values:
-        raise UserError("--nb_knn needs at least one k")
+        problems.append("--nb_knn needs at least one k")
+    bad_k = [k for k in k_values if k < 1]
+    if bad_k:
+        problems.append(f"--nb_knn values must be at least 1, got {', '.join(map(str, bad_k))}")
     if temperature <= 0:
-        raise UserError(f"--temperature must be positive, got {temperature}")
+        problems.append(f"--temperature must be positive, got {temperature}")
+    for what, folder in (("--output_dir", cfg.output_dir), ("--dump_features", cfg.dump_features)):
+        if folder and (problem := output_dir_problem(str(folder), what)):
+            problems.append(problem)
+    if problems:
+        raise UserError("; ".join(problems))
     device_ctx = DeviceContext.create(cfg.device, hmp=bool(cfg.hmp))
     init_distributed(device_ctx.backend)
     if is_main_process():
@@ -148,12 +159,14 @@ def run_knn(cfg) -> dict:
 
     results = knn_classify(split.train_features, split.train_labels, split.val_features, split.val_labels, k_values,
                            temperature, num_classes=split.num_classes, device=device_ctx.device)
+    skipped = split.protocol.get("skipped_val", 0)
     print(f"weighted k-NN (T={temperature}) on {len(split.train_labels)} train / {len(split.val_labels)} val images, "
-          f"{split.num_classes} classes")
+          f"{split.num_classes} classes" + (f" ({skipped} unreadable val image(s) skipped)" if skipped else ""))
     print(format_knn_table(results))
     summary = dict(
         protocol=dict(split.protocol, k=k_values, temperature=temperature, weights="exp(cos/T)"),
         num_train=len(split.train_labels), num_val=len(split.val_labels), num_classes=split.num_classes,
+        num_skipped_train=split.protocol.get("skipped_train", 0), num_skipped_val=split.protocol.get("skipped_val", 0),
         results={str(k): dict(top1=top1, top5=top5) for k, (top1, top5) in results.items()},
     )
     path = os.path.join(cfg.output_dir, "knn_results.json")
