@@ -77,7 +77,13 @@ def load_checkpoint_file(path_or_url: str, allow_pickle: bool = False, network: 
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, ".metadata")):
             return load_sharded_network(path, network)
-        raise UserError(f"checkpoint {path} is a folder but not a sharded (DCP) checkpoint: no .metadata file in it")
+        hf_weights = _hf_folder_weights(path)
+        if hf_weights is not None:  # a Hugging Face Dinov2Model folder (ours from `dino export --format hf`, or the hub's)
+            return load_checkpoint_file(str(hf_weights), allow_pickle=allow_pickle, network=network)
+        raise UserError(f"checkpoint {path} is a folder but neither a sharded (DCP) checkpoint (no .metadata file) "
+                        f"nor a Hugging Face model folder (no config.json with {' or '.join(HF_WEIGHT_FILES)})")
+    if path.endswith(".safetensors"):
+        return load_safetensors_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as err:
@@ -90,6 +96,40 @@ def load_checkpoint_file(path_or_url: str, allow_pickle: bool = False, network: 
     except Exception as err:  # torch.load raises many types on garbage input; all mean "not a checkpoint"
         detail = (str(err).splitlines() or [type(err).__name__])[0]
         raise UserError(f"cannot read checkpoint {path}: not a valid PyTorch file or truncated ({detail})") from None
+
+
+# the metadata key of our .safetensors backbones holding the model kwargs (JSON), so no sidecar is needed
+SAFETENSORS_KWARGS_KEY = "dino.model_kwargs"
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _hf_folder_weights(folder: str) -> Path | None:
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        return None
+    return next((Path(folder) / name for name in HF_WEIGHT_FILES if (Path(folder) / name).is_file()), None)
+
+
+def load_safetensors_file(path: str) -> dict:
+    """A `.safetensors` file as a checkpoint dict: ``{"backbone": tensors}``, plus ``"backbone_kwargs"`` when the
+    file's metadata holds the model kwargs (our `save_backbone` writes them). Reads no pickle, so needs no flag."""
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError:  # a declared dependency; only a broken environment lands here
+        raise UserError(f"reading {path} needs the safetensors package: pip install safetensors") from None
+    try:
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        detail = (str(err).splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot read {path}: not a valid safetensors file or truncated ({detail})") from None
+    checkpoint: dict[str, Any] = {"backbone": tensors}
+    if SAFETENSORS_KWARGS_KEY in metadata:
+        try:
+            checkpoint["backbone_kwargs"] = dict(json.loads(metadata[SAFETENSORS_KWARGS_KEY]))
+        except (ValueError, TypeError):
+            raise UserError(f"{path}: unreadable model kwargs in the file's metadata ({SAFETENSORS_KWARGS_KEY})") from None
+    return checkpoint
 
 
 def load_sharded_network(directory: str, network: str = "teacher") -> dict:
@@ -151,6 +191,8 @@ def extract_backbone_state_dict(checkpoint: dict, checkpoint_key: str | None = "
                 f"no backbone weights found in checkpoint; its top-level keys are {sorted(checkpoint)[:12]} "
                 f"(expected a state dict or one of 'teacher', 'student', 'model', 'state_dict')"
             )
+    if is_hf_state_dict(state):
+        return from_hf_state_dict(state)
     cleaned: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
@@ -168,6 +210,51 @@ def extract_backbone_state_dict(checkpoint: dict, checkpoint_key: str | None = "
     if not cleaned:
         raise UserError("the checkpoint holds no backbone tensors (only heads or non-tensor entries)")
     return cleaned
+
+
+# Hugging Face `Dinov2Model` tensor names (the hub layout, see dino/inference/export/hf.py) → ours, per block
+_HF_BLOCK_NAMES = {
+    "norm1": "norm1", "norm2": "norm2", "attention.output.dense": "attn.proj",
+    "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
+    "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2", "mlp.weights_in": "mlp.w12", "mlp.weights_out": "mlp.w3",
+}
+_HF_EMBEDDINGS = {
+    "embeddings.cls_token": "cls_token", "embeddings.mask_token": "mask_token",
+    "embeddings.register_tokens": "register_tokens", "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias",
+}
+
+
+def is_hf_state_dict(state: dict) -> bool:
+    return any(str(key).split("dinov2.", 1)[-1] == "embeddings.cls_token" for key in state)
+
+
+def from_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Hugging Face `Dinov2Model` / `Dinov2WithRegistersModel` state dict (also under a `dinov2.` prefix, as in
+    the classification models) in our official key layout: query/key/value fused back into qkv, LayerScale
+    λ → ``ls*.gamma``. Heads (``classifier.*``) are dropped."""
+    state = {key.split("dinov2.", 1)[-1] if key.startswith("dinov2.") else key: value for key, value in state.items()
+             if isinstance(value, torch.Tensor)}
+    out = {ours: state[theirs] for theirs, ours in _HF_EMBEDDINGS.items() if theirs in state}
+    layers = sorted({int(m.group(1)) for key in state if (m := re.match(r"encoder\.layer\.(\d+)\.", key))})
+    for i in layers:
+        theirs, ours = f"encoder.layer.{i}.", f"blocks.{i}."
+        attention = theirs + "attention.attention."
+        try:
+            out[ours + "attn.qkv.weight"] = torch.cat([state[f"{attention}{n}.weight"] for n in ("query", "key", "value")])
+        except KeyError as err:
+            raise UserError(f"Hugging Face checkpoint: block {i} lacks {err.args[0]!r}") from None
+        if f"{attention}query.bias" in state:
+            out[ours + "attn.qkv.bias"] = torch.cat([state[f"{attention}{n}.bias"] for n in ("query", "key", "value")])
+        for their_name, our_name in _HF_BLOCK_NAMES.items():
+            for suffix in (".weight", ".bias", ""):
+                if theirs + their_name + suffix in state:
+                    out[ours + our_name + suffix] = state[theirs + their_name + suffix]
+    if "cls_token" not in out:
+        raise UserError("Hugging Face checkpoint without embeddings.cls_token: not a DINOv2 backbone")
+    return out
 
 
 def describe_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -334,15 +421,40 @@ dino_vitb16 = _entry_point("dino_vitb16")
 dino_vitb8 = _entry_point("dino_vitb8")
 
 
-def save_backbone(model: VisionTransformer, path: str | os.PathLike, model_kwargs: dict | None = None) -> None:
-    """Write a backbone in the official key layout (a plain state dict) plus `<file>.json` with its kwargs."""
+def save_backbone(model: VisionTransformer, path: str | os.PathLike, model_kwargs: dict | None = None,
+                  safetensors_copy: bool = True) -> None:
+    """Write a backbone in the official key layout, atomically, in the format the suffix names.
+
+    * ``.safetensors``: the tensors, with `model_kwargs` (the architecture) as JSON in the file's metadata —
+      one self-describing file that `load_backbone` builds the model from, no pickle involved.
+    * anything else (``.pth``): a plain state dict (what the official scripts and `torch.load` read) plus
+      ``<file>.json`` with `model_kwargs`; with `safetensors_copy` (the default) also ``<file>.safetensors``, so
+      a training run leaves `teacher_backbone.pth` for the DINO tooling and `teacher_backbone.safetensors`.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if path.suffix == ".safetensors":
+        _write_safetensors(tensors, path, model_kwargs)
+        return
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    torch.save(tensors, tmp)
     os.replace(tmp, path)
     if model_kwargs is not None:
         Path(str(path.with_suffix("")) + ".json").write_text(json.dumps({"model": model_kwargs}, indent=2))
+    if safetensors_copy:
+        _write_safetensors(tensors, path.with_suffix(".safetensors"), model_kwargs)
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path, model_kwargs: dict | None) -> None:
+    from safetensors.torch import save_file
+
+    metadata = {"format": "pt"}
+    if model_kwargs is not None:
+        metadata[SAFETENSORS_KWARGS_KEY] = json.dumps(model_kwargs)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
 
 
 def resolve_backbone(pretrained_weights: str | None, arch: str | None = None, patch_size: int | None = None,

@@ -137,6 +137,28 @@ def atomic_write(path: str | os.PathLike, binary: bool = True, needed_bytes: int
     _fsync_folder(path.parent)
 
 
+@contextlib.contextmanager
+def atomic_output_path(path: str | os.PathLike, needed_bytes: int | None = None) -> Iterator[str]:
+    """For third-party writers that only take a file name (GGUF, safetensors): yields a fresh temporary
+    name in the destination folder (created exclusively, so it is ours), renamed over `path` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = _open_temporary(path, binary=True)
+    handle.close()
+    try:
+        yield tmp
+        with open(tmp, "rb+") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(err, Exception) and not isinstance(err, UserError) and is_disk_full(err):
+            raise DiskFullError(disk_full_message(path, needed_bytes, err)) from None
+        raise
+    _fsync_folder(path.parent)
+
+
 def _tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
     """The bytes of the tensors and arrays in a nested structure: what torch.save will need, roughly."""
     import numpy as np
@@ -193,6 +215,6 @@ def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> None:
 
 
 __all__ = [
-    "DiskFullError", "atomic_copy", "atomic_save_npy", "atomic_torch_save", "atomic_write", "atomic_write_bytes",
+    "DiskFullError", "atomic_copy", "atomic_output_path", "atomic_save_npy", "atomic_torch_save", "atomic_write", "atomic_write_bytes",
     "atomic_write_json", "atomic_write_text", "disk_full_message", "format_bytes", "is_disk_full",
 ]

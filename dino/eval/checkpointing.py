@@ -7,31 +7,18 @@ resumed run either finds the previous complete file or none.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
-import torch
-
-
-def _temporary_name(path: str) -> str:
-    return f"{path}.tmp.{os.getpid()}"
+from dino.io import atomic_torch_save as _atomic_torch_save
+from dino.io import atomic_write_json
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """`torch.save(obj, path)` through a temporary file and a rename."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = _temporary_name(path)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """`torch.save(obj, path)` through `dino.io.atomic_write` (unique temporary file, fsync, rename)."""
+    _atomic_torch_save(obj, path)
 
 
 def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """Write `obj` as indented JSON through a temporary file and a rename."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = _temporary_name(path)
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(obj, handle, indent=1)
-    os.replace(tmp, path)
+    """Write `obj` as indented JSON through `dino.io.atomic_write`."""
+    atomic_write_json(path, obj, indent=1)

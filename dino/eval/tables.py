@@ -3,7 +3,6 @@ a plain-text results table on stdout and a JSON file of the results in the outpu
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any, Sequence
@@ -50,11 +49,8 @@ def _json_safe(value: Any) -> Any:
 
 def write_json(path: str | os.PathLike, results: dict) -> str:
     """Write `results` as indented JSON (atomically: a temporary file renamed into place); returns the path."""
+    from dino.io import atomic_write_json
+
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(_json_safe(results), handle, indent=2)
-        handle.write("\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, _json_safe(results), indent=2)
     return path

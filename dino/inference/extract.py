@@ -110,15 +110,15 @@ def pool_features(cls: Tensor, patch_tokens: Tensor, kind: str, normalize: bool)
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    from dino.io import atomic_save_npy
+
+    atomic_save_npy(path, array)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from dino.io import atomic_write_text
+
+    atomic_write_text(path, text)
 
 
 def _chunk_files(chunks_dir: Path, index: int) -> tuple[Path, Path, Path]:

@@ -27,6 +27,7 @@ import torch
 from dino.distributed import get_rank, get_world_size, is_main_process
 from dino.distributed.checkpoint import find_sharded_checkpoint, load_sharded, save_sharded, saved_keys
 from dino.errors import UserError
+from dino.io import atomic_torch_save, atomic_write_text
 
 CHECKPOINT_NAME = "checkpoint.pth"
 SHARDED_CHECKPOINT_NAME = "checkpoint_sharded"
@@ -37,15 +38,8 @@ TEACHER_BACKBONE_NAME = "teacher_backbone.pth"
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to `<path>.tmp`, fsync, then rename over `path` (atomic on POSIX)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """torch.save through `dino.io.atomic_write`: a unique temporary file, fsync, rename over `path`."""
+    atomic_torch_save(obj, path)
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -104,7 +98,7 @@ def save_sharded_training_checkpoint(directory: Path, student, teacher, optimize
     def write_rank_files(tmp: Path) -> None:
         atomic_save(capture_rng_state(), tmp / f"rng_rank{get_rank()}.pth")
         if is_main_process():
-            (tmp / _META_FILE).write_text(json.dumps(meta, indent=2))
+            atomic_write_text(tmp / _META_FILE, json.dumps(meta, indent=2))
 
     save_sharded(state, directory, write_rank_files)
 

@@ -81,17 +81,21 @@ def export_gguf(model: VisionTransformer, path: str | os.PathLike, ftype: str = 
 
     if model.embed_dim % model.num_heads:
         raise UserError(f"embed_dim {model.embed_dim} is not divisible by {model.num_heads} heads")
+    from dino.io import atomic_output_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(path), arch="dinov2")
-    for key, value in gguf_metadata(model, ftype).items():
-        writer.add_uint32(key, int(value))
-    for name, array in gguf_tensors(model, ftype, qkv_layout).items():
-        writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    tensors = gguf_tensors(model, ftype, qkv_layout)
+    # GGUFWriter opens the file by name: write a fresh temporary name, renamed into place when complete
+    with atomic_output_path(path, needed_bytes=sum(a.nbytes for a in tensors.values())) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch="dinov2")
+        for key, value in gguf_metadata(model, ftype).items():
+            writer.add_uint32(key, int(value))
+        for name, array in tensors.items():
+            writer.add_tensor(name, array)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
     return path
 
 

@@ -10,7 +10,6 @@ GGUF files use, so `hf_state_dict` also feeds the GGUF exporter.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -112,13 +111,16 @@ def export_hf(model: VisionTransformer, folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = hf_state_dict(model)
+    from dino.io import atomic_output_path, atomic_torch_save, atomic_write_json
+
     try:
         from safetensors.torch import save_file
 
-        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        with atomic_output_path(folder / "model.safetensors") as tmp:
+            save_file(state, tmp, metadata={"format": "pt"})
     except ImportError:
-        torch.save(state, folder / "pytorch_model.bin")
-    (folder / "config.json").write_text(json.dumps(hf_config(model), indent=2))
+        atomic_torch_save(state, folder / "pytorch_model.bin")
+    atomic_write_json(folder / "config.json", hf_config(model), indent=2)
     return folder
 
 

@@ -189,10 +189,13 @@ def export_onnx(model: VisionTransformer, path: str | os.PathLike, image_size: i
     example = torch.randn(2, 3, image_size, image_size)
     images_axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
     patch_axes = {0: "batch", 1: "num_patches"} if dynamic_size else {0: "batch"}
-    with warnings.catch_warnings(), torch.no_grad():
+    from dino.io import atomic_write
+
+    # through a temporary file: a failed export (full disk, tracing error) leaves no partial .onnx behind
+    with atomic_write(path) as handle, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            wrapper, (example,), str(path), input_names=["images"], output_names=["cls", "patch_tokens"],
+            wrapper, (example,), handle, input_names=["images"], output_names=["cls", "patch_tokens"],
             dynamic_axes={"images": images_axes, "cls": {0: "batch"}, "patch_tokens": patch_axes},
             opset_version=opset, dynamo=False,
         )
