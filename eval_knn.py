@@ -1,40 +1,10 @@
-"""Weighted k-NN evaluation of a frozen backbone (DINO v1 / DINOv2 protocol).
+"""Weighted k-NN evaluation of a frozen backbone (DINO v1 / DINOv2 protocol): same as `dino eval-knn` (flags: `python eval_knn.py --help`).
 
-    python eval_knn.py --pretrained_weights output/checkpoint.pth                 # the demo dataset
-    python eval_knn.py --pretrained_weights ckpt.pth --data_path /data/imagenet  # train/ and val/
-    torchrun --nproc_per_node 8 eval_knn.py --pretrained_weights ckpt.pth --data_path /data/imagenet
-
-All defaults live in configs/eval/knn.yaml; the work is done by `dino.eval.knn.run_knn`.
+The job lives in `dino.jobs.eval_knn`; this file stays for `python eval_knn.py` and `torchrun ... eval_knn.py`.
 """
 
-from __future__ import annotations
-
-from typing import Sequence
-
-from dino.config import ConfigCLI, Flag
 from dino.errors import run_cli
-from dino.eval.cli_flags import backbone_flags, device_flags, feature_cache_flags, image_flags
-
-CLI = ConfigCLI(
-    description="Weighted k-NN classification of frozen [CLS] features (DINO v1 / DINOv2 protocol).",
-    group="eval",
-    default_config="knn",
-    flags=backbone_flags() + image_flags() + [
-        Flag(("--nb_knn",), "knn.nb_knn", "numbers of neighbours", type=int, nargs="+", metavar="K"),
-        Flag(("--temperature",), "knn.temperature", "temperature T of the exp(cos/T) vote weights", type=float, metavar="T"),
-    ] + device_flags() + feature_cache_flags() + [
-        Flag(("--output_dir",), "output_dir", "where knn_results.json is written", metavar="DIR"),
-    ],
-    epilog=__doc__.split("\n\n")[1],
-)
-
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    cfg, _ = CLI.parse(argv)
-    from dino.eval.knn import run_knn
-
-    return run_knn(cfg)
-
+from dino.jobs.eval_knn import CLI, main  # noqa: F401  (re-exported for code that imports the script)
 
 if __name__ == "__main__":
     run_cli(main)

@@ -1,18 +1,23 @@
-"""The `dino` command: features out of a trained backbone.
+"""The `dino` command: every job of the package, one subcommand each.
 
+    dino train --config dinov2_vits14 --data_path /data/images --output_dir runs/vits14
+    dino eval-knn --pretrained_weights runs/vits14/teacher_backbone.safetensors --data_path /data/imagenet
+    dino visualize-attention --image_path cat.jpg --pretrained_weights dinov2_vits14
     dino extract --pretrained_weights ckpt.pth --source /data/images --output_dir feats
     dino search --features_dir feats --queries query.jpg --k 10
-    dino duplicates --features_dir feats --threshold 0.95
-    dino export --pretrained_weights ckpt.pth --format onnx|gguf|hf --output model.onnx
 
-`python -m dino ...` is the same command. Every default lives in configs/inference/<subcommand>.yaml.
+`python -m dino ...` is the same command; `dino <command> --help` lists its flags (the top-level scripts
+main_dino.py, eval_*.py, visualize_*.py and video_generation.py take the same ones). Every default lives in
+dino/configs/<group>/<preset>.yaml.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import sys
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 from dino.config import ConfigCLI, Flag, bool_flag
 from dino.distributed.device import DEVICE_CHOICES
@@ -94,12 +99,26 @@ EXPORT = ConfigCLI(
 
 
 # subcommand → its flags and the `dino.inference.commands` function that runs it (imported on use: `--help`
-# and bad flags answer without loading torch-heavy modules)
+# and bad flags answer without loading torch-heavy modules); the result is printed as JSON
 COMMANDS: dict[str, tuple[str, ConfigCLI]] = {
     "extract": ("run_extract", EXTRACT),
     "search": ("run_search", SEARCH),
     "duplicates": ("run_duplicates", DUPLICATES),
     "export": ("run_export", EXPORT),
+}
+
+# subcommand → (module with `main(argv)`, one-line description); the module is imported only when its command
+# runs, and each prints its own report (tables, paths written) as the matching top-level script does
+JOBS: dict[str, tuple[str, str]] = {
+    "train": ("dino.train.cli", "Self-supervised training of a ViT with DINO / DINOv2 (= main_dino.py)."),
+    "eval-knn": ("dino.jobs.eval_knn", "Weighted k-NN classification of frozen [CLS] features (= eval_knn.py)."),
+    "eval-linear": ("dino.jobs.eval_linear", "Linear probes or logistic regression on a frozen backbone (= eval_linear.py)."),
+    "eval-retrieval": ("dino.jobs.eval_retrieval", "Image retrieval on revisited Oxford / Paris (= eval_image_retrieval.py)."),
+    "eval-copy-detection": ("dino.jobs.eval_copy_detection", "Copy detection on Copydays strong (= eval_copy_detection.py)."),
+    "eval-davis": ("dino.jobs.eval_davis", "DAVIS-2017 video segmentation by label propagation (= eval_video_segmentation.py)."),
+    "visualize-attention": ("dino.jobs.visualize_attention", "Last-block [CLS] attention maps as pictures (= visualize_attention.py)."),
+    "visualize-pca": ("dino.jobs.visualize_pca", "Joint PCA pictures of patch features (= visualize_pca.py)."),
+    "video": ("dino.jobs.video", "Attention overlay on every frame of a video or frame folder (= video_generation.py)."),
 }
 
 
@@ -111,23 +130,58 @@ def _run_command(command: str, argv: Sequence[str]) -> dict:
     return getattr(commands, runner_name)(cfg)
 
 
+def _run_job(command: str, argv: Sequence[str]) -> Any:
+    module = importlib.import_module(JOBS[command][0])
+    return module.main(list(argv))
+
+
+@contextlib.contextmanager
+def _program_name(name: str) -> Iterator[None]:
+    """argparse names the program after sys.argv[0]: make `--help` and errors say `dino <command>`."""
+    saved = sys.argv[0] if sys.argv else None
+    if saved is None:
+        sys.argv.append(name)
+    else:
+        sys.argv[0] = name
+    try:
+        yield
+    finally:
+        if saved is None:
+            sys.argv.pop(0)
+        else:
+            sys.argv[0] = saved
+
+
+def command_names() -> list[str]:
+    return list(JOBS) + list(COMMANDS)
+
+
 def usage() -> str:
-    width = max(len(name) for name in COMMANDS)
+    descriptions = {name: description for name, (_, description) in JOBS.items()}
+    descriptions.update({name: cli.description for name, (_, cli) in COMMANDS.items()})
+    width = max(len(name) for name in descriptions)
     lines = ["usage: dino <command> [options]   (dino <command> --help for its options)", "", "commands:"]
-    lines += [f"  {name:<{width}}  {cli.description}" for name, (_, cli) in COMMANDS.items()]
+    lines += [f"  {name:<{width}}  {description}" for name, description in descriptions.items()]
     return "\n".join(lines) + "\n\n" + __doc__.split("\n\n")[1] + "\n"
 
 
-def dispatch(argv: Sequence[str]) -> dict | None:
-    """Run one subcommand; raises UserError for bad input (`main` turns it into one line and exit code 2)."""
+def dispatch(argv: Sequence[str]) -> Any:
+    """Run one subcommand; raises UserError for bad input (`main` turns it into one line and exit code 2).
+
+    Returns what the job returns: a result dict for extract/search/duplicates/export (also printed as JSON),
+    the job's own result otherwise (metrics dict, paths written, a `TrainResult`), None for help."""
     argv = list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return None
     command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        raise UserError(f"unknown command {command!r}." + suggest(command, COMMANDS) + f" Commands: {', '.join(COMMANDS)}")
-    result = _run_command(command, rest)
+    if command not in JOBS and command not in COMMANDS:
+        raise UserError(f"unknown command {command!r}." + suggest(command, command_names())
+                        + f" Commands: {', '.join(command_names())}")
+    with _program_name(f"dino {command}"):
+        if command in JOBS:
+            return _run_job(command, rest)
+        result = _run_command(command, rest)
     if result is not None:
         printable = {k: v for k, v in result.items() if k != "skipped"}
         print(json.dumps(printable, indent=2, default=str))
@@ -135,7 +189,7 @@ def dispatch(argv: Sequence[str]) -> dict | None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console-script entry point (`dino`)."""
+    """Console-script entry point (`dino`); `run_cli` installs the console log handler."""
     args = sys.argv[1:] if argv is None else list(argv)
     run_cli(lambda: dispatch(args))
 

@@ -36,7 +36,12 @@ def require_path(path: str | os.PathLike, what: str = "path", must_be_dir: bool 
 
 
 def run_cli(main: Callable[[], object]) -> None:
-    """Run a script's main function; user errors become one line on stderr and exit code 2."""
+    """Run a script's main function; user errors become one line on stderr and exit code 2.
+
+    Installs the console handler of the ``dino`` logger first, so the library's log lines print as before."""
+    from dino.log import setup_cli_logging
+
+    setup_cli_logging()
     try:
         main()
     except UserError as err:
