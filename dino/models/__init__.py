@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from dino.errors import UserError, suggest
+from dino.models.convnext import ConvNeXt
+from dino.models.dinov3 import DINOV3_RELEASES, build_dinov3, describe_dinov3_state_dict, is_dinov3_state_dict
 from dino.models.head import DINOHead, WeightNormLinear
 from dino.models.vision_transformer import (
     ARCH_SIZES,
     ATTENTION_BACKENDS,
+    V3_ARCH_SIZES,
     Attention,
     Block,
+    DinoV3VisionTransformer,
     VisionTransformer,
+    ViTBackbone,
+    dinov3_vision_transformer,
     vision_transformer,
     xformers_available,
 )
@@ -27,6 +33,8 @@ def build_backbone(arch: str = "vit_small", patch_size: int = 16, **kwargs) -> V
 
 
 __all__ = [
-    "ARCH_CHOICES", "ARCH_SIZES", "ATTENTION_BACKENDS", "Attention", "Block", "DINOHead", "VisionTransformer",
-    "WeightNormLinear", "build_backbone", "vision_transformer", "xformers_available",
+    "ARCH_CHOICES", "ARCH_SIZES", "ATTENTION_BACKENDS", "Attention", "Block", "ConvNeXt", "DINOHead", "DINOV3_RELEASES",
+    "DinoV3VisionTransformer", "V3_ARCH_SIZES", "ViTBackbone", "VisionTransformer", "WeightNormLinear", "build_backbone",
+    "build_dinov3", "describe_dinov3_state_dict", "dinov3_vision_transformer", "is_dinov3_state_dict",
+    "vision_transformer", "xformers_available",
 ]

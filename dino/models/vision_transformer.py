@@ -1,7 +1,23 @@
-"""One Vision Transformer family for both DINO generations.
+"""One Vision Transformer family for the three DINO generations.
 
-DINO v1 (Caron et al., 2021) and DINOv2 (Oquab et al., 2023; registers: Darcet et al., 2024) use the same
-pre-norm ViT; they differ in a few switches, all explicit keyword arguments here:
+DINO v1 (Caron et al., 2021), DINOv2 (Oquab et al., 2023; registers: Darcet et al., 2024) and DINOv3 (Siméoni et
+al., 2025) use the same pre-norm block — x + ls1(attn(norm1 x)), x + ls2(ffn(norm2 x)) — built here once
+(`Block`, `Attention`, `LayerScale`, `Mlp`) and shared. What differs between the generations, all of it injected
+as explicit keyword arguments or kept in the two token-preparing subclasses of `ViTBackbone`:
+
+| | v1 / v2 (`VisionTransformer`) | v3 (`DinoV3VisionTransformer`) |
+|---|---|---|
+| position | learned `pos_embed`, bicubically resized to the grid, added to [CLS + patches] | none stored: RoPE (`rope.py`) on q, k of the patch tokens only |
+| extra tokens | `register_tokens` (v2 _reg), after the position embedding | 4 `storage_tokens` |
+| token order | [CLS, registers, patches] | [CLS, storage, patches] |
+| LayerNorm eps | 1e-6 | 1e-5 |
+| qkv bias | plain | k third masked by the persistent buffer `attn.qkv.bias_mask` (`mask_k_bias`) |
+| SwiGLU | fused `mlp.w12` (v2 giant) | separate `mlp.w1/w2/w3`, hidden rounded up to 8 or 64 |
+| input size | must be a multiple of the patch size | floored to a multiple of 16 (the conv drops the rest) |
+| final norms | `norm` | `norm`, optional untied `cls_norm` / `local_cls_norm` |
+| output keys | `x_norm_regtokens` | `x_storage_tokens` |
+
+The v1 / v2 switches within `VisionTransformer`:
 
 - LayerScale (`init_values`, v2) or none (v1);
 - MLP or SwiGLU feed-forward (`ffn_layer`, v2 giant);
@@ -10,20 +26,23 @@ pre-norm ViT; they differ in a few switches, all explicit keyword arguments here
 - a learnable mask token replacing masked patch embeddings (`use_mask_token`, needed for iBOT);
 - position-embedding interpolation (`interpolate_offset`, `interpolate_antialias`).
 
-Parameter names follow the official hub layout (`cls_token`, `pos_embed`, `register_tokens`, `mask_token`,
+Parameter names follow the official hub layouts (`cls_token`, `pos_embed`, `register_tokens`, `mask_token`,
 `patch_embed.proj`, `blocks.N.{norm1,attn.qkv,attn.proj,ls1.gamma,norm2,mlp.fc1,mlp.fc2,ls2.gamma}`,
-`norm`), so the official checkpoints load strictly.
+`norm`; v3: `storage_tokens`, `rope_embed.periods`, `attn.qkv.bias_mask`, `mlp.w1/w2/w3`), so the official
+checkpoints load strictly.
 """
 
 from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from dino.models.rope import RopePositionEmbedding, apply_rope
 
 try:  # optional: xFormers' memory-efficient attention (CUDA only)
     from xformers.ops import memory_efficient_attention as _xformers_attention
@@ -49,37 +68,67 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+class LinearKMaskedBias(nn.Linear):
+    """The qkv projection of DINOv3: its bias times the persistent buffer `bias_mask` (1 on q and v, 0 on k).
+
+    The releases store a k bias but never use it; the mask is in their state dicts, so it is a buffer here too.
+    (Without RoPE a k bias would not matter — it adds one constant per query row before the softmax — but
+    RoPE rotates it differently at every position, so it must really be masked.)
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias=bias)
+        if out_features % 3:
+            raise ValueError(f"a qkv projection has 3·dim outputs, got {out_features}")
+        if bias:
+            mask = torch.ones(out_features)
+            mask[out_features // 3: 2 * out_features // 3] = 0
+            self.register_buffer("bias_mask", mask, persistent=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias * self.bias_mask.to(self.bias.dtype)
+        return F.linear(x, self.weight, bias)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention, softmax(q kᵀ / √d_head) v.
+    """Multi-head self-attention, softmax(q kᵀ / √d_head) v, with optional RoPE on q and k (DINOv3).
 
     `backend`: 'sdpa' (torch's fused kernels), 'xformers' (memory-efficient, CUDA), 'explicit' (plain
     matmuls, the only one that can return the attention matrix) or 'auto' (xformers when installed and the
     input lives on CUDA, else sdpa).
+    `mask_k_bias`: the DINOv3 qkv projection (`LinearKMaskedBias`).
+    `rope` (forward): (sin, cos) tables of the last H·W tokens, see `dino.models.rope`.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, proj_bias: bool = True, backend: str = "auto"):
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, proj_bias: bool = True, backend: str = "auto",
+                 mask_k_bias: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        qkv_layer = LinearKMaskedBias if mask_k_bias else nn.Linear
+        self.qkv = qkv_layer(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.backend = backend
 
-    def _split_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _split_heads(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
         q, k, v = qkv.unbind(2)  # each (B, N, heads, head_dim)
+        if rope is not None:
+            q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), rope)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
         return q, k, v
 
-    def attention_map(self, x: Tensor) -> Tensor:
+    def attention_map(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """The softmax attention matrix (B, heads, N, N), computed in fp32."""
-        q, k, _ = self._split_heads(x)
+        q, k, _ = self._split_heads(x, rope)
         q, k = q.transpose(1, 2).float(), k.transpose(1, 2).float()
         return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
-    def forward(self, x: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, return_attention: bool = False,
+                rope: tuple[Tensor, Tensor] | None = None) -> Tensor | tuple[Tensor, Tensor]:
         B, N, C = x.shape
-        q, k, v = self._split_heads(x)
+        q, k, v = self._split_heads(x, rope)
         backend = self.backend
         if backend == "auto":
             backend = "xformers" if (_xformers_attention is not None and x.is_cuda) else "sdpa"
@@ -168,6 +217,34 @@ class SwiGLUFFN(nn.Module):
         return self.w3(F.silu(x1) * x2)
 
 
+class SwiGLUFFNSplit(nn.Module):
+    """DINOv3's SwiGLU: w3(SiLU(w1 x) ⊙ w2 x) with separate `w1`, `w2`, `w3` (v2 fused w1/w2 into `w12`).
+
+    Hidden width int(2/3 · hidden_features) rounded up to a multiple of `align_to` (8; 64 for the 7B).
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, bias: bool = True, align_to: int = 8):
+        super().__init__()
+        hidden = int(hidden_features * 2 / 3)
+        hidden += -hidden % align_to
+        self.w1 = nn.Linear(in_features, hidden, bias=bias)
+        self.w2 = nn.Linear(in_features, hidden, bias=bias)
+        self.w3 = nn.Linear(hidden, in_features, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+
+
+# ffn_layer names → (in_features, hidden_features, bias) constructors
+FFN_LAYERS = {
+    "mlp": Mlp,
+    "swiglu": SwiGLUFFN,  # v2: fused w12
+    "swiglufused": SwiGLUFFN,
+    "swiglu_w123": SwiGLUFFNSplit,  # v3: separate w1/w2/w3
+    "swiglu_w123_64": partial(SwiGLUFFNSplit, align_to=64),  # v3 7B
+}
+
+
 class LayerScale(nn.Module):
     """Per-channel residual scaling x·γ (Touvron et al., 2021, "Going deeper with image transformers")."""
 
@@ -200,26 +277,165 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, proj_bias: bool = True,
                  ffn_bias: bool = True, drop_path: float = 0.0, init_values: float | None = None,
-                 ffn_layer: str = "mlp", attn_backend: str = "auto"):
+                 ffn_layer: str | Callable[..., nn.Module] = "mlp", attn_backend: str = "auto", *,
+                 norm_layer: Callable[[int], nn.Module] | None = None, mask_k_bias: bool = False):
         super().__init__()
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
+        ffn_cls = FFN_LAYERS[ffn_layer] if isinstance(ffn_layer, str) else ffn_layer
         self.norm1 = norm_layer(dim)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, backend=attn_backend)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, backend=attn_backend,
+                              mask_k_bias=mask_k_bias)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.norm2 = norm_layer(dim)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = SwiGLUFFN(dim, hidden, bias=ffn_bias) if ffn_layer in ("swiglu", "swiglufused") else Mlp(dim, hidden, bias=ffn_bias)
+        self.mlp = ffn_cls(dim, int(dim * mlp_ratio), bias=ffn_bias)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        attn = self.attn(self.norm1(x)) if rope is None else self.attn(self.norm1(x), rope=rope)
+        x = x + self.drop_path(self.ls1(attn))
         x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
         return x
 
 
-class VisionTransformer(nn.Module):
-    """ViT backbone with the official DINO / DINOv2 hub API.
+class ViTBackbone(nn.Module):
+    """What every generation shares: the blocks, the final norm, and the hub API built on them.
+
+    Subclasses say how pixels become tokens (`prepare_tokens_with_masks`), which rotary tables the blocks get
+    (`rope_tables`; None without RoPE) and how the final tokens are normalised and named (`_split_output`,
+    `_norm_tokens`). Attributes they set: `patch_size`, `embed_dim`, `num_register_tokens` (tokens between
+    [CLS] and the patches: registers or storage tokens), `blocks`, `norm`, `head`.
+    """
+
+    extra_tokens_key = "x_norm_regtokens"
+
+    def set_attn_backend(self, backend: str) -> None:
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; choose from {ATTENTION_BACKENDS}")
+        for block in self.blocks:
+            block.attn.backend = backend
+
+    # --- what the subclasses define -------------------------------------------------------------
+    def prepare_tokens_with_masks(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def rope_tables(self, h: int, w: int) -> tuple[Tensor, Tensor] | None:
+        """(sin, cos) for an h×w patch grid, or None: v1/v2 have no rotary embedding."""
+        return None
+
+    def _norm_tokens(self, x: Tensor) -> Tensor:
+        """The final norm over all tokens (what `get_intermediate_layers(norm=True)` applies)."""
+        return self.norm(x)
+
+    def _split_output(self, x_prenorm: Tensor, masks: Tensor | None, index: int = 0) -> dict:
+        x_norm = self._norm_tokens(x_prenorm)
+        first_patch = 1 + self.num_register_tokens
+        return {
+            "x_norm_clstoken": x_norm[:, 0],
+            self.extra_tokens_key: x_norm[:, 1:first_patch],
+            "x_norm_patchtokens": x_norm[:, first_patch:],
+            "x_prenorm": x_prenorm,
+            "masks": masks,
+        }
+
+    # --- shared ----------------------------------------------------------------------------------
+    def _grid(self, x: Tensor) -> tuple[int, int]:
+        return x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+
+    def _run_blocks(self, tokens: Tensor, grid: tuple[int, int], blocks: Sequence[nn.Module], wanted: set[int] | None = None):
+        """Tokens through `blocks`; with `wanted`, also the outputs of those block indices."""
+        outputs, rope = [], None
+        for i, block in enumerate(blocks):
+            # in training the v3 tables carry a random coordinate rescale, drawn afresh for every block as the
+            # official loop does; in eval they are the same for every block, so computed once
+            if i == 0 or self.training:
+                rope = self.rope_tables(*grid)
+            tokens = block(tokens) if rope is None else block(tokens, rope=rope)
+            if wanted is not None and i in wanted:
+                outputs.append(tokens)
+        return tokens, outputs
+
+    def forward_features(self, x: Tensor | Sequence[Tensor], masks: Tensor | Sequence[Tensor | None] | None = None):
+        """Return the dict of normalised [CLS], extra and patch tokens (a list of dicts for a list of inputs).
+
+        A list input (crops of different resolutions) runs each resolution through the blocks separately.
+        """
+        if isinstance(x, (list, tuple)):
+            masks_list = masks if isinstance(masks, (list, tuple)) else [masks] * len(x)
+            return [self._forward_one(xi, mi, index) for index, (xi, mi) in enumerate(zip(x, masks_list))]
+        return self._forward_one(x, masks)
+
+    def _forward_one(self, x: Tensor, masks: Tensor | None, index: int = 0) -> dict:
+        tokens = self.prepare_tokens_with_masks(x, masks)
+        tokens, _ = self._run_blocks(tokens, self._grid(x), self.blocks)
+        return self._split_output(tokens, masks, index)
+
+    def forward(self, x: Tensor, masks: Tensor | None = None, is_training: bool = False):
+        """The normalised [CLS] embedding (B, D); the full `forward_features` dict when `is_training`."""
+        out = self.forward_features(x, masks)
+        if is_training:
+            return out
+        return self.head(out["x_norm_clstoken"])
+
+    def forward_head(self, features: dict) -> Tensor:
+        return self.head(features["x_norm_clstoken"])
+
+    def _block_outputs(self, x: Tensor, n: int | Sequence[int]) -> list[Tensor]:
+        total = len(self.blocks)
+        wanted = set(range(total - n, total)) if isinstance(n, int) else set(int(i) for i in n)
+        bad = [i for i in wanted if not 0 <= i < total]
+        if bad:
+            raise ValueError(f"block indices {sorted(bad)} out of range for a {total}-block model")
+        tokens = self.prepare_tokens_with_masks(x)
+        _, outputs = self._run_blocks(tokens, self._grid(x), self.blocks, wanted)
+        return outputs
+
+    def get_intermediate_layers(self, x: Tensor, n: int | Sequence[int] = 1, reshape: bool = False,
+                                return_class_token: bool = False, norm: bool = True, *, return_extra_tokens: bool = False):
+        """Outputs of some blocks (the DINOv2 / DINOv3 hub API).
+
+        n: an int takes the last n blocks, a list takes those block indices.
+        Returns a tuple with one (B, N, D) patch-token tensor per block — (B, D, H/p, W/p) when `reshape` —
+        or tuples (patch_tokens, cls_token) with `return_class_token`, (patch_tokens, extra_tokens) with
+        `return_extra_tokens`, (patch_tokens, cls_token, extra_tokens) with both. Extra tokens are the
+        registers (v2) or storage tokens (v3). `norm` applies the final norm.
+        (DINOv3's own signature is keyword-only after `x`; `n` etc. are also taken positionally here, as v2 did,
+        so callers written for either generation work.)
+        """
+        outputs = self._block_outputs(x, n)
+        if norm:
+            outputs = [self._norm_tokens(out) for out in outputs]
+        first_patch = 1 + self.num_register_tokens
+        class_tokens = [out[:, 0] for out in outputs]
+        extra_tokens = [out[:, 1:first_patch] for out in outputs]
+        patch_tokens = [out[:, first_patch:] for out in outputs]
+        if reshape:
+            B = x.shape[0]
+            h, w = self._grid(x)
+            patch_tokens = [out.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous() for out in patch_tokens]
+        if return_class_token and return_extra_tokens:
+            return tuple(zip(patch_tokens, class_tokens, extra_tokens))
+        if return_class_token:
+            return tuple(zip(patch_tokens, class_tokens))
+        if return_extra_tokens:
+            return tuple(zip(patch_tokens, extra_tokens))
+        return tuple(patch_tokens)
+
+    def get_last_selfattention(self, x: Tensor) -> Tensor:
+        """Softmax attention of the last block (B, heads, tokens, tokens); tokens = CLS, registers/storage, patches."""
+        return self.get_selfattention(x, -1)
+
+    def get_selfattention(self, x: Tensor, block_index: int = -1) -> Tensor:
+        """Softmax attention of any block (negative indices count from the end)."""
+        index = block_index % len(self.blocks)
+        grid = self._grid(x)
+        tokens, _ = self._run_blocks(self.prepare_tokens_with_masks(x), grid, self.blocks[:index])
+        block = self.blocks[index]
+        return block.attn.attention_map(block.norm1(tokens), self.rope_tables(*grid))
+
+
+class VisionTransformer(ViTBackbone):
+    """The DINO v1 / DINOv2 ViT: learned absolute position embedding, optional registers; the official hub API.
 
     Args:
         img_size: the size the position embedding is stored for (224 for v1, 518 for the v2 hub models).
@@ -290,12 +506,6 @@ class VisionTransformer(nn.Module):
             elif isinstance(module, LayerScale):
                 nn.init.constant_(module.gamma, module.init_values)
 
-    def set_attn_backend(self, backend: str) -> None:
-        if backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {backend!r}; choose from {ATTENTION_BACKENDS}")
-        for block in self.blocks:
-            block.attn.backend = backend
-
     # --- tokens --------------------------------------------------------------------------------
     def interpolate_pos_encoding(self, num_tokens: int, height: int, width: int) -> Tensor:
         """Position embedding for an input of `height`×`width` pixels, as the official models compute it.
@@ -351,92 +561,130 @@ class VisionTransformer(nn.Module):
             x = torch.cat((x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]), dim=1)
         return x
 
-    # --- forward -------------------------------------------------------------------------------
-    def _split_output(self, x_prenorm: Tensor, masks: Tensor | None) -> dict:
-        x_norm = self.norm(x_prenorm)
-        first_patch = 1 + self.num_register_tokens
+class DinoV3VisionTransformer(ViTBackbone):
+    """The DINOv3 ViT (facebookresearch/dinov3 `DinoVisionTransformer`), with the official hub API.
+
+    Differences from `VisionTransformer` (see the table at the top of this module): RoPE on the patch tokens
+    instead of a position embedding, `[CLS, storage tokens, patches]`, LayerNorm eps 1e-5 (`norm_eps`), the
+    k-masked qkv bias, SwiGLU with separate w1/w2/w3, input sizes floored to the patch grid, optional untied
+    `cls_norm` (CLS and storage tokens) and `local_cls_norm` (CLS and storage tokens of the second input of a
+    list — the local crops — in training only; never used in eval).
+
+    Args:
+        img_size: nominal input size (only a default for callers; RoPE works at any size).
+        patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio: transformer size.
+        ffn_layer: 'mlp', 'swiglu_w123' (hidden rounded to 8) or 'swiglu_w123_64' (7B), or a constructor.
+        init_values: LayerScale init (1e-5 in the releases).
+        drop_path_rate: stochastic depth, the same for every block.
+        n_storage_tokens: learnable tokens after [CLS] (4 in the releases).
+        mask_k_bias: multiply the qkv bias by the `bias_mask` buffer (zero on k).
+        norm_eps: LayerNorm eps (1e-5 in the releases; the training config's plain LayerNorm is 1e-6).
+        rope_base, rope_normalize_coords, rope_rescale_coords, rope_dtype: see `dino.models.rope`.
+    """
+
+    extra_tokens_key = "x_storage_tokens"
+
+    def __init__(self, *, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
+                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 proj_bias: bool = True, ffn_bias: bool = True, ffn_layer: str | Callable[..., nn.Module] = "mlp",
+                 init_values: float | None = 1e-5, drop_path_rate: float = 0.0, n_storage_tokens: int = 4,
+                 mask_k_bias: bool = True, norm_eps: float = 1e-5, untie_cls_and_patch_norms: bool = False,
+                 untie_global_and_local_cls_norm: bool = False, rope_base: float = 100.0,
+                 rope_normalize_coords: str = "separate", rope_rescale_coords: float | None = 2.0,
+                 rope_dtype: torch.dtype = torch.float32, attn_backend: str = "auto"):
+        super().__init__()
+        if attn_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {attn_backend!r}; choose from {ATTENTION_BACKENDS}")
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.embed_dim = self.num_features = embed_dim
+        self.num_heads = num_heads
+        self.depth = self.n_blocks = depth
+        self.n_storage_tokens = self.num_register_tokens = n_storage_tokens
+        self.untie_cls_and_patch_norms = untie_cls_and_patch_norms
+        self.untie_global_and_local_cls_norm = untie_global_and_local_cls_norm
+        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.storage_tokens = nn.Parameter(torch.zeros(1, n_storage_tokens, embed_dim)) if n_storage_tokens else None
+        self.rope_embed = RopePositionEmbedding(embed_dim, num_heads=num_heads, base=rope_base,
+                                                normalize_coords=rope_normalize_coords,
+                                                rescale_coords=rope_rescale_coords, dtype=rope_dtype)
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_bias, ffn_bias, drop_path_rate, init_values, ffn_layer,
+                  attn_backend, norm_layer=norm_layer, mask_k_bias=mask_k_bias)
+            for _ in range(depth)
+        )
+        self.norm = norm_layer(embed_dim)
+        self.cls_norm = norm_layer(embed_dim) if untie_cls_and_patch_norms else None
+        self.local_cls_norm = norm_layer(embed_dim) if untie_global_and_local_cls_norm else None
+        self.head = nn.Identity()
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """The official initialisation (what `pretrained=False` gives)."""
+        if self.cls_token.is_meta:
+            return  # built on the meta device: there are no values to set
+        self.rope_embed.reset_parameters()
+        nn.init.normal_(self.cls_token, std=0.02)
+        if self.storage_tokens is not None:
+            nn.init.normal_(self.storage_tokens, std=0.02)
+        nn.init.zeros_(self.mask_token)
+        self.patch_embed.proj.reset_parameters()
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
+            elif isinstance(module, LayerScale):
+                nn.init.constant_(module.gamma, module.init_values)
+
+    # --- what differs from v1/v2 ----------------------------------------------------------------
+    def prepare_tokens_with_masks(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
+        """Pixels → [CLS, storage…, patches…]; masked patch embeddings become `mask_token` first. No position
+        is added: it enters the attention through RoPE. Sizes that are not multiples of the patch are floored."""
+        B = x.shape[0]
+        x = self.patch_embed(x)
+        if masks is not None:
+            x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
+            cls_token = self.cls_token
+        else:
+            # as the official code: mask_token takes part in every forward (value unchanged), so DDP sees it used
+            cls_token = self.cls_token + 0 * self.mask_token
+        parts = [cls_token.expand(B, -1, -1)]
+        if self.storage_tokens is not None:
+            parts.append(self.storage_tokens.expand(B, -1, -1))
+        return torch.cat(parts + [x], dim=1)
+
+    def rope_tables(self, h: int, w: int) -> tuple[Tensor, Tensor]:
+        return self.rope_embed(H=h, W=w)
+
+    def _cls_norm(self, index: int = 0) -> nn.Module:
+        if self.local_cls_norm is not None and self.training and index == 1:
+            return self.local_cls_norm  # the local crops' [CLS] in training (second input of a list)
+        return self.cls_norm if self.cls_norm is not None else self.norm
+
+    def _norm_tokens(self, x: Tensor, index: int = 0) -> Tensor:
+        first_patch = 1 + self.n_storage_tokens
+        cls_norm = self._cls_norm(index)
+        if cls_norm is self.norm:
+            return self.norm(x)
+        return torch.cat((cls_norm(x[:, :first_patch]), self.norm(x[:, first_patch:])), dim=1)
+
+    def _split_output(self, x_prenorm: Tensor, masks: Tensor | None, index: int = 0) -> dict:
+        x_norm = self._norm_tokens(x_prenorm, index)
+        first_patch = 1 + self.n_storage_tokens
         return {
             "x_norm_clstoken": x_norm[:, 0],
-            "x_norm_regtokens": x_norm[:, 1:first_patch],
+            "x_storage_tokens": x_norm[:, 1:first_patch],
             "x_norm_patchtokens": x_norm[:, first_patch:],
             "x_prenorm": x_prenorm,
             "masks": masks,
         }
-
-    def forward_features(self, x: Tensor | Sequence[Tensor], masks: Tensor | Sequence[Tensor | None] | None = None):
-        """Return the dict of normalised [CLS], register and patch tokens (a list of dicts for a list of inputs).
-
-        A list input (crops of different resolutions) runs each resolution through the blocks separately.
-        """
-        if isinstance(x, (list, tuple)):
-            masks_list = masks if isinstance(masks, (list, tuple)) else [masks] * len(x)
-            return [self.forward_features(xi, mi) for xi, mi in zip(x, masks_list)]
-        tokens = self.prepare_tokens_with_masks(x, masks)
-        for block in self.blocks:
-            tokens = block(tokens)
-        return self._split_output(tokens, masks)
-
-    def forward(self, x: Tensor, masks: Tensor | None = None, is_training: bool = False):
-        """The normalised [CLS] embedding (B, D); the full `forward_features` dict when `is_training`."""
-        out = self.forward_features(x, masks)
-        if is_training:
-            return out
-        return self.head(out["x_norm_clstoken"])
-
-    def forward_head(self, features: dict) -> Tensor:
-        return self.head(features["x_norm_clstoken"])
-
-    def _block_outputs(self, x: Tensor, n: int | Sequence[int]) -> list[Tensor]:
-        total = len(self.blocks)
-        wanted = set(range(total - n, total)) if isinstance(n, int) else set(int(i) for i in n)
-        bad = [i for i in wanted if not 0 <= i < total]
-        if bad:
-            raise ValueError(f"block indices {sorted(bad)} out of range for a {total}-block model")
-        outputs = []
-        tokens = self.prepare_tokens_with_masks(x)
-        for i, block in enumerate(self.blocks):
-            tokens = block(tokens)
-            if i in wanted:
-                outputs.append(tokens)
-        return outputs
-
-    def get_intermediate_layers(self, x: Tensor, n: int | Sequence[int] = 1, reshape: bool = False,
-                                return_class_token: bool = False, norm: bool = True):
-        """Outputs of some blocks (the DINOv2 hub API).
-
-        n: an int takes the last n blocks, a list takes those block indices.
-        Returns a tuple with one (B, N, D) patch-token tensor per block — (B, D, H/p, W/p) when `reshape` —
-        or (patch_tokens, cls_token) pairs when `return_class_token`. CLS and registers are dropped from the
-        patch tokens; `norm` applies the final LayerNorm.
-        """
-        outputs = self._block_outputs(x, n)
-        if norm:
-            outputs = [self.norm(out) for out in outputs]
-        first_patch = 1 + self.num_register_tokens
-        class_tokens = [out[:, 0] for out in outputs]
-        patch_tokens = [out[:, first_patch:] for out in outputs]
-        if reshape:
-            B, _, H, W = x.shape
-            h, w = H // self.patch_size, W // self.patch_size
-            patch_tokens = [out.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous() for out in patch_tokens]
-        if return_class_token:
-            return tuple(zip(patch_tokens, class_tokens))
-        return tuple(patch_tokens)
-
-    def get_last_selfattention(self, x: Tensor) -> Tensor:
-        """Softmax attention of the last block (B, heads, tokens, tokens); tokens = CLS, registers, patches."""
-        tokens = self.prepare_tokens_with_masks(x)
-        for block in self.blocks[:-1]:
-            tokens = block(tokens)
-        return self.blocks[-1].attn.attention_map(self.blocks[-1].norm1(tokens))
-
-    def get_selfattention(self, x: Tensor, block_index: int = -1) -> Tensor:
-        """Softmax attention of any block (negative indices count from the end)."""
-        index = block_index % len(self.blocks)
-        tokens = self.prepare_tokens_with_masks(x)
-        for block in self.blocks[:index]:
-            tokens = block(tokens)
-        return self.blocks[index].attn.attention_map(self.blocks[index].norm1(tokens))
 
 
 # name → (embed_dim, depth, num_heads, ffn_layer)
@@ -462,3 +710,24 @@ vit_small = partial(vision_transformer, "vit_small")
 vit_base = partial(vision_transformer, "vit_base")
 vit_large = partial(vision_transformer, "vit_large")
 vit_giant2 = partial(vision_transformer, "vit_giant2")
+
+
+# DINOv3 sizes: name → (embed_dim, depth, num_heads, mlp_ratio, ffn_layer, qkv_bias), as the official hub builds them
+V3_ARCH_SIZES = {
+    "vit_small": (384, 12, 6, 4.0, "mlp", True),
+    "vit_small_plus": (384, 12, 6, 6.0, "swiglu_w123", True),
+    "vit_base": (768, 12, 12, 4.0, "mlp", True),
+    "vit_large": (1024, 24, 16, 4.0, "mlp", True),
+    "vit_large_plus": (1024, 24, 16, 6.0, "swiglu_w123", True),
+    "vit_huge_plus": (1280, 32, 20, 6.0, "swiglu_w123", True),
+    "vit_7b": (4096, 40, 32, 3.0, "swiglu_w123_64", False),
+}
+
+
+def dinov3_vision_transformer(arch: str = "vit_small", **kwargs) -> DinoV3VisionTransformer:
+    """Build a DINOv3 ViT of a named size (`V3_ARCH_SIZES`); `kwargs` go to `DinoV3VisionTransformer` and win."""
+    embed_dim, depth, num_heads, mlp_ratio, ffn_layer, qkv_bias = V3_ARCH_SIZES[arch]
+    params = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, ffn_layer=ffn_layer,
+                  qkv_bias=qkv_bias)
+    params.update(kwargs)
+    return DinoV3VisionTransformer(**params)
