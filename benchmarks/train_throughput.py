@@ -41,7 +41,6 @@ Output: a markdown row block on stdout, appended to `--out FILE` when given (ran
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -74,12 +73,14 @@ from dino.train.data_pipeline import build_training_data  # noqa: E402
 from dino.train.loop import build_optimizer, train_step  # noqa: E402
 from dino.train.meta_arch import SelfDistillationObjective, build_networks, compile_blocks, update_teacher  # noqa: E402
 from dino.train.param_groups import apply_schedules  # noqa: E402
+from dino.train.throughput import compute_precision, count_flops, table_peak_flops  # noqa: E402
 
 PRESETS = {
     "cpu_bench": ("train/dinov2_vits14", ["train.batch_size_per_device=8", "crops.local_crops_number=8",
                                           "crops.global_crops_size=224", "crops.local_crops_size=98",
                                           "dino.head_n_prototypes=65536", "ibot.loss_weight=1.0",
                                           "dino.koleo_loss_weight=0.1"]),
+    "vits14": ("train/dinov2_vits14", ["train.batch_size_per_device=64"]),
     "vitl14": ("train/dinov2_vitl14", ["train.batch_size_per_device=32"]),
     "tiny": ("train/demo", ["train.batch_size_per_device=8", "model.depth=2", "crops.local_crops_number=2",
                             "dino.head_n_prototypes=256", "ibot.loss_weight=1.0", "dino.koleo_loss_weight=0.1"]),
@@ -127,6 +128,15 @@ def matmul_seconds(ctx: DeviceContext, size: int, dtype: torch.dtype) -> float:
     a @ b
     ctx.synchronize()
     return time.perf_counter() - start
+
+
+def attention_kernels(ctx: DeviceContext, student, batch: dict) -> list[str]:
+    """The attention operators one student forward dispatches to (flash / efficient / cudnn / math / CPU)."""
+    from dino.train.throughput import dispatched_ops
+
+    with torch.no_grad(), ctx.autocast(), dispatched_ops() as seen:
+        unwrap(student).backbone(batch["collated_global_crops"][:2])
+    return sorted(name for name in seen if "attention" in name or "softmax" in name)
 
 
 def one_batch(cfg, ctx: DeviceContext, image_size: int) -> dict:
@@ -206,13 +216,11 @@ def main(argv=None) -> dict:
         ctx.synchronize()
         warmup_times.append(time.perf_counter() - start)
 
-    from torch.utils.flop_counter import FlopCounterMode
-
-    # counted on an eager step: the compiled kernels bypass the dispatcher the counter listens to
-    counter = FlopCounterMode(display=False)
-    with (torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()), counter:
+    # counted on an eager step (count_flops forces eager): compiled kernels bypass the counter's dispatcher
+    with count_flops() as counted:
         step()
-    flops_per_step = counter.get_total_flops()
+    flops_per_step = counted()
+    datasheet = table_peak_flops(ctx.description(), compute_precision(ctx.autocast_dtype, ctx.type))
 
     compute_dtype = ctx.autocast_dtype or torch.float32
     peak_reset = reset_peak_memory(ctx)
@@ -249,6 +257,10 @@ def main(argv=None) -> dict:
         "peak_memory_scope": peak_scope, "process_peak_memory_mb": ctx.max_memory_allocated_mb(),
         "step_times": step_times, "warmup_times": warmup_times,
     }
+    if datasheet is not None and ctx.type != "cpu":
+        result["datasheet_tflops"] = datasheet / 1e12
+        result["mfu_datasheet"] = flops_per_step / s_per_step / datasheet
+    result["attention_backend"] = attention_kernels(ctx, student_wrapped, batch)
     if fp32_matmul_times:
         fp32_rate = matmul_flops / statistics.median(fp32_matmul_times)
         result["fp32_matmul_gflops"] = fp32_rate / 1e9
@@ -350,6 +362,9 @@ def report(result: dict, args, ctx: DeviceContext, compute_dtype: torch.dtype) -
         f"- MFU: **{100 * result['mfu']:.1f}%**" + (f" (vs the fp32 matmul rate {result['fp32_matmul_gflops']:.1f} "
                                                     f"GFLOP/s: {100 * result['mfu_vs_fp32']:.1f}%)"
                                                     if "mfu_vs_fp32" in result else ""),
+        *([f"- MFU against the data-sheet peak ({result['datasheet_tflops']:.0f} TFLOP/s): "
+           f"**{100 * result['mfu_datasheet']:.1f}%**"] if "mfu_datasheet" in result else []),
+        f"- attention kernels: {', '.join(result['attention_backend']) or 'none seen'}",
         f"- peak memory: {result['peak_memory_mb']:.0f} MiB ({result['peak_memory_scope']}); process peak since "
         f"start: {result['process_peak_memory_mb']:.0f} MiB",
         f"- compile: {'on' if result['compile'] else 'off'}; warm-up steps: "

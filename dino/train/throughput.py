@@ -184,3 +184,19 @@ class ThroughputMeter:
             return None
         return (f"data loading is the bottleneck: the loop waits for batches {data / total:.0%} of the time; "
                 "raise train.num_workers, keep images on a local disk, or store them smaller")
+
+
+@contextlib.contextmanager
+def dispatched_ops():
+    """Collect the names of the ATen operators that run inside (e.g. which attention kernel SDPA picked)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: set[str] = set()
+
+    class _Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with _Recorder():
+        yield seen
