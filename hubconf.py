@@ -1,4 +1,8 @@
-"""torch.hub entry points: `torch.hub.load('<this repo>', 'dinov2_vits14', source='local', pretrained=False)`."""
+"""torch.hub entry points: `torch.hub.load('<this repo>', 'dinov2_vits14', source='local', pretrained=False)`.
+
+DINO v1, DINOv2 (+ registers) and DINOv3 (ViTs and ConvNeXt students), e.g. 'dinov3_vits16' with
+`pretrained=True`, `weights='LVD1689M' | 'SAT493M' | PATH | URL` or `pretrained=False`.
+"""
 
 dependencies = ["torch"]
 
@@ -15,4 +19,15 @@ from dino.hub import (  # noqa: E402,F401
     dinov2_vitl14_reg,
     dinov2_vits14,
     dinov2_vits14_reg,
+    dinov3_convnext_base,
+    dinov3_convnext_large,
+    dinov3_convnext_small,
+    dinov3_convnext_tiny,
+    dinov3_vit7b16,
+    dinov3_vitb16,
+    dinov3_vith16plus,
+    dinov3_vitl16,
+    dinov3_vitl16plus,
+    dinov3_vits16,
+    dinov3_vits16plus,
 )

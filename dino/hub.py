@@ -22,6 +22,15 @@ import torch
 
 from dino.errors import UserError, require_path
 from dino.models import ARCH_SIZES, VisionTransformer, build_backbone
+from dino.models.dinov3 import (
+    DINOV3_RELEASES,
+    WEIGHTS as DINOV3_WEIGHTS,
+    build_dinov3,
+    build_dinov3_for_state_dict,
+    describe_dinov3_state_dict,
+    dinov3_url,
+    is_dinov3_state_dict,
+)
 
 _DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{model}/{model}{reg}_pretrain.pth"
 _DINO_URL = "https://dl.fbaipublicfiles.com/dino/{file}/{file}_pretrain.pth"
@@ -258,7 +267,12 @@ def from_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 def describe_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Infer the model kwargs (arch, patch size, registers, LayerScale, FFN, image size) from the tensors."""
+    """Infer the model kwargs (arch, patch size, registers, LayerScale, FFN, image size) from the tensors.
+
+    A DINOv3 state dict (RoPE periods / storage tokens, or a ConvNeXt) gets `describe_dinov3_state_dict`'s answer
+    (`kind` 'vit' | 'convnext', `name` of the release whose layout it has, `summary`, `model_kwargs`)."""
+    if is_dinov3_state_dict(state_dict):
+        return describe_dinov3_state_dict(state_dict)
     try:
         embed_dim = state_dict["cls_token"].shape[-1]
         patch_size = state_dict["patch_embed.proj.weight"].shape[-1]
@@ -327,6 +341,8 @@ def build_backbone_from_state_dict(state_dict: dict[str, torch.Tensor], requeste
     inference). `model_kwargs`: runtime options (drop_path_rate, attn_backend, …).
     """
     requested = {k: v for k, v in (requested or {}).items() if v is not None}
+    if is_dinov3_state_dict(state_dict):
+        return _build_dinov3_from_state_dict(state_dict, requested, stored_kwargs, **model_kwargs)
     info = describe_state_dict(state_dict)
     for key in ("arch", "patch_size", "num_register_tokens"):
         if key in requested and info.get(key) is not None and requested[key] != info[key]:
@@ -346,6 +362,116 @@ def build_backbone_from_state_dict(state_dict: dict[str, torch.Tensor], requeste
     return model
 
 
+# --- DINOv3 --------------------------------------------------------------------------------------
+def what_file_holds(state_dict: dict[str, torch.Tensor]) -> str:
+    """One line saying which model a backbone state dict is (generation, size, patch, extra tokens)."""
+    if is_dinov3_state_dict(state_dict):
+        return describe_dinov3_state_dict(state_dict)["summary"]
+    try:
+        info = describe_state_dict(state_dict)
+    except UserError:
+        return f"no known backbone (first keys: {', '.join(sorted(state_dict)[:6])})"
+    generation = "DINOv2" if info["init_values"] else "DINO v1"
+    name = official_name(info["arch"], info["patch_size"], info["num_register_tokens"]) if info["arch"] else None
+    return (f"a {generation} ViT {info['arch'] or '(unknown size)'} (embed_dim {info['embed_dim']}, depth {info['depth']}), "
+            f"patch {info['patch_size']}, {info['num_register_tokens']} register tokens"
+            + (f", the layout of {name}" if name else ""))
+
+
+def _assign_strictly(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], where: str, expected: str) -> None:
+    """Load `state_dict` into `model` (built on the meta device) strictly, assigning the tensors (no second copy:
+    a 7B file is not duplicated in memory), cast to the model's dtypes as a copy would. A file that does not fit
+    is a UserError naming its missing / unexpected / mis-shaped keys and what it holds instead."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        def short(items: list[str]) -> str:
+            return ", ".join(items[:6]) + (f" … (+{len(items) - 6} more)" if len(items) > 6 else "")
+
+        parts = [f"{where} does not fit {expected}: it holds {what_file_holds(state_dict)}"]
+        parts += [f"{label}: {short(items)}" for label, items in
+                  (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if items]
+        raise UserError("; ".join(parts))
+    cast = {k: v.to(own[k].dtype) if v.is_floating_point() and own[k].is_floating_point() else v
+            for k, v in state_dict.items()}
+    model.load_state_dict(cast, strict=True, assign=True)
+
+
+def _build_dinov3_from_state_dict(state_dict: dict[str, torch.Tensor], requested: dict, stored_kwargs: dict | None,
+                                  **model_kwargs) -> torch.nn.Module:
+    info = describe_dinov3_state_dict(state_dict)
+    wrong = {k: v for k, v in requested.items()
+             if (k == "patch_size" and v != info["patch_size"])
+             or (k == "num_register_tokens" and v != info["num_register_tokens"])
+             or (k == "arch" and v not in (info["arch"], info["name"]))}
+    if wrong:
+        raise UserError(f"the checkpoint holds {info['summary']}; requested " + ", ".join(f"{k}={v}" for k, v in wrong.items())
+                        + " — leave these out, they are read from the file")
+    model = build_dinov3_for_state_dict(state_dict, stored_kwargs, **model_kwargs)
+    _assign_strictly(model, state_dict, "checkpoint", info["name"] or info["summary"])
+    return model
+
+
+def _read_dinov3_file(source: str, check_hash: bool = False) -> dict:
+    if check_hash and source.startswith(("http://", "https://")):
+        # torch.hub checks the hash prefix in the file name (the official `check_hash`)
+        return torch.hub.load_state_dict_from_url(source, map_location="cpu", weights_only=True, check_hash=True)
+    return load_checkpoint_file(source)
+
+
+def load_dinov3(name: str, pretrained: bool = True, weights: Any = None, check_hash: bool = False,
+                **kwargs) -> torch.nn.Module:
+    """A DINOv3 release (`DINOV3_RELEASES`), as the official hub builds it, loaded strictly.
+
+    weights: None or 'LVD1689M' / 'SAT493M' (the official files, also the official `Weights` enum), or a local
+        path or URL of a state dict in the official layout (the SAT ViT-L and the 7B carry `local_cls_norm`;
+        the model follows the file). pretrained=False: the official random initialisation, nothing read.
+    device: with pretrained=False, where to build ('meta': shapes only, no memory — how the 7B is inspected).
+    Other kwargs override the release settings (drop_path_rate, attn_backend, …).
+    """
+    if name not in DINOV3_RELEASES:
+        from dino.errors import suggest
+
+        raise UserError(f"unknown DINOv3 model {name!r}." + suggest(name, DINOV3_RELEASES))
+    weights = getattr(weights, "value", weights)  # the official hub's Weights enum
+    variant = weights if weights in DINOV3_WEIGHTS else "LVD1689M"
+    device = kwargs.pop("device", None)
+    source = None
+    if weights is not None and weights not in DINOV3_WEIGHTS:
+        source = str(weights)
+    elif pretrained:
+        try:
+            source = dinov3_url(name, variant)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+    if source is None:
+        with torch.device(device or "cpu"):
+            model = build_dinov3(name, variant, **kwargs)
+            if hasattr(model, "stages") and not str(device).startswith("meta"):
+                model.init_weights()  # the ConvNeXt's official init (the ViT initialises itself)
+        return model
+    state_dict = extract_backbone_state_dict(_read_dinov3_file(source, check_hash), "teacher")
+    if DINOV3_RELEASES[name][0] == "vit":
+        kwargs.setdefault("untie_global_and_local_cls_norm", "local_cls_norm.weight" in state_dict)
+    with torch.device("meta"):
+        model = build_dinov3(name, variant, **kwargs)
+    _assign_strictly(model, state_dict, source, name)
+    return model
+
+
+def _dinov3_entry_point(name: str):
+    def entry(*, pretrained: bool = True, weights: Any = None, check_hash: bool = False, **kwargs) -> torch.nn.Module:
+        return load_dinov3(name, pretrained=pretrained, weights=weights, check_hash=check_hash, **kwargs)
+
+    entry.__name__ = name
+    entry.__doc__ = (f"Official {name} backbone; pretrained=True downloads {dinov3_url(name)}; weights= takes "
+                     f"'LVD1689M' / 'SAT493M' (where released), a path or a URL. See `load_dinov3`.")
+    return entry
+
+
 def load_backbone(pretrained_weights: str, arch: str | None = None, patch_size: int | None = None,
                   checkpoint_key: str | None = "teacher", num_register_tokens: int | None = None,
                   allow_pickle: bool = False, **model_kwargs) -> VisionTransformer:
@@ -356,6 +482,8 @@ def load_backbone(pretrained_weights: str, arch: str | None = None, patch_size: 
     """
     if pretrained_weights in OFFICIAL_MODELS:
         return load_official(pretrained_weights, pretrained=True, **model_kwargs).eval()
+    if pretrained_weights in DINOV3_RELEASES:
+        return load_dinov3(pretrained_weights, pretrained=True, **model_kwargs).eval()
     network = checkpoint_key if checkpoint_key in ("teacher", "student") else "teacher"
     checkpoint = load_checkpoint_file(pretrained_weights, allow_pickle=allow_pickle, network=network)
     state_dict = extract_backbone_state_dict(checkpoint, checkpoint_key)
@@ -377,6 +505,8 @@ def official_name(arch: str, patch_size: int, num_register_tokens: int = 0) -> s
 
 def load_official(name: str, pretrained: bool = True, weights: str | None = None, **kwargs) -> VisionTransformer:
     """Build an official model; `pretrained` downloads its released weights, `weights` takes a path or URL instead."""
+    if name in DINOV3_RELEASES:
+        return load_dinov3(name, pretrained=pretrained, weights=weights, **kwargs)
     if name not in OFFICIAL_MODELS:
         from dino.errors import suggest
 
@@ -419,6 +549,17 @@ dino_vits16 = _entry_point("dino_vits16")
 dino_vits8 = _entry_point("dino_vits8")
 dino_vitb16 = _entry_point("dino_vitb16")
 dino_vitb8 = _entry_point("dino_vitb8")
+dinov3_vits16 = _dinov3_entry_point("dinov3_vits16")
+dinov3_vits16plus = _dinov3_entry_point("dinov3_vits16plus")
+dinov3_vitb16 = _dinov3_entry_point("dinov3_vitb16")
+dinov3_vitl16 = _dinov3_entry_point("dinov3_vitl16")
+dinov3_vitl16plus = _dinov3_entry_point("dinov3_vitl16plus")
+dinov3_vith16plus = _dinov3_entry_point("dinov3_vith16plus")
+dinov3_vit7b16 = _dinov3_entry_point("dinov3_vit7b16")
+dinov3_convnext_tiny = _dinov3_entry_point("dinov3_convnext_tiny")
+dinov3_convnext_small = _dinov3_entry_point("dinov3_convnext_small")
+dinov3_convnext_base = _dinov3_entry_point("dinov3_convnext_base")
+dinov3_convnext_large = _dinov3_entry_point("dinov3_convnext_large")
 
 
 def save_backbone(model: VisionTransformer, path: str | os.PathLike, model_kwargs: dict | None = None,
