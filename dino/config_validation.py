@@ -133,6 +133,21 @@ def output_dir_problem(path: str | os.PathLike, what: str = "output directory") 
     return None
 
 
+def text_list_problem(path: str | os.PathLike) -> str | None:
+    """Why a `.txt` image list cannot be read as UTF-8 text (naming the line), or None when it can."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        return f"cannot read the image list {path}: {err.strerror or err}"
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        return (f"the image list {path} is not UTF-8 text (byte {data[err.start:err.start + 1]!r} on line {line}); "
+                "save it as UTF-8")
+    return None
+
+
 def validate_training_config(cfg: DictConfig) -> None:
     """Raise one `UserError` listing every invalid value of a training config (see the module docstring)."""
     from dino.models import ARCH_SIZES
@@ -224,8 +239,12 @@ def validate_training_config(cfg: DictConfig) -> None:
         c.number("train.knn_k", 1, integer=True)
         c.number("train.knn_temperature", 0, min_inclusive=False)
     data_path = c.get("train.data_path")
-    if isinstance(data_path, str) and data_path and not os.path.exists(os.path.expanduser(data_path)):
-        c.problems.append(f"train.data_path does not exist: {data_path}")
+    if isinstance(data_path, str) and data_path:
+        expanded = os.path.expanduser(data_path)
+        if not os.path.exists(expanded):
+            c.problems.append(f"train.data_path does not exist: {data_path}")
+        elif os.path.isfile(expanded) and expanded.lower().endswith(".txt") and (problem := text_list_problem(expanded)):
+            c.problems.append(problem)
     output_dir = c.get("train.output_dir")
     if output_dir is not _MISSING:
         problem = output_dir_problem(str(output_dir) if output_dir is not None else "", "train.output_dir")

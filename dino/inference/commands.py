@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -85,7 +86,12 @@ def run_extract(cfg) -> dict:
     if crop % model.patch_size:
         raise UserError(f"--crop_size {crop} is not a multiple of the patch size {model.patch_size}")
     transform = make_eval_transform(resize, crop)
-    extra_meta = dict(model=OmegaConf.to_container(cfg.model), resize_size=resize, crop_size=crop, precision=cfg.precision)
+    from dino.inference.extract import weights_fingerprint
+
+    # `dino search` embeds new queries with the weights named in meta.json: the fingerprint lets it notice
+    # when another file has since taken that path (wrong neighbours otherwise, and no error)
+    extra_meta = dict(model=OmegaConf.to_container(cfg.model), resize_size=resize, crop_size=crop, precision=cfg.precision,
+                      weights_fingerprint=weights_fingerprint(model))
     calibration, cosine = None, None
     if cfg.precision == "int8_static":
         stored = _stored_int8_ranges(cfg.output_dir)  # resuming: keep the grids the finished chunks were made with
@@ -149,8 +155,16 @@ def _embed_new_queries(paths: list[str], meta: dict, cfg) -> np.ndarray:
 
     if "model" not in meta:
         raise UserError("the features folder has no meta.json with the model; only images already in it can be queried")
+    from dino.inference.extract import weights_fingerprint
+
     device_ctx = DeviceContext.create(cfg.device)
     model = _load_model(OmegaConf.create(meta["model"]), device_ctx)
+    recorded = meta.get("weights_fingerprint")
+    if recorded is not None and weights_fingerprint(model) != recorded:
+        source = meta["model"].get("pretrained_weights") or "the official release"
+        raise UserError(f"the weights at {source} are not those the features in {cfg.features_dir} were extracted with "
+                        f"(fingerprint {weights_fingerprint(model)} ≠ {recorded}); put the original file back, or "
+                        "extract the features again with these weights")
     # int8_static: the query goes through the grids the indexed images went through
     fast, input_dtype = prepare_fast_model(model, meta.get("precision", "fp32"), False, device_ctx, meta.get("int8_ranges"))
     stored = meta["settings"]
@@ -165,10 +179,29 @@ def _embed_new_queries(paths: list[str], meta: dict, cfg) -> np.ndarray:
     return features
 
 
+def _check_search_settings(cfg) -> None:
+    """Values `dino search` would otherwise accept silently (k = 0: no neighbours) or fail on late."""
+    problems = []
+    for key, minimum in (("k", 1), ("pq_m", 1), ("nprobe", 1), ("batch_size", 1), ("num_workers", 0)):
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            problems.append(f"--{key} must be an integer ≥ {minimum}, got {value!r}")
+    nlist = cfg.get("nlist")
+    if nlist is not None and (isinstance(nlist, bool) or not isinstance(nlist, int) or nlist < 1):
+        problems.append(f"nlist must be null or an integer ≥ 1, got {nlist!r}")
+    from dino.config_validation import output_dir_problem
+
+    if problem := output_dir_problem(str(cfg.output_dir), "--output_dir"):
+        problems.append(problem)
+    if problems:
+        raise UserError("; ".join(problems))
+
+
 def run_search(cfg) -> dict:
     from dino.inference.extract import load_extracted
     from dino.inference.search import build_index, search, write_contact_sheet_html, write_contact_sheet_png
 
+    _check_search_settings(cfg)
     features, paths, meta = load_extracted(cfg.features_dir)
     query_paths = _query_paths(list(cfg.queries))
     position = {p: i for i, p in enumerate(paths)}
@@ -197,8 +230,17 @@ def run_duplicates(cfg) -> dict:
     from dino.inference.extract import load_extracted
     from dino.inference.search import near_duplicates, write_duplicates_csv
 
-    features, paths, _ = load_extracted(cfg.features_dir)
-    pairs = near_duplicates(features, float(cfg.threshold))
+    threshold = cfg.threshold
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+        raise UserError(f"--threshold must be a number, got {threshold!r}")
+    features, paths, meta = load_extracted(cfg.features_dir)
+    normalized = bool(meta.get("settings", {}).get("normalize", True))
+    # with L2-normalised rows (the default) the inner product is a cosine: a threshold outside [-1, 1] either
+    # lists nothing (7) or every pair (-2), silently
+    if normalized and not -1.0 <= float(threshold) <= 1.0:
+        raise UserError(f"--threshold {threshold} is not a cosine similarity: choose a value in [-1, 1] "
+                        "(e.g. 0.95 for near-duplicates)")
+    pairs = near_duplicates(features, float(threshold))
     csv = write_duplicates_csv(pairs, paths, cfg.output)
     return dict(num_pairs=len(pairs), output=str(csv),
                 pairs=[(paths[p.first], paths[p.second], round(p.similarity, 6)) for p in pairs[:20]])

@@ -63,10 +63,14 @@ class ExtractionSettings:
 
 def list_input_images(source: str | os.PathLike) -> list[str]:
     """The images of a folder (recursive, sorted) or of a `.txt` list (in its order)."""
+    from dino.config_validation import text_list_problem
+
     source = require_path(source, "image source")
     if os.path.isdir(source):
         paths = list_images(source)
     elif source.lower().endswith(".txt"):
+        if problem := text_list_problem(source):
+            raise UserError(problem)
         paths = read_file_list(source)
     else:
         raise UserError(f"image source must be a folder or a .txt file list, got {source}")
@@ -121,6 +125,60 @@ def _atomic_write_text(path: Path, text: str) -> None:
     atomic_write_text(path, text)
 
 
+# The path lists (inputs.txt, paths.txt, skipped.txt, chunks/*.txt) hold one path per line. A file name may
+# itself hold a line break (legal on POSIX), which would shift every following row against the features:
+# backslash, LF and CR are written escaped (\\, \n, \r) and lines are split on LF only. Ordinary paths are
+# written as they are.
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r"}
+_UNESCAPES = {"\\": "\\", "n": "\n", "r": "\r"}
+
+
+def encode_path_line(path: str) -> str:
+    """`path` as one line of a path list (see above)."""
+    if not any(c in path for c in _ESCAPES):
+        return path
+    return "".join(_ESCAPES.get(c, c) for c in path)
+
+
+def decode_path_line(line: str) -> str:
+    """The path written by `encode_path_line`."""
+    if "\\" not in line:
+        return line
+    out, chars = [], iter(line)
+    for c in chars:
+        if c == "\\":
+            following = next(chars, "")
+            out.append(_UNESCAPES.get(following, "\\" + following))
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def write_path_list(path: Path, paths: Sequence[str]) -> None:
+    _atomic_write_text(path, "".join(encode_path_line(p) + "\n" for p in paths))
+
+
+def read_path_list(path: Path) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")  # not splitlines(): it also splits on \x0b, \x1c, \u2028, … which names may hold
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [decode_path_line(line) for line in lines]
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A digest of every parameter and buffer (names, shapes, dtypes, values): what `dino search` compares to
+    know that the weights it embeds new queries with are those the features were extracted with."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def _chunk_files(chunks_dir: Path, index: int) -> tuple[Path, Path, Path]:
     stem = f"{index:05d}"
     return chunks_dir / f"{stem}.npy", chunks_dir / f"{stem}.txt", chunks_dir / f"{stem}.skipped"
@@ -162,10 +220,10 @@ def extract_features_to_folder(model: nn.Module, paths: Sequence[str], output_di
     chunks_dir = output / "chunks"
     chunks_dir.mkdir(parents=True, exist_ok=True)
     list_file = output / "inputs.txt"
-    if list_file.exists() and list_file.read_text(encoding="utf-8").splitlines() != list(paths):
+    if list_file.exists() and read_path_list(list_file) != list(paths):
         raise UserError(f"{output} holds an extraction of a different image list; use another --output_dir or delete it")
     if not list_file.exists():
-        _atomic_write_text(list_file, "\n".join(paths) + "\n")
+        write_path_list(list_file, paths)
     # chunks from a run with other feature settings must not be mixed into this one
     identity = json.dumps(dict(features=settings.features, normalize=settings.normalize, image_size=image_size,
                                **settings.extra_meta), sort_keys=True, default=str)
@@ -187,8 +245,8 @@ def extract_features_to_folder(model: nn.Module, paths: Sequence[str], output_di
         features, good, bad = _extract_chunk(model, chunk_paths, transform, image_size, device, input_dtype, settings, bar)
         npy, txt, skipped = _chunk_files(chunks_dir, index)
         _atomic_save_npy(npy, features.astype(np.float32))
-        _atomic_write_text(skipped, "".join(p + "\n" for p in bad))
-        _atomic_write_text(txt, "".join(p + "\n" for p in good))  # written last: its presence marks the chunk done
+        write_path_list(skipped, bad)
+        write_path_list(txt, good)  # written last: its presence marks the chunk done
     bar.close()
     seconds = time.perf_counter() - start
     summary = merge_chunks(output, num_chunks, settings)
@@ -207,8 +265,8 @@ def merge_chunks(output: Path, num_chunks: int, settings: ExtractionSettings) ->
     for index in range(num_chunks):
         npy, txt, bad = _chunk_files(chunks_dir, index)
         arrays.append(np.load(npy))
-        paths.extend(txt.read_text(encoding="utf-8").splitlines())
-        skipped.extend(bad.read_text(encoding="utf-8").splitlines() if bad.exists() else [])
+        paths.extend(read_path_list(txt))
+        skipped.extend(read_path_list(bad) if bad.exists() else [])
     dims = {a.shape[1] for a in arrays if len(a)}
     if len(dims) > 1:
         raise UserError(f"chunks in {chunks_dir} have different feature sizes {sorted(dims)}; they come from different "
@@ -221,25 +279,55 @@ def merge_chunks(output: Path, num_chunks: int, settings: ExtractionSettings) ->
         save_file({"features": np.ascontiguousarray(features)}, str(output / "features.safetensors"))
     else:
         _atomic_save_npy(output / "features.npy", features)
-    _atomic_write_text(output / "paths.txt", "".join(p + "\n" for p in paths))
-    _atomic_write_text(output / "skipped.txt", "".join(p + "\n" for p in skipped))
+    write_path_list(output / "paths.txt", paths)
+    write_path_list(output / "skipped.txt", skipped)
     return dict(output_dir=str(output), num_features=int(features.shape[0]), dim=int(dim), num_skipped=len(skipped),
                 skipped=skipped)
 
 
 def load_extracted(folder: str | os.PathLike) -> tuple[np.ndarray, list[str], dict]:
-    """(features (N, D) float32, paths, meta) of an extraction folder."""
+    """(features (N, D) float32, paths, meta) of an extraction folder.
+
+    Every file is checked: a features file that needs pickle (an object array) or is not an array at all, a
+    missing paths.txt or an unreadable meta.json is a one-line UserError naming the file.
+    """
     folder = Path(require_path(folder, "features folder", must_be_dir=True))
     if (folder / "features.npy").exists():
-        features = np.load(folder / "features.npy")
+        source = folder / "features.npy"
+        try:  # never pickle: a features file is numbers, and unpickling runs code
+            features = np.load(source, allow_pickle=False)
+        except Exception as err:
+            raise UserError(f"cannot read {source}: not a plain numeric .npy array "
+                            f"({(str(err).splitlines() or [type(err).__name__])[0]}); run `dino extract` again") from None
     elif (folder / "features.safetensors").exists():
         from safetensors.numpy import load_file
 
-        features = load_file(str(folder / "features.safetensors"))["features"]
+        source = folder / "features.safetensors"
+        try:
+            features = load_file(str(source))["features"]
+        except Exception as err:
+            raise UserError(f"cannot read {source}: {(str(err).splitlines() or [type(err).__name__])[0]}; "
+                            "run `dino extract` again") from None
     else:
         raise UserError(f"{folder} holds no features.npy or features.safetensors; run `dino extract` first")
-    paths = (folder / "paths.txt").read_text(encoding="utf-8").splitlines()
-    meta = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").exists() else {}
+    if not isinstance(features, np.ndarray) or features.ndim != 2 or features.dtype.kind not in "fiu":
+        raise UserError(f"{source} is not a 2-D numeric feature matrix (got {getattr(features, 'dtype', type(features))} "
+                        f"of shape {getattr(features, 'shape', '?')}); run `dino extract` again")
+    paths_file = folder / "paths.txt"
+    if not paths_file.is_file():
+        raise UserError(f"{folder} has no paths.txt next to its features; run `dino extract` again")
+    try:
+        paths = read_path_list(paths_file)
+    except UnicodeDecodeError as err:
+        raise UserError(f"{paths_file} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    meta: dict = {}
+    if (folder / "meta.json").exists():
+        try:
+            meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise UserError(f"cannot read {folder / 'meta.json'}: {err}") from None
+        if not isinstance(meta, dict):
+            raise UserError(f"{folder / 'meta.json'} does not hold a JSON object")
     if len(paths) != len(features):
         raise UserError(f"{folder}: {len(features)} feature rows but {len(paths)} paths")
     return features.astype(np.float32, copy=False), paths, meta

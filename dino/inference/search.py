@@ -120,10 +120,17 @@ def near_duplicates(features: np.ndarray, threshold: float = 0.95, chunk_rows: i
 
 
 def write_duplicates_csv(pairs: Sequence[DuplicatePair], paths: Sequence[str], out_path: str | os.PathLike) -> Path:
+    import csv
+    import io
+
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    lines = ["similarity,first,second"] + [f"{p.similarity:.6f},{paths[p.first]},{paths[p.second]}" for p in pairs]
-    out_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # the csv module quotes paths holding commas, quotes or line breaks, so every row reads back as 3 fields
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["similarity", "first", "second"])
+    writer.writerows([f"{p.similarity:.6f}", paths[p.first], paths[p.second]] for p in pairs)
+    out_path.write_text(buffer.getvalue(), encoding="utf-8")
     return out_path
 
 
