@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from dino.errors import UserError, require_path
+from dino.log import get_logger
 from dino.models import ARCH_SIZES, VisionTransformer, build_backbone
 from dino.models.dinov3 import (
     DINOV3_RELEASES,
@@ -31,6 +32,8 @@ from dino.models.dinov3 import (
     dinov3_url,
     is_dinov3_state_dict,
 )
+
+logger = get_logger(__name__)
 
 _DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{model}/{model}{reg}_pretrain.pth"
 _DINO_URL = "https://dl.fbaipublicfiles.com/dino/{file}/{file}_pretrain.pth"
@@ -88,7 +91,9 @@ def load_checkpoint_file(path_or_url: str, allow_pickle: bool = False, network: 
             return load_sharded_network(path, network)
         hf_weights = _hf_folder_weights(path)
         if hf_weights is not None:  # a Hugging Face Dinov2Model folder (ours from `dino export --format hf`, or the hub's)
-            return load_checkpoint_file(str(hf_weights), allow_pickle=allow_pickle, network=network)
+            weights = load_checkpoint_file(str(hf_weights), allow_pickle=allow_pickle, network=network)
+            state = weights.get("backbone", weights)
+            return {"backbone": state, "backbone_kwargs": hf_config_kwargs(Path(path) / "config.json")}
         raise UserError(f"checkpoint {path} is a folder but neither a sharded (DCP) checkpoint (no .metadata file) "
                         f"nor a Hugging Face model folder (no config.json with {' or '.join(HF_WEIGHT_FILES)})")
     if path.endswith(".safetensors"):
@@ -116,6 +121,25 @@ def _hf_folder_weights(folder: str) -> Path | None:
     if not os.path.isfile(os.path.join(folder, "config.json")):
         return None
     return next((Path(folder) / name for name in HF_WEIGHT_FILES if (Path(folder) / name).is_file()), None)
+
+
+def hf_config_kwargs(config_file: Path) -> dict[str, Any]:
+    """Our model kwargs from a Hugging Face `Dinov2Config` / `Dinov2WithRegistersConfig` (config.json)."""
+    try:
+        config = json.loads(Path(config_file).read_text())
+        embed_dim = int(config["hidden_size"])
+        kwargs: dict[str, Any] = dict(
+            embed_dim=embed_dim, depth=int(config["num_hidden_layers"]), num_heads=int(config["num_attention_heads"]),
+            patch_size=int(config.get("patch_size", 14)), img_size=int(config.get("image_size", 518)),
+            mlp_ratio=float(config.get("mlp_ratio", 4)), qkv_bias=bool(config.get("qkv_bias", True)),
+            ffn_layer="swiglu" if config.get("use_swiglu_ffn") else "mlp",
+            num_register_tokens=int(config.get("num_register_tokens", 0)),
+        )
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{config_file}: not a readable Dinov2 config ({type(err).__name__}: {err})") from None
+    # the named size with this width (its depth / heads are overridden by the explicit ones above)
+    kwargs["arch"] = next((name for name, (dim, *_) in ARCH_SIZES.items() if dim == embed_dim), "vit_small")
+    return kwargs
 
 
 def load_safetensors_file(path: str) -> dict:
@@ -572,17 +596,16 @@ def save_backbone(model: VisionTransformer, path: str | os.PathLike, model_kwarg
       ``<file>.json`` with `model_kwargs`; with `safetensors_copy` (the default) also ``<file>.safetensors``, so
       a training run leaves `teacher_backbone.pth` for the DINO tooling and `teacher_backbone.safetensors`.
     """
+    from dino.io import atomic_torch_save, atomic_write_json
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if path.suffix == ".safetensors":
         _write_safetensors(tensors, path, model_kwargs)
         return
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(tensors, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save(tensors, path)
     if model_kwargs is not None:
-        Path(str(path.with_suffix("")) + ".json").write_text(json.dumps({"model": model_kwargs}, indent=2))
+        atomic_write_json(Path(str(path.with_suffix("")) + ".json"), {"model": model_kwargs})
     if safetensors_copy:
         _write_safetensors(tensors, path.with_suffix(".safetensors"), model_kwargs)
 
@@ -590,12 +613,13 @@ def save_backbone(model: VisionTransformer, path: str | os.PathLike, model_kwarg
 def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path, model_kwargs: dict | None) -> None:
     from safetensors.torch import save_file
 
+    from dino.io import atomic_output_path
+
     metadata = {"format": "pt"}
     if model_kwargs is not None:
         metadata[SAFETENSORS_KWARGS_KEY] = json.dumps(model_kwargs)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_output_path(path, needed_bytes=sum(t.numel() * t.element_size() for t in tensors.values())) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def resolve_backbone(pretrained_weights: str | None, arch: str | None = None, patch_size: int | None = None,
@@ -612,5 +636,5 @@ def resolve_backbone(pretrained_weights: str | None, arch: str | None = None, pa
             f"no --pretrained_weights given and there is no official release for {arch} patch {patch_size}; "
             f"pass --pretrained_weights PATH (official: {', '.join(OFFICIAL_MODELS)})"
         )
-    print(f"no --pretrained_weights given: using the official {name} weights ({OFFICIAL_MODELS[name][0]})")
+    logger.info(f"no --pretrained_weights given: using the official {name} weights ({OFFICIAL_MODELS[name][0]})")
     return load_official(name, pretrained=True, **model_kwargs).eval()
