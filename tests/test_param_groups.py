@@ -65,7 +65,7 @@ def settings_by_name(groups) -> dict[str, tuple[float, float, bool]]:
 @pytest.mark.parametrize("chunked", [False, True])
 def test_layerwise_decay_weight_decay_and_last_layer(chunked):
     model = TinyStudent(chunked=chunked)
-    groups = build_param_groups(model, layerwise_decay=0.5, patch_embed_lr_mult=0.2)
+    groups = build_param_groups(model, layerwise_decay=0.5, patch_embed_lr_mult=0.2, exclude_tokens_from_weight_decay=True)
     table = settings_by_name(groups)
     last_block = "backbone.blocks.1.2" if chunked else "backbone.blocks.2"
     first_block = "backbone.blocks.0.0" if chunked else "backbone.blocks.0"
@@ -93,10 +93,29 @@ def test_layerwise_decay_weight_decay_and_last_layer(chunked):
     assert n + 2 <= len(groups) < n_trainable
 
 
-def test_official_weight_decay_on_tokens_when_asked():
-    table = settings_by_name(build_param_groups(TinyViT(), exclude_tokens_from_weight_decay=False))
-    assert table["cls_token"][1] == 1.0 and table["pos_embed"][1] == 1.0
-    assert table["norm.weight"][1] == 0.0
+def test_official_rule_decays_tokens_by_default():
+    """DINO v1 / DINOv2 exempt only biases, norms and LayerScale; the four token tensors are decayed."""
+    table = settings_by_name(build_param_groups(TinyViT()))
+    for token in ("cls_token", "register_tokens", "mask_token", "pos_embed"):
+        assert table[token][1] == 1.0, token
+    for exempt in ("norm.weight", "norm.bias", "blocks.0.qkv.bias", "blocks.0.norm1.weight", "blocks.0.ls1.gamma",
+                   "patch_embed.proj.bias"):
+        assert table[exempt][1] == 0.0, exempt
+    assert table["blocks.0.qkv.weight"][1] == 1.0 and table["patch_embed.proj.weight"][1] == 1.0
+
+
+@pytest.mark.parametrize("preset, exempt", [("dino_vits16", False), ("dinov2_vits14", False), ("dinov2_vitl14", False),
+                                            ("dinov2_vitg14", False), ("demo", True)])
+def test_presets_choose_the_token_weight_decay_rule(preset, exempt):
+    from dino.config import compose
+    from dino.train.loop import build_optimizer
+
+    cfg = compose(f"train/{preset}")
+    assert cfg.optim.exclude_tokens_from_weight_decay is exempt
+    optimizer = build_optimizer(cfg, TinyStudent())
+    wd = {name: group["wd_multiplier"] for group in optimizer.param_groups for name in group["names"]}
+    assert wd["backbone.cls_token"] == wd["backbone.pos_embed"] == wd["backbone.mask_token"] == (0.0 if exempt else 1.0)
+    assert wd["backbone.norm.weight"] == 0.0 and wd["backbone.blocks.0.qkv.weight"] == 1.0
 
 
 def test_block_index_parses_prefixed_and_chunked_names():

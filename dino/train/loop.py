@@ -107,7 +107,8 @@ def build_schedules(cfg: DictConfig, iters_per_epoch: int, total_batch_size: int
 
 def build_optimizer(cfg: DictConfig, student: torch.nn.Module) -> torch.optim.Optimizer:
     groups = build_param_groups(student, layerwise_decay=float(cfg.optim.layerwise_decay),
-                                patch_embed_lr_mult=float(cfg.optim.patch_embed_lr_mult))
+                                patch_embed_lr_mult=float(cfg.optim.patch_embed_lr_mult),
+                                exclude_tokens_from_weight_decay=bool(cfg.optim.exclude_tokens_from_weight_decay))
     name = str(cfg.optim.optimizer).lower()
     if name == "adamw":
         # The fused kernel updates each parameter in one pass instead of ~10 foreach passes: the optimiser

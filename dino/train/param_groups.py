@@ -17,7 +17,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-# Learned tokens and the position embedding: layer 0 for lr decay, and (by default) no weight decay.
+# Learned tokens and the position embedding: layer 0 for lr decay; weight-decayed as in the official code unless
+# `exclude_tokens_from_weight_decay` (the config key `optim.exclude_tokens_from_weight_decay`).
 TOKEN_NAMES = frozenset({"cls_token", "register_tokens", "mask_token", "pos_embed"})
 # Wrapper prefixes that torch adds to parameter names (FSDP1, activation checkpointing, torch.compile).
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -59,9 +60,13 @@ def is_last_layer(name: str) -> bool:
     return "last_layer" in name.split(".")
 
 
-def weight_decay_multiplier(name: str, param: torch.Tensor, exclude_tokens: bool = True) -> float:
+def weight_decay_multiplier(name: str, param: torch.Tensor, exclude_tokens: bool = False) -> float:
     """0 for biases, every ≤1-D parameter (norm weights, LayerScale ``gamma``), and, when `exclude_tokens`,
-    the learned tokens and position embedding; 1 otherwise."""
+    the learned tokens and position embedding; 1 otherwise.
+
+    Without `exclude_tokens` this is the official rule of both DINO v1 (every ``.bias`` and every 1-D tensor)
+    and DINOv2 (``.bias``, names containing ``norm``, ``gamma``): cls_token (1,1,D), pos_embed (1,N,D),
+    register_tokens (1,R,D) and mask_token (1,D) are decayed."""
     parts = name.split(".")
     if param.ndim <= 1 or parts[-1] == "bias" or "gamma" in parts:
         return 0.0
@@ -75,7 +80,7 @@ def build_param_groups(
     layerwise_decay: float = 1.0,
     patch_embed_lr_mult: float = 1.0,
     num_layers: int | None = None,
-    exclude_tokens_from_weight_decay: bool = True,
+    exclude_tokens_from_weight_decay: bool = False,
 ) -> list[dict[str, Any]]:
     """Optimizer param groups of `model`'s trainable parameters, one per distinct
     (lr_multiplier, wd_multiplier, is_last_layer), in order of first appearance.
@@ -87,9 +92,9 @@ def build_param_groups(
         layerwise_decay: per-layer lr decay (DINOv2: 0.9 for S/B, 1.0 for L/g; DINO v1: 1.0).
         patch_embed_lr_mult: extra lr factor of the patch embedding (DINOv2: 0.2; v1: 1.0).
         num_layers: number of blocks; inferred from the parameter names when None.
-        exclude_tokens_from_weight_decay: no weight decay on cls/register/mask tokens and pos_embed.
-            Note that neither official code does this (DINO v1 only exempts biases and 1-D parameters,
-            DINOv2 biases, norms and ``gamma``); pass False to reproduce them exactly.
+        exclude_tokens_from_weight_decay: no weight decay on cls/register/mask tokens and pos_embed. Neither
+            official code does this (DINO v1 exempts only biases and 1-D parameters, DINOv2 biases, norms and
+            ``gamma``), so the default False reproduces them; True is what the demo preset was tuned with.
     """
     if num_layers is None:
         num_layers = count_blocks(model)
