@@ -101,6 +101,9 @@ def load_checkpoint_file(path_or_url: str, allow_pickle: bool = False, network: 
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as err:
+        if not _is_zip_or_pickle(path):  # random bytes also end here: not "pickled objects"
+            raise UserError(f"cannot read checkpoint {path}: not a PyTorch checkpoint (neither a torch.save zip archive "
+                            "nor a pickle: another kind of file, or damaged)") from None
         if allow_pickle:
             raise UserError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
         raise UserError(
@@ -163,6 +166,18 @@ def load_safetensors_file(path: str) -> dict:
         except (ValueError, TypeError):
             raise UserError(f"{path}: unreadable model kwargs in the file's metadata ({SAFETENSORS_KWARGS_KEY})") from None
     return checkpoint
+
+
+def _is_zip_or_pickle(path: str) -> bool:
+    """Whether a file starts like something torch.save writes: a zip archive, or a pickle (protocol ≥ 2)."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(2)
+    except OSError:
+        return False
+    return zipfile.is_zipfile(path) or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
 def load_sharded_network(directory: str, network: str = "teacher") -> dict:
@@ -332,12 +347,20 @@ def _format_mismatch(missing: list[str], unexpected: list[str], info: dict, requ
         parts.append(f"missing keys: {short(missing)}")
     if unexpected:
         parts.append(f"unexpected keys: {short(unexpected)}")
-    parts.append(
-        f"the checkpoint holds {info['arch'] or 'an unknown ViT'} (embed_dim {info['embed_dim']}, depth {info['depth']}), "
-        f"patch size {info['patch_size']}, {info['num_register_tokens']} register tokens"
-        f" — try --arch {info['arch']} --patch_size {info['patch_size']}"
-        + (f" num_register_tokens={info['num_register_tokens']}" if info["num_register_tokens"] else "")
-    )
+    if info["arch"] is None:
+        # a custom width (the demo's 96) matches no named size, and the head count is not in the tensors:
+        # only the settings saved with the weights can rebuild it, so no --arch can be suggested
+        parts.append(
+            f"the checkpoint holds a ViT of a custom size (embed_dim {info['embed_dim']}, depth {info['depth']}, "
+            f"patch size {info['patch_size']}) that no --arch names; its architecture is in the .json file written "
+            "next to it (e.g. teacher_backbone.json beside teacher_backbone.pth): put that file back beside the weights")
+    else:
+        parts.append(
+            f"the checkpoint holds {info['arch']} (embed_dim {info['embed_dim']}, depth {info['depth']}), "
+            f"patch size {info['patch_size']}, {info['num_register_tokens']} register tokens"
+            f" — try --arch {info['arch']} --patch_size {info['patch_size']}"
+            + (f" num_register_tokens={info['num_register_tokens']}" if info["num_register_tokens"] else "")
+        )
     if requested:
         parts.append("requested " + ", ".join(f"{k}={v}" for k, v in requested.items()))
     return "; ".join(parts)
@@ -354,6 +377,21 @@ def _sidecar_kwargs(path: str | None) -> dict:
         except (ValueError, AttributeError):
             return {}
     return {}
+
+
+def _check_stored_kwargs(stored: dict) -> None:
+    """Settings saved with a checkpoint (its backbone_kwargs, or the .json file beside it) must be ones the
+    ViT takes: an unknown key is a one-line error naming it, not a TypeError from the constructor."""
+    import inspect
+
+    valid = set(inspect.signature(VisionTransformer.__init__).parameters) - {"self"} | {"arch", "patch_size"}
+    unknown = sorted(set(stored) - valid)
+    if unknown:
+        from dino.errors import suggest
+
+        raise UserError(f"the model settings saved with this checkpoint (backbone_kwargs, or its .json file) hold "
+                        f"unknown key(s) {', '.join(map(repr, unknown))}.{suggest(unknown[0], valid)} "
+                        "Remove or correct them")
 
 
 def build_backbone_from_state_dict(state_dict: dict[str, torch.Tensor], requested: dict | None = None,
@@ -379,6 +417,7 @@ def build_backbone_from_state_dict(state_dict: dict[str, torch.Tensor], requeste
     patch_size = kwargs.pop("patch_size", None) or info["patch_size"]
     if arch is None:
         raise UserError(_format_mismatch([], [], info, requested))
+    _check_stored_kwargs(stored_kwargs or {})
     model = build_backbone(arch, patch_size, **kwargs)
     result = model.load_state_dict(state_dict, strict=False)
     if result.missing_keys or result.unexpected_keys:
@@ -527,8 +566,10 @@ def official_name(arch: str, patch_size: int, num_register_tokens: int = 0) -> s
     return None
 
 
-def load_official(name: str, pretrained: bool = True, weights: str | None = None, **kwargs) -> VisionTransformer:
-    """Build an official model; `pretrained` downloads its released weights, `weights` takes a path or URL instead."""
+def load_official(name: str, pretrained: bool = True, weights: str | None = None, allow_pickle: bool = False,
+                  **kwargs) -> VisionTransformer:
+    """Build an official model; `pretrained` downloads its released weights, `weights` takes a path or URL instead
+    (`allow_pickle=True` for a trusted file that needs pickle)."""
     if name in DINOV3_RELEASES:
         return load_dinov3(name, pretrained=pretrained, weights=weights, **kwargs)
     if name not in OFFICIAL_MODELS:
@@ -543,18 +584,33 @@ def load_official(name: str, pretrained: bool = True, weights: str | None = None
     model = build_backbone(arch, patch_size, **model_kwargs)
     if pretrained or weights:
         source = weights or url
-        checkpoint = load_checkpoint_file(source)
+        checkpoint = load_checkpoint_file(source, allow_pickle=allow_pickle)
         state_dict = extract_backbone_state_dict(checkpoint, "teacher")
-        result = model.load_state_dict(state_dict, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            info = describe_state_dict(state_dict)
-            raise UserError(f"{source}: " + _format_mismatch(list(result.missing_keys), list(result.unexpected_keys), info, {"model": name}))
+        expected = model.state_dict()
+        wrong_shape = [k for k, v in state_dict.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+        if wrong_shape or set(state_dict) != set(expected):
+            # through torch.hub there are no --arch flags to suggest: name the entry point that fits the file
+            raise UserError(f"{source} does not fit {name}: the file holds {what_file_holds(state_dict)}"
+                            + _hub_remedy(state_dict))
+        model.load_state_dict(state_dict, strict=True)
     return model
 
 
+def _hub_remedy(state_dict: dict[str, torch.Tensor]) -> str:
+    try:
+        info = describe_state_dict(state_dict)
+    except UserError:
+        return "; load it with dino.hub.load_backbone(path), which reads the architecture from the file"
+    fitting = official_name(info["arch"], info["patch_size"], info["num_register_tokens"]) if info["arch"] else None
+    if fitting and ARCH_SIZES[info["arch"]][1] == info["depth"]:  # a cut-down depth fits no release
+        return f"; load it with the {fitting!r} entry point (pretrained=False, weights=<the file>)"
+    return "; load it with dino.hub.load_backbone(path), which reads the architecture from the file"
+
+
 def _entry_point(name: str):
-    def entry(pretrained: bool = True, weights: str | None = None, **kwargs) -> VisionTransformer:
-        return load_official(name, pretrained=pretrained, weights=weights, **kwargs)
+    def entry(pretrained: bool = True, weights: str | None = None, allow_pickle: bool = False,
+              **kwargs) -> VisionTransformer:
+        return load_official(name, pretrained=pretrained, weights=weights, allow_pickle=allow_pickle, **kwargs)
 
     entry.__name__ = name
     entry.__doc__ = f"Official {name} backbone; pretrained=True downloads {OFFICIAL_MODELS[name][0]}."
