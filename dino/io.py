@@ -15,10 +15,12 @@ needs and the space free, and the temporary file is removed.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
@@ -214,7 +216,98 @@ def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> None:
         shutil.copyfileobj(src, handle, length=1 << 20)
 
 
+# ------------------------------------------------------------------------------------- directory lock
+
+LOCK_NAME = ".dino.lock"
+
+
+class DirectoryInUseError(UserError):
+    """Another live process holds the lock of an output directory."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class DirectoryLock:
+    """An exclusive lock on a run's output directory, held for the life of the run.
+
+    `fcntl.flock` on `<dir>/.dino.lock`: the kernel releases it when the holder dies, even by `kill -9`,
+    so a stale lock file left by a dead run is simply taken over.  The file names the holder (PID, host,
+    start time) for the message a second run gets.  On file systems without flock (some network mounts)
+    the PID in the file decides: a live PID on this host holds the directory, anything else is stale.
+    """
+
+    def __init__(self, directory: str | os.PathLike, what: str = "output directory"):
+        self.path = Path(directory) / LOCK_NAME
+        self.what = what
+        self._fd: int | None = None
+
+    def _holder(self) -> str:
+        try:
+            info = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            info = {}
+        pid = info.get("pid")
+        if pid is None:
+            return "another process"
+        host = info.get("host")
+        since = info.get("since")
+        return f"process {pid}" + (f" on {host}" if host else "") + (f" (running since {since})" if since else "")
+
+    def acquire(self) -> "DirectoryLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DirectoryInUseError(f"{self.what} {self.path.parent} is in use by {self._holder()}; wait for that "
+                                      f"run to finish, stop it, or choose another output directory") from None
+        except (ImportError, OSError):  # no flock here: fall back to the PID written in the file
+            holder = self._pid_in_file()
+            if holder is not None and holder != os.getpid() and _pid_alive(holder):
+                os.close(fd)
+                raise DirectoryInUseError(f"{self.what} {self.path.parent} is in use by {self._holder()}; wait for "
+                                          "that run to finish, stop it, or choose another output directory") from None
+        record = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "since": datetime.datetime.now().isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        self._fd = fd
+        return self
+
+    def _pid_in_file(self) -> int | None:
+        try:
+            info = json.loads(self.path.read_text() or "{}")
+            return int(info["pid"]) if info.get("host") in (None, socket.gethostname()) else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, 0)  # no holder named any more; the file itself stays (removing it races)
+        os.close(self._fd)  # closing drops the flock
+        self._fd = None
+
+    def __enter__(self) -> "DirectoryLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 __all__ = [
-    "DiskFullError", "atomic_copy", "atomic_output_path", "atomic_save_npy", "atomic_torch_save", "atomic_write", "atomic_write_bytes",
+    "DirectoryInUseError", "DirectoryLock", "DiskFullError", "atomic_copy", "atomic_output_path", "atomic_save_npy", "atomic_torch_save", "atomic_write", "atomic_write_bytes",
     "atomic_write_json", "atomic_write_text", "disk_full_message", "format_bytes", "is_disk_full",
 ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 from typing import Callable, Iterator
 
@@ -187,6 +188,26 @@ class _SeededCollate:
             return self.collate_fn(items)
 
 
+def _leave_sigterm_to_the_main_process() -> None:
+    """In a DataLoader worker: ignore SIGTERM while the main process lives.
+
+    `timeout`, `kill -- -PGID` and cluster pre-emption signal the whole process group (or every process of
+    the job). torch's worker handler then dies at once, and the main process fails with "DataLoader worker
+    killed by signal" before it can save. Ignoring it leaves the main process in charge: it saves, then
+    shuts the workers down itself. A worker whose main process is gone still exits on SIGTERM.
+    """
+    import signal
+
+    parent = os.getppid()
+
+    def handler(signum, frame):
+        if os.getppid() != parent:  # orphaned: nobody will shut us down, so go
+            os._exit(0)
+
+    with contextlib.suppress(ValueError):  # not the main thread of the worker: keep torch's handler
+        signal.signal(signal.SIGTERM, handler)
+
+
 class _WorkerSeeder:
     """`worker_init_fn`: seeds a worker's `random`, NumPy and torch from (seed, rank, epoch, worker id).
 
@@ -198,6 +219,7 @@ class _WorkerSeeder:
         self.seed, self.rank, self.sampler = seed, rank, sampler
 
     def __call__(self, worker_id: int) -> None:
+        _leave_sigterm_to_the_main_process()
         worker_seed = mix_seed(self.seed, self.rank, getattr(self.sampler, "epoch", 0), worker_id)
         random.seed(worker_seed)
         np.random.seed(worker_seed)

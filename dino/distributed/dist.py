@@ -7,12 +7,18 @@ world of size 1, so the rest of the code never branches on "are we distributed?"
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import random
+import time
 
 import numpy as np
 import torch
 import torch.distributed as tdist
+
+# The rank this process had in a process group that `destroy_distributed` has since closed: code that runs
+# after training (the kNN report, the SLURM requeue) must still know that it is not rank 0.
+_finished_rank: int | None = None
 
 
 def is_enabled() -> bool:
@@ -20,7 +26,9 @@ def is_enabled() -> bool:
 
 
 def get_rank() -> int:
-    return tdist.get_rank() if is_enabled() else 0
+    if is_enabled():
+        return tdist.get_rank()
+    return _finished_rank or 0
 
 
 def get_world_size() -> int:
@@ -39,11 +47,95 @@ def launched_with_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
-def init_distributed(backend: str) -> None:
-    """Join the process group when launched by torchrun (env:// rendezvous); otherwise stay single-process."""
+def init_distributed(backend: str, timeout_s: float | None = None) -> bool:
+    """Join the process group when launched by torchrun (env:// rendezvous); otherwise stay single-process.
+
+    `timeout_s` bounds every collective (gloo raises, NCCL aborts): a peer that hangs does not make the
+    others wait forever.  Returns whether this call created the group (its owner destroys it).
+    """
+    global _finished_rank
     if is_enabled() or not launched_with_torchrun():
+        return False
+    kwargs = {"timeout": datetime.timedelta(seconds=float(timeout_s))} if timeout_s else {}
+    tdist.init_process_group(backend=backend, init_method="env://", **kwargs)
+    _finished_rank = None
+    global _timeout_s
+    _timeout_s = float(timeout_s) if timeout_s else None
+    return True
+
+
+def destroy_distributed() -> None:
+    """Leave the process group (remembering this process's rank, see `_finished_rank`)."""
+    global _finished_rank
+    if is_enabled():
+        rank = tdist.get_rank()
+        tdist.destroy_process_group()
+        _finished_rank = rank
+
+
+# ------------------------------------------------------------------------ who did not answer a collective
+
+_timeout_s: float | None = None
+_HEARTBEAT_KEY = "dino/heartbeat/{rank}"
+
+
+def _store():
+    from torch.distributed import distributed_c10d
+
+    try:
+        return distributed_c10d._get_default_store()
+    except Exception:  # no group, or a backend without a store
+        return None
+
+
+def heartbeat(step: int) -> None:
+    """Record in the rendezvous store that this rank reached `step` (one small write, no collective).
+
+    When a collective then times out, `describe_missing_ranks` can say which rank stopped answering.
+    """
+    if not is_enabled() or get_world_size() == 1:
         return
-    tdist.init_process_group(backend=backend, init_method="env://")
+    store = _store()
+    if store is not None:
+        with contextlib.suppress(Exception):
+            store.set(_HEARTBEAT_KEY.format(rank=get_rank()), f"{int(step)} {time.time():.3f}")
+
+
+def describe_missing_ranks(step: int) -> str:
+    """'rank 1 (last seen at step 4, 63 s ago)': the ranks whose heartbeat is behind `step`."""
+    store = _store()
+    if store is None:
+        return "could not reach the rendezvous store to tell which rank"
+    behind = []
+    now = time.time()
+    for rank in range(get_world_size()):
+        if rank == get_rank():
+            continue
+        try:
+            store.set_timeout(datetime.timedelta(seconds=5))
+            value = store.get(_HEARTBEAT_KEY.format(rank=rank)).decode().split()
+            seen_step, seen_at = int(value[0]), float(value[1])
+        except Exception:
+            behind.append(f"rank {rank} (never reported a step)")
+            continue
+        if seen_step < step:
+            behind.append(f"rank {rank} (last seen at step {seen_step}, {now - seen_at:.0f} s ago)")
+    if not behind:
+        return "every other rank reached this step; the hang is inside the collective itself"
+    return "did not answer: " + ", ".join(behind)
+
+
+def is_collective_timeout(err: BaseException) -> bool:
+    text = str(err).lower()
+    return ("timed out" in text or "timeout" in text or "connection closed by peer" in text
+            or "connection reset" in text or type(err).__name__ == "DistBackendError")
+
+
+def collective_timeout_message(step: int, err: BaseException) -> str:
+    limit = f"{_timeout_s:.0f} s" if _timeout_s else "the timeout"
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+    return (f"rank {get_rank()}: a collective at step {step} did not complete within {limit} (--dist_timeout); "
+            f"{describe_missing_ranks(step)} [{first}]")
 
 
 def barrier() -> None:
@@ -90,6 +182,17 @@ def same_seed_on_every_rank(seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         yield
+
+
+def any_rank_flags(*flags: bool) -> tuple[bool, ...]:
+    """`any_rank` for several flags in one all-reduce."""
+    if not is_enabled() or get_world_size() == 1:
+        return tuple(bool(f) for f in flags)
+    tensor = torch.tensor([1.0 if f else 0.0 for f in flags])
+    if tdist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    all_reduce_sum(tensor)
+    return tuple(bool(v > 0) for v in tensor.tolist())
 
 
 def any_rank(flag: bool) -> bool:

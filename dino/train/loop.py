@@ -1,14 +1,20 @@
-"""The training loop: one function, `train(cfg)`, from a composed config to a trained teacher.
+"""The training loop: `train(cfg)`, from a composed config to a trained teacher.
 
-Read it top to bottom: set up the device and process group → data → student/teacher/objective →
-optimiser and schedules → resume → epochs of `train_step` → checkpoints and the teacher export.
+Read it top to bottom: `train_step` (one optimisation step) → `TrainState` (everything a checkpoint holds:
+networks, objective, optimiser, scaler, progress, RNG; `state_dict` / `load_state_dict`, `save` / `resume`)
+→ `DivergenceGuard` (which checkpoints may be overwritten) → `train` (set up, lock the output directory,
+resume, run the epochs, and close everything in a `finally`).  `step_metrics` is the one place where a
+step's logged numbers are assembled.
 """
 
 from __future__ import annotations
 
+import math
 import signal
+import statistics
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +27,16 @@ from dino.distributed import (
     DeviceContext,
     all_reduce_mean,
     any_rank,
+    any_rank_flags,
     barrier,
+    collective_timeout_message,
+    destroy_distributed,
     get_local_world_size,
     get_world_size,
+    heartbeat,
     init_distributed,
+    is_collective_timeout,
+    is_enabled,
     is_main_process,
     same_seed_on_every_rank,
     seed_everything,
@@ -41,6 +53,7 @@ from dino.distributed.parallel import (
 )
 from dino.errors import UserError
 from dino.hub import save_backbone
+from dino.io import DirectoryLock
 from dino.train.checkpoint import (
     CHECKPOINT_NAME,
     SHARDED_CHECKPOINT_NAME,
@@ -68,7 +81,7 @@ from dino.train.schedules import Schedule, last_layer_lr_schedule, momentum_sche
 
 
 class NonFiniteLossError(UserError):
-    """The loss became NaN or inf; the last good checkpoint is left untouched."""
+    """The loss became NaN or inf; the checkpoint from before the divergence is left untouched."""
 
 
 @dataclass
@@ -123,7 +136,11 @@ def build_optimizer(cfg: DictConfig, student: torch.nn.Module) -> torch.optim.Op
 
 
 class StopSignal:
-    """Turns SIGTERM (cluster pre-emption) into a flag the loop checks between steps."""
+    """Turns SIGTERM (cluster pre-emption, `timeout`, `kill -- -PGID`) into a flag the loop checks between steps.
+
+    DataLoader workers ignore SIGTERM (`dino.data.samplers`), so a signal sent to the whole process group
+    reaches only this handler and the loop can save and shut the workers down itself.
+    """
 
     def __init__(self):
         self.requested = False
@@ -159,9 +176,21 @@ def _to_device(batch: dict, ctx: DeviceContext) -> dict:
     return {k: v.to(ctx.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def _total_grad_norm(module: torch.nn.Module) -> float:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.nn.utils.get_total_norm(grads)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
 def train_step(batch: dict, student, teacher, objective: SelfDistillationObjective, optimizer, scaler,
                ctx: DeviceContext, cfg: DictConfig, teacher_temp: float) -> tuple[torch.Tensor, dict, dict]:
-    """Forward teacher and student, compute the losses, backward, clip, optimiser step. Returns (loss, terms, stats)."""
+    """Forward teacher and student, compute the losses, backward, clip, optimiser step.
+
+    Returns (loss, terms, stats); stats holds the teacher-entropy indicators and `grad_norm`, the global
+    gradient norm before clipping (what `DivergenceGuard` watches).
+    """
     batch = _to_device(batch, ctx)
     global_crops = batch["collated_global_crops"]
     local_crops = batch["collated_local_crops"]
@@ -182,9 +211,7 @@ def train_step(batch: dict, student, teacher, objective: SelfDistillationObjecti
     global_loss, global_terms = reduced[0], dict(zip(names, reduced[1:]))
     if not torch.isfinite(global_loss):
         bad = ", ".join(f"{name}={float(value):.4g}" for name, value in global_terms.items())
-        raise NonFiniteLossError(
-            f"the loss became non-finite ({bad}); the last good checkpoint was kept. Try without --hmp/--fp16, "
-            "a lower lr, or a smaller out_dim")
+        raise NonFiniteLossError(f"the loss became non-finite ({bad})")
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -199,53 +226,132 @@ def train_step(batch: dict, student, teacher, objective: SelfDistillationObjecti
             parts = {"backbone": module.backbone, "dino_head": module.dino_head}
             if module.ibot_head is not None:
                 parts["ibot_head"] = module.ibot_head
-            clip_grad_norm_per_module(parts, clip)
+            norms = clip_grad_norm_per_module(parts, clip)
+            grad_norm = math.sqrt(sum(float(n) ** 2 for n in norms.values()))
         else:
-            clip_gradients_per_parameter(module, clip)
+            grad_norm = math.sqrt(sum(n ** 2 for n in clip_gradients_per_parameter(module, clip)))
+    else:
+        grad_norm = _total_grad_norm(module)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
     ctx.mark_step()
-    return global_loss, global_terms, teacher_entropy_stats(targets["cls_probs"])
+    return global_loss, global_terms, {**teacher_entropy_stats(targets["cls_probs"]), "grad_norm": grad_norm}
 
 
-def _save_checkpoint(output_dir: Path, student, teacher, objective, optimizer, scaler, cfg, backbone_kwargs,
-                     epoch: int, step_in_epoch: int, global_step: int, data_epoch: int, data_batch: int,
-                     extra_copy: str | None = None, sharded: bool = False, batch_size: int = 0) -> None:
-    """`checkpoint.pth` (rank 0) or, under FSDP, `checkpoint_sharded/` (all ranks); then the teacher export."""
-    if sharded:
-        progress = dict(epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step, data_epoch=data_epoch,
-                        data_batch=data_batch, world_size=get_world_size(), batch_size=batch_size)
-        directory = output_dir / SHARDED_CHECKPOINT_NAME
-        save_sharded_training_checkpoint(directory, unwrap(student), teacher, optimizer, objective, scaler, progress,
-                                         {"config": to_yaml(cfg), "backbone_kwargs": backbone_kwargs})
+# ------------------------------------------------------------------------------------------ train state
+
+
+@dataclass
+class Progress:
+    """Where training stands; a checkpoint stores these five integers (data position *after* the last batch)."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    data_epoch: int = 0
+    data_batch: int = 0
+
+
+class TrainState:
+    """Everything a checkpoint holds and a resumed run restores, behind one `state_dict` / `load_state_dict`.
+
+    Networks (student, EMA teacher), the objective (loss centers), optimiser, grad scaler, `Progress` and
+    the RNG states.  `save` writes `checkpoint.pth` (rank 0) or, under FSDP, the sharded
+    `checkpoint_sharded/` (all ranks), then the teacher export; `resume` reads whichever the run uses.
+    """
+
+    def __init__(self, cfg: DictConfig, student, teacher, objective, optimizer, scaler, backbone_kwargs: dict,
+                 batch_size: int, sharded: bool):
+        self.cfg = cfg
+        self.student = student  # the plain module; `student_wrapped` is what steps run (DDP after `wrap`)
+        self.student_wrapped = student
+        self.teacher = teacher
+        self.objective = objective
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.backbone_kwargs = backbone_kwargs
+        self.batch_size = batch_size
+        self.sharded = sharded
+        self.progress = Progress()
+        self._resumed_rng: dict | None = None
+
+    # -- single-file form ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "student": unwrap(self.student).state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "objective": self.objective.state_dict(),
+            **asdict(self.progress),
+            "rng": capture_rng_state(),
+            "config": to_yaml(self.cfg),
+            "backbone_kwargs": self.backbone_kwargs,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore everything; the RNG states are applied by `restore_rng` once the student is wrapped."""
+        unwrap(self.student).load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.objective.load_state_dict(state["objective"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.progress = Progress(**{name: int(state[name]) for name in asdict(self.progress)})
+        self._resumed_rng = state["rng"]
+
+    # -- files ----------------------------------------------------------------------------------------
+    def save(self, output_dir: Path, extra_copy: str | None = None) -> None:
+        """`checkpoint.pth` (rank 0) or, under FSDP, `checkpoint_sharded/` (collective); then the teacher export."""
+        if self.sharded:
+            progress = dict(asdict(self.progress), world_size=get_world_size(), batch_size=self.batch_size)
+            directory = output_dir / SHARDED_CHECKPOINT_NAME
+            save_sharded_training_checkpoint(directory, unwrap(self.student_wrapped), self.teacher, self.optimizer,
+                                             self.objective, self.scaler, progress,
+                                             {"config": to_yaml(self.cfg), "backbone_kwargs": self.backbone_kwargs})
+            if extra_copy:
+                copy_sharded(directory, output_dir / (Path(extra_copy).stem + "_sharded"))
+            _export_teacher_backbone(output_dir, self.teacher, self.cfg, self.backbone_kwargs)
+            return
+        if not is_main_process():
+            return
+        state = self.state_dict()
+        atomic_save(state, output_dir / CHECKPOINT_NAME)
         if extra_copy:
-            copy_sharded(directory, output_dir / (Path(extra_copy).stem + "_sharded"))
-        _export_teacher_backbone(output_dir, teacher, cfg, backbone_kwargs)
-        return
-    if not is_main_process():
-        return
-    state = {
-        "student": unwrap(student).state_dict(),
-        "teacher": teacher.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "objective": objective.state_dict(),
-        "epoch": epoch,
-        "step_in_epoch": step_in_epoch,
-        "global_step": global_step,
-        "data_epoch": data_epoch,
-        "data_batch": data_batch,
-        "rng": capture_rng_state(),
-        "config": to_yaml(cfg),
-        "backbone_kwargs": backbone_kwargs,
-    }
-    atomic_save(state, output_dir / CHECKPOINT_NAME)
-    if extra_copy:
-        atomic_save(state, output_dir / extra_copy)
-    save_backbone(teacher.backbone, output_dir / TEACHER_BACKBONE_NAME, backbone_kwargs)
+            atomic_save(state, output_dir / extra_copy)
+        save_backbone(self.teacher.backbone, output_dir / TEACHER_BACKBONE_NAME, self.backbone_kwargs)
+
+    def resume(self, output_dir: Path) -> Path | None:
+        """Load the run's checkpoint when there is one; returns its path (None: a fresh start)."""
+        path = find_training_checkpoint(output_dir, self.sharded)
+        if path is None:
+            return None
+        if self.sharded:
+            progress, self._resumed_rng = load_sharded_training_checkpoint(
+                path, self.student, self.teacher, self.optimizer, self.objective, self.scaler)
+            _check_same_global_batch(progress, self.batch_size)
+            self.progress = Progress(**{name: progress[name] for name in asdict(self.progress)})
+            if self._resumed_rng is None:
+                # another world size: per-rank streams cannot be carried over; start fresh, deterministic ones
+                seed_everything(int(self.cfg.train.seed) + progress["global_step"])
+            saved_by = f" (saved by {progress['world_size']} process(es))"
+        else:
+            self.load_state_dict(load_training_checkpoint(path))
+            saved_by = ""
+        if is_main_process():
+            print(f"resumed from {path}{saved_by} at epoch {self.progress.epoch}, step {self.progress.step_in_epoch}")
+        return path
+
+    def wrap(self, ctx: DeviceContext, parallel: str) -> None:
+        self.student_wrapped = wrap_student(self.student, ctx, parallel)
+
+    def restore_rng(self) -> None:
+        if self._resumed_rng is not None:
+            restore_rng_state(self._resumed_rng)
+            self._resumed_rng = None
 
 
 def _export_teacher_backbone(output_dir: Path, teacher, cfg: DictConfig, backbone_kwargs: dict) -> None:
@@ -278,147 +384,310 @@ def _check_same_global_batch(progress: dict[str, int], batch_size: int) -> None:
                         f"set --batch_size_per_device {saved // get_world_size()} to keep it")
 
 
-def train(cfg: DictConfig) -> TrainResult:
-    ctx = DeviceContext.create(str(cfg.train.device), hmp=bool(cfg.train.hmp), fp16=bool(cfg.train.fp16))
-    init_distributed(ctx.backend)
-    ctx.set_cpu_threads(get_local_world_size())
-    seed_everything(int(cfg.train.seed))
-    parallel = check_parallel_mode(str(cfg.train.parallel))
-    sharded_checkpoints = parallel == "fsdp"
-    main = is_main_process()
-    output_dir = Path(str(cfg.train.output_dir)).expanduser()
-    if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
-        print(to_yaml(cfg))
+# ------------------------------------------------------------------------------------ divergence guard
 
-    data = build_training_data(cfg, ctx)
-    iters_per_epoch = int(cfg.optim.iters_per_epoch or data.batches_per_data_epoch)
-    epochs = int(cfg.optim.epochs)
-    with same_seed_on_every_rank(int(cfg.train.seed)):
-        student, teacher, backbone_kwargs = build_networks(cfg)
-    student.to(ctx.device)
-    teacher.to(ctx.device)
-    objective = SelfDistillationObjective(cfg, int(cfg.crops.local_crops_number)).to(ctx.device)
-    if bool(cfg.train.get("compile", False)):
-        compile_blocks(student, teacher)  # before FSDP2, which then wraps the compiled blocks
-    # FSDP2 swaps the parameters for DTensors, so it comes before the optimiser is built.
-    shard_student_and_teacher(student, teacher, ctx, parallel,
-                              FSDPSettings.from_config(cfg.train.get("fsdp", {}), bool(cfg.train.hmp)))
-    optimizer = build_optimizer(cfg, student)
-    scaler = ctx.grad_scaler()
-    total_batch = data.batch_size * get_world_size()
-    schedules = build_schedules(cfg, iters_per_epoch, total_batch)
 
-    start_epoch, start_step_in_epoch, data_epoch, data_batch = 0, 0, 0, 0
-    checkpoint_path = find_training_checkpoint(output_dir, sharded_checkpoints) if bool(cfg.train.resume) else None
-    resumed_rng = None
-    if checkpoint_path is not None and sharded_checkpoints:
-        progress, resumed_rng = load_sharded_training_checkpoint(checkpoint_path, student, teacher, optimizer,
-                                                                 objective, scaler)
-        start_epoch, start_step_in_epoch = progress["epoch"], progress["step_in_epoch"]
-        _check_same_global_batch(progress, data.batch_size)
-        data_epoch, data_batch = progress["data_epoch"], progress["data_batch"]
-        if resumed_rng is None:
-            # another world size: per-rank streams cannot be carried over; start fresh, deterministic ones
-            seed_everything(int(cfg.train.seed) + progress["global_step"])
-        if main:
-            print(f"resumed from {checkpoint_path} (saved by {progress['world_size']} process(es)) "
-                  f"at epoch {start_epoch}, step {start_step_in_epoch}")
-    elif checkpoint_path is not None:
-        state = load_training_checkpoint(checkpoint_path)
-        student.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
-        objective.load_state_dict(state["objective"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, start_step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
-        data_epoch, data_batch = int(state["data_epoch"]), int(state["data_batch"])
-        resumed_rng = state["rng"]
-        if main:
-            print(f"resumed from {checkpoint_path} at epoch {start_epoch}, step {start_step_in_epoch}")
-    student_wrapped = wrap_student(student, ctx, parallel)
-    if resumed_rng is not None:
-        restore_rng_state(resumed_rng)
+class DivergenceGuard:
+    """Decides whether a checkpoint may be overwritten: not while the loss or the gradient norm is out of range.
 
-    logger = MetricLogger(output_dir, enabled=main)
-    global_step = start_epoch * iters_per_epoch + start_step_in_epoch
-    max_iters = int(cfg.train.max_iters) if cfg.train.max_iters is not None else None
-    every = int(cfg.train.checkpoint_every_iters)
-    log_freq = max(1, int(cfg.train.log_freq))
-    warned_collapse = False
-    last_metrics: dict[str, float] = {}
-    stopped_early = False
-    epoch = start_epoch
-    step_in_epoch = start_step_in_epoch
-    stream = data.stream(data_epoch, data_batch)
-    if main:
-        print(f"training {epochs} epochs × {iters_per_epoch} iterations, global batch {total_batch}, "
-              f"device {ctx.device}, {get_world_size()} process(es); logs in {output_dir}")
+    A run that diverges usually shows it for a few steps before the loss turns NaN (the gradient norm and
+    the loss explode first), and a checkpoint written then already holds exploded weights.  So a step whose
+    loss exceeds `loss_factor` × the recent median (+1) or whose gradient norm exceeds `grad_factor` × the
+    recent median is *abnormal*; from then on checkpoints are held back until `calm_steps` consecutive
+    steps are normal again.  The checkpoint on disk is then one from before the divergence.  A new level that
+    lasts `window` steps becomes the new normal (the run did not diverge, it changed regime).
+    """
 
-    with StopSignal() as stop:
-        while epoch < epochs:
-            progress = tqdm(total=iters_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{epochs}",
-                            disable=not main, dynamic_ncols=True, leave=True)
+    def __init__(self, window: int = 50, warmup: int = 3, loss_factor: float = 2.0, grad_factor: float = 10.0,
+                 calm_steps: int = 10):
+        self.losses: deque[float] = deque(maxlen=window)
+        self.grad_norms: deque[float] = deque(maxlen=window)
+        self.window, self.warmup = window, warmup
+        self.loss_factor, self.grad_factor, self.calm_steps = loss_factor, grad_factor, calm_steps
+        self.abnormal_since: int | None = None  # first abnormal step of the current episode
+        self._calm = 0
+        self._abnormal_run = 0
+        self.last_saved_step: int | None = None
+
+    @property
+    def holding(self) -> bool:
+        return self.abnormal_since is not None
+
+    def is_abnormal(self, loss: float, grad_norm: float) -> bool:
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            return True
+        if len(self.losses) < self.warmup:
+            return False
+        loss_limit = self.loss_factor * statistics.median(self.losses) + 1.0
+        grad_limit = self.grad_factor * max(statistics.median(self.grad_norms), 1e-8)
+        return loss > loss_limit or grad_norm > grad_limit
+
+    def observe(self, step: int, abnormal: bool, loss: float, grad_norm: float) -> bool:
+        """Record a step (`abnormal` agreed over ranks); returns True when a hold starts at this step."""
+        started = False
+        if abnormal:
+            self._calm = 0
+            self._abnormal_run += 1
+            if self.abnormal_since is None:
+                self.abnormal_since, started = step, True
+            if self._abnormal_run >= self.window and math.isfinite(loss) and math.isfinite(grad_norm):
+                self.losses.clear()  # a lasting new level: the old baseline no longer describes the run
+                self.grad_norms.clear()
+            else:
+                return started
+        self._abnormal_run = 0
+        self.losses.append(loss)
+        self.grad_norms.append(grad_norm)
+        if self.abnormal_since is not None:
+            self._calm += 1
+            if self._calm >= self.calm_steps:
+                self.abnormal_since = None
+        return started
+
+
+# --------------------------------------------------------------------------------------- the loop
+
+
+def step_metrics(loss, terms: dict, stats: dict, lr: float, wd: float, momentum: float, teacher_temp: float,
+                 images_per_s: float, epoch: int) -> dict[str, float]:
+    """Everything logged for one step (metrics.jsonl, tensorboard): the one place to add a per-step number."""
+    return {"loss": float(loss), **{k: float(v) for k, v in terms.items()}, "lr": lr, "wd": wd,
+            "momentum": momentum, "teacher_temp": teacher_temp, **stats, "images_per_s": images_per_s,
+            "epoch": epoch}
+
+
+class _Run:
+    """One call of `train`: the state, the data stream and the sinks, with the epoch loop as methods."""
+
+    def __init__(self, cfg: DictConfig, ctx: DeviceContext, output_dir: Path, state: TrainState, data, schedules,
+                 iters_per_epoch: int, logger: MetricLogger, stop: StopSignal):
+        self.cfg, self.ctx, self.output_dir, self.state, self.data = cfg, ctx, output_dir, state, data
+        self.schedules, self.iters_per_epoch, self.logger, self.stop = schedules, iters_per_epoch, logger, stop
+        self.main = is_main_process()
+        self.guard = DivergenceGuard()
+        self.bar = None
+        self.stream = None
+        self.last_metrics: dict[str, float] = {}
+        self.stopped_early = False
+        self.total_batch = data.batch_size * get_world_size()
+        self.checkpoint_name = SHARDED_CHECKPOINT_NAME if state.sharded else CHECKPOINT_NAME
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.stream is not None:
+            self.stream.close()  # shuts the DataLoader workers down now, not at garbage collection
+            self.stream = None
+
+    def checkpoint(self, extra_copy: str | None = None) -> bool:
+        """Save unless the guard holds the pre-divergence checkpoint; the metrics log is synced first."""
+        progress = self.state.progress
+        if self.guard.holding:
+            return False
+        self.logger.sync()  # the steps this checkpoint covers are on disk before it is
+        self.state.save(self.output_dir, extra_copy)
+        self.guard.last_saved_step = progress.global_step
+        return True
+
+    def _next_batch(self):
+        try:
+            return next(self.stream)
+        except RuntimeError:
+            # A worker killed by the same group-wide signal (one not ours, e.g. a raw torch worker) surfaces
+            # here; when a stop was requested it is expected: save what the finished steps hold and stop.
+            if self.stop.requested:
+                return None
+            raise
+
+    def run(self) -> None:
+        cfg, state, progress = self.cfg, self.state, self.state.progress
+        epochs = int(cfg.optim.epochs)
+        max_iters = int(cfg.train.max_iters) if cfg.train.max_iters is not None else None
+        every = int(cfg.train.checkpoint_every_iters)
+        log_freq = max(1, int(cfg.train.log_freq))
+        warned_collapse = False
+        self.guard.last_saved_step = progress.global_step if progress.global_step else None
+        self.stream = self.data.stream(progress.data_epoch, progress.data_batch)
+        if self.main:
+            print(f"training {epochs} epochs × {self.iters_per_epoch} iterations, global batch {self.total_batch}, "
+                  f"device {self.ctx.device}, {get_world_size()} process(es); logs in {self.output_dir}")
+        while progress.epoch < epochs:
+            self.bar = tqdm(total=self.iters_per_epoch, initial=progress.step_in_epoch,
+                            desc=f"epoch {progress.epoch + 1}/{epochs}", disable=not self.main, dynamic_ncols=True,
+                            leave=True)
             tick = time.perf_counter()
-            while step_in_epoch < iters_per_epoch:
-                data_epoch, data_batch, batch = next(stream)
-                data_batch += 1  # the position *after* this batch is what a checkpoint must store
-                lr, wd = schedules.lr[global_step], schedules.weight_decay[global_step]
-                apply_schedules(optimizer, lr, wd, schedules.last_layer_lr[global_step])
-                teacher_temp = schedules.teacher_temp_at(epoch, global_step)
-                loss, terms, stats = train_step(batch, student_wrapped, teacher, objective, optimizer, scaler, ctx, cfg,
-                                                teacher_temp)
-                momentum = schedules.momentum[global_step]
-                update_teacher(unwrap(student_wrapped), teacher, momentum)
-                global_step += 1
-                step_in_epoch += 1
+            while progress.step_in_epoch < self.iters_per_epoch:
+                heartbeat(progress.global_step + 1)
+                item = self._next_batch()
+                if item is None:
+                    self.stopped_early = True
+                    break
+                data_epoch, data_batch, batch = item
+                step = progress.global_step
+                lr, wd = self.schedules.lr[step], self.schedules.weight_decay[step]
+                apply_schedules(state.optimizer, lr, wd, self.schedules.last_layer_lr[step])
+                teacher_temp = self.schedules.teacher_temp_at(progress.epoch, step)
+                try:
+                    loss, terms, stats = train_step(batch, state.student_wrapped, state.teacher, state.objective,
+                                                    state.optimizer, state.scaler, self.ctx, cfg, teacher_temp)
+                except NonFiniteLossError as err:
+                    raise NonFiniteLossError(self._non_finite_message(err, step + 1)) from None
+                momentum = self.schedules.momentum[step]
+                update_teacher(unwrap(state.student_wrapped), state.teacher, momentum)
+                progress.global_step += 1
+                progress.step_in_epoch += 1
+                progress.data_epoch, progress.data_batch = data_epoch, data_batch + 1  # the position *after* it
 
                 now = time.perf_counter()
-                images_per_s = total_batch / max(now - tick, 1e-9)
+                images_per_s = self.total_batch / max(now - tick, 1e-9)
                 tick = now
-                last_metrics = {"loss": float(loss), **{k: float(v) for k, v in terms.items()}, "lr": lr, "wd": wd,
-                                "momentum": momentum, "teacher_temp": teacher_temp, **stats, "images_per_s": images_per_s,
-                                "epoch": epoch}
-                logger.log(global_step, last_metrics, tensorboard=(global_step % log_freq == 0))
-                progress.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}")
-                progress.update(1)
-                if main and not warned_collapse and epoch >= 1 and (message := collapse_warning(stats)):
+                self.last_metrics = step_metrics(loss, terms, stats, lr, wd, momentum, teacher_temp, images_per_s,
+                                                 progress.epoch)
+                self.logger.log(progress.global_step, self.last_metrics,
+                                tensorboard=(progress.global_step % log_freq == 0))
+                self.bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}")
+                self.bar.update(1)
+                if self.main and not warned_collapse and progress.epoch >= 1 and (message := collapse_warning(stats)):
                     tqdm.write(f"warning: {message}")
                     warned_collapse = True
 
-                reached_max = max_iters is not None and global_step >= max_iters
-                # a pre-emption signal may reach the ranks at different steps: agree before saving
-                stop.requested = any_rank(stop.requested)
-                if stop.requested or reached_max or (every and global_step % every == 0 and step_in_epoch < iters_per_epoch):
-                    _save_checkpoint(output_dir, student_wrapped, teacher, objective, optimizer, scaler, cfg,
-                                     backbone_kwargs, epoch, step_in_epoch, global_step, data_epoch, data_batch,
-                                     sharded=sharded_checkpoints, batch_size=data.batch_size)
-                if stop.requested or reached_max:
-                    stopped_early = True
+                # one all-reduce: a pre-emption signal may reach the ranks at different steps, and every rank
+                # must take the same checkpoint decision
+                abnormal = self.guard.is_abnormal(float(loss), float(stats["grad_norm"]))
+                self.stop.requested, abnormal = any_rank_flags(self.stop.requested, abnormal)
+                if self.guard.observe(progress.global_step, abnormal, float(loss), float(stats["grad_norm"])):
+                    self._warn_hold(float(loss), float(stats["grad_norm"]))
+                reached_max = max_iters is not None and progress.global_step >= max_iters
+                periodic = every and progress.global_step % every == 0 and progress.step_in_epoch < self.iters_per_epoch
+                if self.stop.requested or reached_max or periodic:
+                    self.checkpoint()
+                if self.stop.requested or reached_max:
+                    self.stopped_early = True
                     break
-            progress.close()
-            if stopped_early:
+            self.bar.close()
+            self.bar = None
+            if self.stopped_early:
+                if self.stop.requested and not self.guard.last_saved_step == progress.global_step:
+                    self.checkpoint()  # stopped while waiting for data: the finished steps are still saved
                 break
-            epoch, step_in_epoch = epoch + 1, 0
+            progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
             freq = int(cfg.train.saveckp_freq)
-            extra = f"checkpoint{epoch:04d}.pth" if freq and epoch % freq == 0 else None
-            _save_checkpoint(output_dir, student_wrapped, teacher, objective, optimizer, scaler, cfg, backbone_kwargs,
-                             epoch, 0, global_step, data_epoch, data_batch, extra_copy=extra,
-                             sharded=sharded_checkpoints, batch_size=data.batch_size)
-            if main:
-                logger.log(global_step, {"epoch_end": epoch, "peak_memory_mb": ctx.max_memory_allocated_mb()},
-                           tensorboard=False)
-                if not is_sharded(teacher):  # rank 0 alone cannot run a sharded teacher
-                    _maybe_visualize(cfg, teacher, logger, epoch, global_step)
-            logger.flush()
-    barrier()
-    logger.close()
-    if stop.requested and main:
-        saved = SHARDED_CHECKPOINT_NAME if sharded_checkpoints else CHECKPOINT_NAME
-        print(f"stopped by SIGTERM; checkpoint saved to {output_dir / saved}")
-    return TrainResult(output_dir, global_step, epoch, stopped_early, last_metrics, preempted=stop.requested)
+            self.checkpoint(f"checkpoint{progress.epoch:04d}.pth" if freq and progress.epoch % freq == 0 else None)
+            self._end_of_epoch()
+
+    def _end_of_epoch(self) -> None:
+        """Epoch summary line and, every `train.visualize_freq` epochs, pictures of fixed images."""
+        progress = self.state.progress
+        if self.main:
+            self.logger.log(progress.global_step, {"epoch_end": progress.epoch,
+                                                   "peak_memory_mb": self.ctx.max_memory_allocated_mb()},
+                            tensorboard=False)
+            if not is_sharded(self.state.teacher):  # rank 0 alone cannot run a sharded teacher
+                _maybe_visualize(self.cfg, self.state.teacher, self.logger, progress.epoch, progress.global_step)
+        self.logger.flush()
+
+    def _warn_hold(self, loss: float, grad_norm: float) -> None:
+        if self.main:
+            saved = self.guard.last_saved_step
+            kept = f"{self.checkpoint_name} (step {saved})" if saved is not None else "no checkpoint yet"
+            tqdm.write(f"warning: step {self.state.progress.global_step}: the loss ({loss:.4g}) or the gradient norm "
+                       f"({grad_norm:.4g}) left its normal range; keeping {kept} until training is back in range")
+
+    def _non_finite_message(self, err: Exception, step: int) -> str:
+        saved = self.guard.last_saved_step
+        where = self.output_dir / self.checkpoint_name
+        if saved is None:
+            kept = "no checkpoint had been written yet"
+        else:
+            since = self.guard.abnormal_since
+            before = f", from before the divergence that began at step {since}" if since is not None else ""
+            kept = f"{where} holds step {saved}{before}"
+        lr = float(self.cfg.optim.lr)
+        return (f"{err} at step {step}; {kept}. To resume from it, run the same command again (it resumes "
+                f"automatically) with a lower learning rate, e.g. optim.lr={lr / 4:.3g}; without --hmp/--fp16, "
+                "a smaller out_dim or a stronger clip_grad may also help")
+
+
+def _lock_output_dir(output_dir: Path) -> DirectoryLock | None:
+    """Rank 0 locks the output directory; every rank fails together when another run holds it."""
+    lock, error = None, None
+    if is_main_process():
+        try:
+            lock = DirectoryLock(output_dir).acquire()
+        except UserError as err:
+            error = err
+    if any_rank(error is not None):
+        raise error if error is not None else UserError(f"rank 0 could not lock {output_dir}")
+    return lock
+
+
+def train(cfg: DictConfig) -> TrainResult:
+    ctx = DeviceContext.create(str(cfg.train.device), hmp=bool(cfg.train.hmp), fp16=bool(cfg.train.fp16))
+    timeout = cfg.train.get("dist_timeout", None)
+    owns_group = init_distributed(ctx.backend, float(timeout) if timeout else None)
+    lock = logger = run = None
+    try:
+        ctx.set_cpu_threads(get_local_world_size())
+        seed_everything(int(cfg.train.seed))
+        parallel = check_parallel_mode(str(cfg.train.parallel))
+        main = is_main_process()
+        output_dir = Path(str(cfg.train.output_dir)).expanduser()
+        lock = _lock_output_dir(output_dir)
+        if main:
+            save_config(cfg, output_dir / "config.yaml")
+            print(to_yaml(cfg))
+
+        data = build_training_data(cfg, ctx)
+        iters_per_epoch = int(cfg.optim.iters_per_epoch or data.batches_per_data_epoch)
+        with same_seed_on_every_rank(int(cfg.train.seed)):
+            student, teacher, backbone_kwargs = build_networks(cfg)
+        student.to(ctx.device)
+        teacher.to(ctx.device)
+        objective = SelfDistillationObjective(cfg, int(cfg.crops.local_crops_number)).to(ctx.device)
+        if bool(cfg.train.get("compile", False)):
+            compile_blocks(student, teacher)  # before FSDP2, which then wraps the compiled blocks
+        # FSDP2 swaps the parameters for DTensors, so it comes before the optimiser is built.
+        shard_student_and_teacher(student, teacher, ctx, parallel,
+                                  FSDPSettings.from_config(cfg.train.get("fsdp", {}), bool(cfg.train.hmp)))
+        state = TrainState(cfg, student, teacher, objective, build_optimizer(cfg, student), ctx.grad_scaler(),
+                           backbone_kwargs, data.batch_size, sharded=parallel == "fsdp")
+        schedules = build_schedules(cfg, iters_per_epoch, data.batch_size * get_world_size())
+        resumed = state.resume(output_dir) if bool(cfg.train.resume) else None
+        state.wrap(ctx, parallel)
+        state.restore_rng()
+
+        logger = MetricLogger(output_dir, enabled=main,
+                              resume_step=state.progress.global_step if resumed is not None else None)
+        with StopSignal() as stop:
+            run = _Run(cfg, ctx, output_dir, state, data, schedules, iters_per_epoch, logger, stop)
+            try:
+                run.run()
+            except Exception as err:
+                if is_enabled() and is_collective_timeout(err):
+                    raise UserError(collective_timeout_message(state.progress.global_step + 1, err)) from None
+                raise
+            barrier()
+        if stop.requested and main:
+            saved = SHARDED_CHECKPOINT_NAME if state.sharded else CHECKPOINT_NAME
+            if run.guard.last_saved_step == state.progress.global_step:
+                print(f"stopped by SIGTERM; checkpoint saved to {output_dir / saved}")
+            else:
+                print(f"stopped by SIGTERM; training was out of its normal range, so {output_dir / saved} "
+                      f"still holds step {run.guard.last_saved_step}")
+        progress = state.progress
+        return TrainResult(output_dir, progress.global_step, progress.epoch, run.stopped_early, run.last_metrics,
+                           preempted=stop.requested)
+    finally:
+        # on success and on error alike: no half-open bar, unflushed log, orphaned workers or held lock
+        if run is not None:
+            run.close()
+        if logger is not None:
+            logger.close()
+        if lock is not None:
+            lock.release()
+        if owns_group:
+            destroy_distributed()
 
 
 def _maybe_visualize(cfg: DictConfig, teacher, logger: MetricLogger, epoch: int, global_step: int) -> None:

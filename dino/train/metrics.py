@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -38,16 +39,27 @@ def collapse_warning(stats: dict[str, float]) -> str | None:
 
 
 class MetricLogger:
-    """Rank-0 sink for scalars: tensorboard under `<output_dir>/tensorboard` and `<output_dir>/metrics.jsonl`."""
+    """Rank-0 sink for scalars: tensorboard under `<output_dir>/tensorboard` and `<output_dir>/metrics.jsonl`.
 
-    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+    `metrics.jsonl` is line-buffered: each step's line reaches the operating system when it is logged (one
+    small write), so a killed process (even `kill -9`) loses nothing already logged; `sync()` also forces it
+    to disk and is called before every checkpoint, so the steps a checkpoint covers are always in the log.
+    `resume_step`: the step a resumed run continues from; lines logged after it by the interrupted run are
+    dropped (the resumed run logs those steps again, with the same values), so each step appears once.
+    """
+
+    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
+                 resume_step: int | None = None):
         self.enabled = enabled
         self.writer = None
         self.jsonl = None
         if not enabled:
             return
         output_dir = Path(output_dir)
-        self.jsonl = open(output_dir / "metrics.jsonl", "a", encoding="utf-8")
+        path = output_dir / "metrics.jsonl"
+        if resume_step is not None and path.is_file():
+            _drop_lines_after(path, resume_step)
+        self.jsonl = open(path, "a", encoding="utf-8", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -72,6 +84,12 @@ class MetricLogger:
         if self.writer is not None:
             self.writer.flush()
 
+    def sync(self) -> None:
+        """Flush and fsync the JSON-lines log (before a checkpoint: what it covers must be on disk too)."""
+        self.flush()
+        if self.jsonl is not None:
+            os.fsync(self.jsonl.fileno())
+
     def close(self) -> None:
         if self.jsonl is not None:
             self.jsonl.close()
@@ -79,3 +97,22 @@ class MetricLogger:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def _drop_lines_after(path: Path, step: int) -> None:
+    """Rewrite `path` without the lines of steps after `step` (and without a torn last line)."""
+    from dino.io import atomic_write_text
+
+    kept, changed = [], False
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row_step = json.loads(line).get("step")
+        except ValueError:  # a line cut short by a kill
+            changed = True
+            continue
+        if isinstance(row_step, int) and row_step > step:
+            changed = True
+            continue
+        kept.append(line)
+    if changed:
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
