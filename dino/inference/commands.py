@@ -249,11 +249,15 @@ def run_duplicates(cfg) -> dict:
 def run_export(cfg) -> dict:
     from dino.distributed import DeviceContext
 
-    model = _load_model(cfg.model, DeviceContext.create("cpu")).float().eval()
     fmt = cfg.format
     output = cfg.output or f"output/export/model.{fmt}"  # a folder for hf
+    _check_export_target(cfg, fmt, output)  # before loading the model: a refused export costs nothing
+    model = _load_model(cfg.model, DeviceContext.create("cpu")).float().eval()
     result: dict = dict(format=fmt, output=output)
     if fmt == "onnx":
+        p = model.patch_size
+        result["input_sizes"] = (f"any batch; height and width ≥ {p}, cropped at the bottom and right to multiples "
+                                 f"of the patch size {p}")
         from dino.inference.export.onnx import export_onnx, verify_onnx
 
         export_onnx(model, output, image_size=int(cfg.onnx.image_size), opset=int(cfg.onnx.opset))
@@ -277,6 +281,34 @@ def run_export(cfg) -> dict:
     else:
         raise UserError(f"unknown export format {fmt!r}; choose onnx, gguf or hf")
     return result
+
+
+def _check_export_target(cfg, fmt: str, output: str) -> None:
+    """Refuse what would fail late or destroy something: an existing output (unless `overwrite`), a folder
+    where a file goes (or the reverse), a non-positive --image_size."""
+    problems = []
+    overwrite = bool(cfg.get("overwrite", False))
+    target = Path(output).expanduser()
+    wants_folder = fmt == "hf"
+    if target.exists() or target.is_symlink():
+        if wants_folder and not target.is_dir():
+            problems.append(f"--output {target} is a file; the hf format writes a folder")
+        elif not wants_folder and target.is_dir():
+            problems.append(f"--output {target} is a folder; the {fmt} format writes one file (e.g. {target / ('model.' + fmt)})")
+        elif not overwrite:
+            problems.append(f"--output {target} already exists; choose another path, or pass --overwrite to replace it")
+    else:
+        from dino.config_validation import output_dir_problem
+
+        parent_problem = output_dir_problem(str(target.parent), "the folder of --output")
+        if parent_problem:
+            problems.append(parent_problem)
+    if fmt == "onnx":
+        size = cfg.onnx.image_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            problems.append(f"--image_size must be a positive integer (a multiple of the patch size), got {size!r}")
+    if problems:
+        raise UserError("; ".join(problems))
 
 
 def _verify_if_installed(package: str, verify):

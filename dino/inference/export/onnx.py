@@ -162,6 +162,13 @@ class OnnxFeatureModel(nn.Module):
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         fast = self.fast
         batch, _, height, width = images.shape
+        if self.dynamic_size:
+            # An input whose sides are not multiples of the patch size is cropped at the bottom and right to the
+            # largest multiple (what a strided patch convolution reads), instead of failing inside onnxruntime
+            # with a Reshape error; the features are those of the cropped image.
+            p = self.patch_size
+            height, width = (height // p) * p, (width // p) * p
+            images = images[:, :, :height, :width]
         patches = fast.patch_embed(images) + self.position_embedding(height, width)
         cls = (self.cls_token + self.class_pos).expand(batch, -1, -1)
         parts = [cls]
@@ -181,8 +188,9 @@ def export_onnx(model: VisionTransformer, path: str | os.PathLike, image_size: i
     With `dynamic_size` the graph takes any H×W that are multiples of the patch size and `image_size` is only
     the size of the example traced; without it the graph only takes `image_size`² inputs.
     """
-    if image_size % model.patch_size:
-        raise UserError(f"image size {image_size} is not a multiple of the patch size {model.patch_size}")
+    if image_size < model.patch_size or image_size % model.patch_size:
+        raise UserError(f"--image_size {image_size} must be a positive multiple of the patch size {model.patch_size} "
+                        f"(e.g. {max(1, round(image_size / model.patch_size)) * model.patch_size})")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = OnnxFeatureModel(model.float().eval(), image_size, dynamic_size=dynamic_size).eval()
@@ -228,7 +236,8 @@ def verification_sizes(model: VisionTransformer, image_size: int) -> list[tuple[
     p = model.patch_size
     side = int(math.isqrt(model.pos_embed.shape[1] - 1))
     sizes = [(image_size, image_size), (side * p, side * p), (image_size + 4 * p, image_size + 4 * p),
-             (max(p, image_size - 2 * p), image_size + 2 * p)]
+             (max(p, image_size - 2 * p), image_size + 2 * p),
+             (image_size + p // 2, image_size + p - 1)]  # not multiples of p: cropped to image_size² in the graph
     return list(dict.fromkeys(sizes))
 
 
@@ -245,8 +254,9 @@ def verify_onnx(model: VisionTransformer, path: str | os.PathLike, image_size: i
     worst = 0.0
     for index, (height, width) in enumerate(sizes):
         images = torch.randn(batch_size if index == 0 else 1, 3, height, width)
-        with torch.no_grad():
-            expected = model.forward_features(images)
+        p = model.patch_size
+        with torch.no_grad():  # the graph crops sizes that are not multiples of p; PyTorch gets the same crop
+            expected = model.forward_features(images[:, :, :height // p * p, :width // p * p])
         cls, patches = run_onnx(path, images.numpy())
         diff = max(float(np.abs(cls - expected["x_norm_clstoken"].numpy()).max()),
                    float(np.abs(patches - expected["x_norm_patchtokens"].numpy()).max()))
