@@ -109,8 +109,8 @@ COMMANDS: dict[str, tuple[str, ConfigCLI]] = {
     "export": ("run_export", EXPORT),
 }
 
-# subcommand → (module with `main(argv)`, one-line description); the module is imported only when its command
-# runs, and each prints its own report (tables, paths written) as the matching top-level script does
+# subcommand → ("module" holding `main(argv)`, or "module:function", one-line description); the module is
+# imported only when its command runs, and each prints its own report (tables, paths written) as the matching top-level script does
 JOBS: dict[str, tuple[str, str]] = {
     "train": ("dino.train.cli", "Self-supervised training of a ViT with DINO / DINOv2 (= main_dino.py)."),
     "eval-knn": ("dino.jobs.eval_knn", "Weighted k-NN classification of frozen [CLS] features (= eval_knn.py)."),
@@ -121,6 +121,7 @@ JOBS: dict[str, tuple[str, str]] = {
     "visualize-attention": ("dino.jobs.visualize_attention", "Last-block [CLS] attention maps as pictures (= visualize_attention.py)."),
     "visualize-pca": ("dino.jobs.visualize_pca", "Joint PCA pictures of patch features (= visualize_pca.py)."),
     "video": ("dino.jobs.video", "Attention overlay on every frame of a video or frame folder (= video_generation.py)."),
+    "slurm": ("dino.run.slurm:submit", "Submit `dino train` to SLURM with submitit, requeue on pre-emption (= run_with_submitit.py)."),
 }
 
 
@@ -133,8 +134,8 @@ def _run_command(command: str, argv: Sequence[str]) -> dict:
 
 
 def _run_job(command: str, argv: Sequence[str]) -> Any:
-    module = importlib.import_module(JOBS[command][0])
-    return module.main(list(argv))
+    module_name, _, function = JOBS[command][0].partition(":")
+    return getattr(importlib.import_module(module_name), function or "main")(list(argv))
 
 
 @contextlib.contextmanager

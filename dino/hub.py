@@ -94,8 +94,8 @@ def load_checkpoint_file(path_or_url: str, allow_pickle: bool = False, network: 
             weights = load_checkpoint_file(str(hf_weights), allow_pickle=allow_pickle, network=network)
             state = weights.get("backbone", weights)
             return {"backbone": state, "backbone_kwargs": hf_config_kwargs(Path(path) / "config.json")}
-        raise UserError(f"checkpoint {path} is a folder but neither a sharded (DCP) checkpoint (no .metadata file) "
-                        f"nor a Hugging Face model folder (no config.json with {' or '.join(HF_WEIGHT_FILES)})")
+        raise UserError(f"checkpoint {path} is a folder but not a sharded (DCP) checkpoint (no .metadata file) "
+                        f"and not a Hugging Face model folder (no config.json with {' or '.join(HF_WEIGHT_FILES)})")
     if path.endswith(".safetensors"):
         return load_safetensors_file(path)
     try:

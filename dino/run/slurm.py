@@ -37,6 +37,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from dino.errors import UserError, run_cli
+from dino.log import get_logger
+
+logger = get_logger(__name__)
 
 
 def import_submitit():
@@ -150,7 +153,7 @@ def submit(argv: Sequence[str]):
                                      slurm_max_num_timeout=30)
     executor.update_parameters(**executor_parameters(args))
     job = executor.submit(Trainer(train_argv))
-    print(f"submitted job {job.job_id}; logs in {args.slurm_dir or output_dir / 'slurm'}; checkpoints in {output_dir}")
+    logger.info(f"submitted job {job.job_id}; logs in {args.slurm_dir or output_dir / 'slurm'}; checkpoints in {output_dir}")
     return job
 
 

@@ -17,6 +17,9 @@ from typing import Sequence
 
 from dino.errors import require_path, run_cli
 from dino.hub import load_backbone, save_backbone
+from dino.log import get_logger
+
+logger = get_logger(__name__)
 
 
 def consolidate(directory: str, output: str, network: str = "teacher") -> Path:
@@ -33,11 +36,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("directory", help="the checkpoint_sharded/ folder of a --parallel fsdp run")
-    parser.add_argument("--output", required=True, help="where to write the backbone (.pth)")
+    parser.add_argument("--output", required=True,
+                        help="where to write the backbone: .safetensors (architecture in the file), or .pth (+ .json "
+                             "and a .safetensors copy)")
     parser.add_argument("--network", default="teacher", choices=("teacher", "student"))
     args = parser.parse_args(argv)
     path = consolidate(args.directory, args.output, args.network)
-    print(f"wrote {path} (+ {path.with_suffix('.json').name})")
+    extras = [] if path.suffix == ".safetensors" else [p.name for p in (path.with_suffix(".json"), path.with_suffix(".safetensors"))
+                                                          if p.is_file()]
+    logger.info(f"wrote {path}" + (f" (+ {', '.join(extras)})" if extras else ""))
     return path
 
 
