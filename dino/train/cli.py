@@ -64,7 +64,8 @@ examples:
   python -m dino.run.slurm --nodes 2 --gpus_per_node 8 -- --config dinov2_vitl14 --parallel fsdp --hmp
   python main_dino.py --arch vit_small --patch_size 16 --data_path DIR --epochs 1 optim.lr=1e-3 ibot.loss_weight=1.0
 
-Presets live in configs/train/; any config key can be overridden as key=value after the flags.
+Presets live in dino/configs/train/ (and $DINO_CONFIG_DIR/train/); any config key can be overridden as key=value
+after the flags. `dino train` takes the same flags.
 """
 
 CLI = ConfigCLI(
