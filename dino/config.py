@@ -24,6 +24,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dino.errors import UserError, suggest
 
+
 # The presets ship inside the package (dino/configs/<group>/<name>.yaml, read through importlib.resources so a
 # wheel finds them).  $DINO_CONFIG_DIR names a folder of the same layout with a user's own presets: a name is
 # looked up there first, then among the package's presets.
