@@ -2,7 +2,7 @@
 (DINO v1's label propagation), write the predictions as palette PNGs and report J&F with the official metrics.
 
 Examples:
-    dino eval-davis --data_path /data/DAVIS --pretrained_weights teacher_backbone.pth \\
+    dino eval-davis --data_path /data/DAVIS --pretrained_weights teacher_backbone.safetensors \\
         --output_dir davis_predictions
     dino eval-davis --data_path /data/DAVIS --output_dir davis_predictions --eval_only
 """

@@ -3,7 +3,7 @@ protocols, with DINO v1's features ([CLS], thumbnail to --imsize, optional multi
 
 Example:
     dino eval-retrieval --data_path /data/revisitop --dataset roxford5k --imsize 224 \\
-        --pretrained_weights teacher_backbone.pth
+        --pretrained_weights teacher_backbone.safetensors
 """
 
 from __future__ import annotations

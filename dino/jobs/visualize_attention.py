@@ -50,7 +50,7 @@ CLI = ConfigCLI(
         Flag(names=("--output_dir",), key="output_dir", help="folder for the PNG files"),
     ],
     epilog="examples:\n"
-           "  dino visualize-attention --image_path cat.jpg --pretrained_weights output/teacher_backbone.pth\n"
+           "  dino visualize-attention --image_path cat.jpg --pretrained_weights output/teacher_backbone.safetensors\n"
            "  dino visualize-attention --pretrained_weights dinov2_vits14_reg --image_size 448 --threshold 0.6",
 )
 

@@ -1,6 +1,6 @@
 """Turn a sharded (FSDP / DCP) training checkpoint into single files, offline, in one process.
 
-    python -m dino.train.consolidate output/checkpoint_sharded --output teacher_backbone.pth
+    python -m dino.train.consolidate output/checkpoint_sharded --output teacher_backbone.safetensors
     python -m dino.train.consolidate output/checkpoint_sharded --network student --output student_backbone.pth
 
 Reads only the chosen network's tensors (never the optimiser state, so a ViT-g checkpoint does not need the
