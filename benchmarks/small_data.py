@@ -35,7 +35,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # one line per epoch would be noise 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dino.config import compose  # noqa: E402
-from dino.data.package_datasets import LOADERS, available, export_image_folder, PACKAGE_OF  # noqa: E402
+from dino.data.package_datasets import LOADERS, PACKAGE_OF, available, export_image_folder  # noqa: E402
 from dino.train.recipe import apply_small_data_recipe  # noqa: E402
 
 

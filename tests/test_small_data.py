@@ -10,11 +10,16 @@ from PIL import Image
 
 from dino.config import compose, find_config
 from dino.data.package_datasets import export_image_folder, stratified_split
-from dino.train.knn_check import (KnnMonitor, KnnProbe, baseline_verdict, format_baseline_table,
-                                  raw_pixel_features)
-from dino.train.recipe import (DataStats, apply_small_data_recipe, choose_patch_size, derive_small_data_choices,
-                               explicit_keys_from_argv, inspect_images, suggest_preset)
-
+from dino.train.knn_check import KnnMonitor, KnnProbe, baseline_verdict, format_baseline_table, raw_pixel_features
+from dino.train.recipe import (
+    DataStats,
+    apply_small_data_recipe,
+    choose_patch_size,
+    derive_small_data_choices,
+    explicit_keys_from_argv,
+    inspect_images,
+    suggest_preset,
+)
 
 # ------------------------------------------------------------------------------------------ derivation
 
