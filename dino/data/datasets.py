@@ -15,6 +15,7 @@ counts it in `num_skipped`.
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from typing import Callable, Iterable, Sequence
 
@@ -98,14 +99,33 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def open_regular_file(path: str | os.PathLike):
+    """Open `path` for reading only if it is a regular file, as a binary file object.
+
+    Opened non-blocking and checked on the open descriptor (no race with a swapped name): a FIFO named
+    `x.jpg` would otherwise block `open()` forever, and a device would stream without end.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"not a regular file: {os.fspath(path)}")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Read an image file as an 8-bit RGB PIL image, upright according to its EXIF orientation.
 
-    Raises `CorruptImageError` (a `UserError`) naming the file when it cannot be opened or decoded.
+    Raises `CorruptImageError` (a `UserError`) naming the file when it cannot be opened or decoded, or when
+    it is not a regular file (a FIFO or a device named like an image).
     """
     path = os.fspath(path)
     try:
-        with Image.open(path) as opened:
+        with open_regular_file(path) as handle, Image.open(handle) as opened:
             opened.load()  # decode now: truncated files fail here, inside the try
             image = opened
             try:
@@ -123,13 +143,73 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 # --------------------------------------------------------------------------------------------- discovery
 
 
-def list_images(root: str) -> list[str]:
-    """All image files below `root` (following symlinks, skipping hidden entries), as sorted absolute paths."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(os.path.join(dirpath, f) for f in filenames if not f.startswith(".") and is_image_file(f))
-    return sorted(os.path.abspath(p) for p in found)
+class ImageListing(list):
+    """The sorted image paths of a folder (a plain list), plus `skipped`: `(path, reason)` for every entry
+    that looked like an image or a folder of images but could not be used."""
+
+    def __init__(self, paths=(), skipped=()):
+        super().__init__(paths)
+        self.skipped: list[tuple[str, str]] = list(skipped)
+
+
+def list_images(root: str | os.PathLike, warn: bool = True) -> ImageListing:
+    """All image files below `root`, as sorted absolute paths: the one lister for training, extraction and eval.
+
+    - regular files only: a FIFO, socket or device named like an image is skipped (opening a FIFO blocks);
+    - symlinks are followed, but every folder and every file is visited once (by device and inode), so a
+      symlink loop or two links to one folder do not list its images again and again;
+    - hidden entries (`.name`) are ignored;
+    - a sub-folder that cannot be read, a broken link or a non-regular "image" is recorded in `.skipped`
+      and reported in one `SkippedImageWarning` (unless `warn=False`), never dropped silently.
+    """
+    root = os.path.abspath(os.fspath(root))
+    found: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    seen_folders: set[tuple[int, int]] = set()
+    seen_files: set[tuple[int, int]] = set()
+    try:
+        root_stat = os.stat(root)
+    except OSError as err:
+        raise UserError(f"cannot read {root}: {err.strerror or err}") from None
+    seen_folders.add((root_stat.st_dev, root_stat.st_ino))
+    pending = [root]
+    while pending:
+        folder = pending.pop()
+        try:
+            with os.scandir(folder) as entries:
+                entries = sorted(entries, key=lambda e: e.name)
+        except OSError as err:
+            skipped.append((folder, f"unreadable folder ({err.strerror or err})"))
+            continue
+        subfolders = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                info = entry.stat()  # follows symlinks
+            except OSError as err:
+                if is_image_file(entry.name) or entry.is_symlink():
+                    skipped.append((entry.path, f"cannot stat ({err.strerror or err})"))
+                continue
+            key = (info.st_dev, info.st_ino)
+            if stat.S_ISDIR(info.st_mode):
+                if key not in seen_folders:  # a symlink loop or a second link to a folder already listed
+                    seen_folders.add(key)
+                    subfolders.append(entry.path)
+            elif is_image_file(entry.name):
+                if not stat.S_ISREG(info.st_mode):
+                    skipped.append((entry.path, "not a regular file"))
+                elif key not in seen_files:
+                    seen_files.add(key)
+                    found.append(entry.path)
+        pending.extend(reversed(subfolders))
+    listing = ImageListing(sorted(found), skipped)
+    if skipped and warn:
+        shown = "; ".join(f"{path}: {why}" for path, why in skipped[:3])
+        more = f" (+{len(skipped) - 3} more)" if len(skipped) > 3 else ""
+        warnings.warn(f"skipped {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} under {root}: {shown}{more}",
+                      SkippedImageWarning, stacklevel=2)
+    return listing
 
 
 def read_file_list(list_path: str) -> list[str]:
