@@ -6,6 +6,9 @@ These follow the DINO v1 / DINOv2 evaluation protocol: bicubic resize of the sho
 
 from __future__ import annotations
 
+import os
+
+from PIL import Image
 from torchvision import transforms
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -20,14 +23,78 @@ def make_normalize() -> transforms.Compose:
 
 
 def make_eval_transform(resize_size: int = 256, crop_size: int = 224) -> transforms.Compose:
-    """Resize the shorter side to `resize_size` (bicubic), centre-crop `crop_size`, normalise."""
+    """Resize the shorter side to `resize_size` (bicubic), centre-crop `crop_size`, normalise.
+
+    The transform carries `min_decode_side = resize_size`: what `load_image_for` may reduce a large image to
+    while decoding (see there).
+    """
     if crop_size > resize_size:
         raise ValueError(f"crop_size {crop_size} is larger than resize_size {resize_size}")
-    return transforms.Compose([
+    transform = transforms.Compose([
         transforms.Resize(resize_size, interpolation=BICUBIC),
         transforms.CenterCrop(crop_size),
         make_normalize(),
     ])
+    transform.min_decode_side = int(resize_size)
+    return transform
+
+
+# ---------------------------------------------------------------------------------- reduced decoding
+
+# A large image is decoded and shrunk to at least this many times the side the transform needs, by JPEG DCT
+# scaling (`Image.draft`: the decoder itself produces 1/2, 1/4 or 1/8 of the pixels) and an integer box filter
+# (`Image.reduce`); the transform's own bicubic resize then does the rest. Pillow's `reducing_gap` reasoning:
+# with a gap of 2 the result cannot be told apart from a bicubic resize of the full image, at a fraction of its
+# cost. Images whose shorter side is under the gap × the needed side are decoded exactly as before.
+REDUCING_GAP = 2.0
+
+_EXIF_ORIENTATION = 0x0112
+_ORIENTATION_METHODS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def load_image_for(path: str | os.PathLike, min_side: int | None) -> Image.Image:
+    """`dino.data.datasets.load_image`, decoding large images only to the size a transform needs.
+
+    `min_side`: the shorter side the transform resizes to (`transform.min_decode_side`); None decodes in full.
+    A 144-megapixel photo for a 256-pixel evaluation is then decoded at 1/8 scale (JPEG) or box-reduced right
+    after decoding (PNG and other formats, which cannot decode a part), instead of being carried in full through
+    the bicubic resize. RGB conversion and EXIF orientation are those of `load_image`; errors are the same
+    `CorruptImageError`.
+    """
+    from dino.data.datasets import CorruptImageError, load_image, to_rgb
+
+    if not min_side:
+        return load_image(path)
+    path = os.fspath(path)
+    target = REDUCING_GAP * int(min_side)
+    try:
+        with Image.open(path) as opened:
+            width, height = opened.size
+            if min(width, height) <= target:
+                opened.close()
+                return load_image(path)  # nothing to gain: exactly the full decode
+            try:
+                orientation = opened.getexif().get(_EXIF_ORIENTATION, 1)
+            except Exception:  # a malformed EXIF block must not cost us an otherwise good image
+                orientation = 1
+            if opened.format == "JPEG":
+                scale = target / min(width, height)
+                opened.draft(opened.mode, (max(1, int(width * scale + 0.999)), max(1, int(height * scale + 0.999))))
+            opened.load()  # decode now: truncated files fail here, inside the try
+            image = to_rgb(opened)
+            factor = int(min(image.size) // target)
+            if factor >= 2:
+                image = image.reduce(factor)
+            elif image is opened:
+                image = image.copy()  # independent of the file closed with the `with` block
+            method = _ORIENTATION_METHODS.get(orientation)
+            return image.transpose(method) if method is not None else image
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise CorruptImageError(f"cannot read image {path}: {err}") from err
 
 
 def make_linear_train_transform(crop_size: int = 224) -> transforms.Compose:

@@ -136,11 +136,12 @@ class _Unreplaced(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        from dino.data.datasets import CorruptImageError, load_image
+        from dino.data.datasets import CorruptImageError
+        from dino.data.transforms import load_image_for
 
         path, label = self.samples[index]
-        try:
-            image = load_image(path)
+        try:  # a huge image is decoded only to the size the eval transform resizes to
+            image = load_image_for(path, getattr(self.transform, "min_decode_side", None))
         except CorruptImageError:
             return None, label, False
         return (self.transform(image) if self.transform is not None else image), label, True

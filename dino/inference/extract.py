@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from dino.data.datasets import CorruptImageError, list_images, load_image, read_file_list
+from dino.data.datasets import CorruptImageError, list_images, read_file_list
 from dino.errors import UserError, require_path
 
 FEATURE_KINDS = ("cls", "patch_mean", "cls_patch_mean")
@@ -95,8 +95,11 @@ class PathDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        try:
-            return self.transform(load_image(self.paths[index])), index, True
+        from dino.data.transforms import load_image_for
+
+        try:  # a huge image is decoded only to the size the transform resizes to
+            image = load_image_for(self.paths[index], getattr(self.transform, "min_decode_side", None))
+            return self.transform(image), index, True
         except CorruptImageError:
             return torch.zeros(3, self.image_size, self.image_size), index, False
 

@@ -159,7 +159,8 @@ def write_contact_sheet_png(query_paths: Sequence[str], results: Sequence[Sequen
     """The same grid as one PNG (queries in the first column, similarities written under each thumbnail)."""
     from PIL import Image, ImageDraw
 
-    from dino.data.datasets import CorruptImageError, load_image
+    from dino.data.datasets import CorruptImageError
+    from dino.data.transforms import load_image_for
 
     columns = 1 + max((len(r) for r in results), default=0)
     caption_px = 14
@@ -169,7 +170,7 @@ def write_contact_sheet_png(query_paths: Sequence[str], results: Sequence[Sequen
         items = [(query, "query")] + [(p, f"{s:.3f}") for p, s in neighbours]
         for col, (path, caption) in enumerate(items):
             try:
-                thumb = load_image(path)
+                thumb = load_image_for(path, thumb_px)  # a thumbnail needs no full decode of a huge image
                 thumb.thumbnail((thumb_px, thumb_px))
             except CorruptImageError:
                 thumb = Image.new("RGB", (thumb_px, thumb_px), "gray")
