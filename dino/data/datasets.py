@@ -152,13 +152,15 @@ class ImageListing(list):
         self.skipped: list[tuple[str, str]] = list(skipped)
 
 
-def list_images(root: str | os.PathLike, warn: bool = True) -> ImageListing:
+def list_images(root: str | os.PathLike, warn: bool = True, recursive: bool = True,
+                extensions: tuple[str, ...] | None = None) -> ImageListing:
     """All image files below `root`, as sorted absolute paths: the one lister for training, extraction and eval.
 
     - regular files only: a FIFO, socket or device named like an image is skipped (opening a FIFO blocks);
     - symlinks are followed, but every folder and every file is visited once (by device and inode), so a
       symlink loop or two links to one folder do not list its images again and again;
-    - hidden entries (`.name`) are ignored;
+    - hidden entries (`.name`) are ignored; `recursive=False` lists `root` alone (flat dataset layouts),
+      `extensions` narrows the accepted suffixes (e.g. `(".jpg", ".jpeg")`);
     - a sub-folder that cannot be read, a broken link or a non-regular "image" is recorded in `.skipped`
       and reported in one `SkippedImageWarning` (unless `warn=False`), never dropped silently.
     """
@@ -193,10 +195,10 @@ def list_images(root: str | os.PathLike, warn: bool = True) -> ImageListing:
                 continue
             key = (info.st_dev, info.st_ino)
             if stat.S_ISDIR(info.st_mode):
-                if key not in seen_folders:  # a symlink loop or a second link to a folder already listed
+                if recursive and key not in seen_folders:  # a symlink loop or a second link to a folder already listed
                     seen_folders.add(key)
                     subfolders.append(entry.path)
-            elif is_image_file(entry.name):
+            elif entry.name.lower().endswith(extensions) if extensions else is_image_file(entry.name):
                 if not stat.S_ISREG(info.st_mode):
                     skipped.append((entry.path, "not a regular file"))
                 elif key not in seen_files:

@@ -56,7 +56,9 @@ DEFAULT_ARCH, DEFAULT_PATCH_SIZE = "vit_base", 8
 
 def list_jpegs(folder: str) -> list[str]:
     """Sorted names of the .jpg files in `folder` (not recursive, as the Copydays layout is flat)."""
-    return sorted(name for name in os.listdir(folder) if name.lower().endswith((".jpg", ".jpeg")) and not name.startswith("."))
+    from dino.data.datasets import list_images
+
+    return [os.path.basename(p) for p in list_images(folder, recursive=False, extensions=(".jpg", ".jpeg"))]
 
 
 def strong_positives(original_names: Sequence[str], strong_names: Sequence[str]) -> list[np.ndarray]:

@@ -70,7 +70,9 @@ def read_sequence_names(data_path: str, split: str = "val", year: str = "2017") 
 
 
 def _sorted_files(folder: str, extension: str) -> list[str]:
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(extension) and not f.startswith("."))
+    from dino.data.datasets import list_images
+
+    return list(list_images(folder, recursive=False, extensions=(extension,)))
 
 
 def load_davis(data_path: str, split: str = "val", year: str = "2017", need_frames: bool = True) -> list[DavisSequence]:

@@ -58,10 +58,12 @@ def _natural_key(name: str) -> list:
 def list_frame_files(folder: str | os.PathLike) -> list[str]:
     """Image files directly inside `folder`, in natural order; a UserError when there are none."""
     folder = require_path(folder, "frame folder", must_be_dir=True)
-    names = sorted((n for n in os.listdir(folder) if is_image_file(n) and os.path.isfile(os.path.join(folder, n))), key=_natural_key)
-    if not names:
+    from dino.data.datasets import list_images
+
+    paths = sorted(list_images(folder, recursive=False), key=lambda p: _natural_key(os.path.basename(p)))
+    if not paths:
         raise UserError(f"no image frames in {folder} (looked for files ending in .jpg, .png, ...)")
-    return [os.path.join(folder, n) for n in names]
+    return paths
 
 
 @dataclass
