@@ -204,3 +204,36 @@ def test_export_digits_as_image_folders(tmp_path):
     assert len(list((tmp_path / "digits" / "val").rglob("*.png"))) == 359
     assert sorted(p.name for p in (tmp_path / "digits" / "train").iterdir()) == [f"{d:02d}" for d in range(10)]
     assert export_image_folder("digits", tmp_path / "digits", max_train=100) == train     # reused
+
+
+# ------------------------------------------------------------------------------------------ main_dino.py hooks
+
+
+def test_a_folder_of_small_images_defaults_to_the_small_data_preset(tmp_path, capsys):
+    from dino.train.recipe import default_preset_for_data
+
+    _write_pngs(tmp_path / "small" / "a", 3, 28, colour=False)
+    _write_pngs(tmp_path / "large", 2, 160, colour=True)
+    argv = ["--data_path", str(tmp_path / "small"), "--epochs", "2"]
+    assert default_preset_for_data(argv) == ["--config", "small_data", *argv]
+    assert "using the small_data preset" in capsys.readouterr().out
+    assert default_preset_for_data([f"--data_path={tmp_path / 'large'}"]) == [f"--data_path={tmp_path / 'large'}"]
+    assert default_preset_for_data(["--config", "demo", "--data_path", str(tmp_path / "small")])[:2] == ["--config", "demo"]
+    assert default_preset_for_data(["--data_path", str(tmp_path / "missing")]) == ["--data_path", str(tmp_path / "missing")]
+
+
+def test_recipe_for_cli_keeps_flags_and_overrides(tmp_path):
+    from dino.train.cli import FLAGS
+    from dino.train.recipe import apply_recipe_for_cli
+
+    _write_pngs(tmp_path / "data" / "a", 4, 64, colour=True)
+    cfg = compose("train/small_data", [f"train.data_path={tmp_path / 'data'}", "crops.local_crops_size=16"])
+    cfg.model.patch_size = 16
+    flag_keys = {name: flag.key for flag in FLAGS for name in flag.names}
+    apply_recipe_for_cli(cfg, ["--patch_size", "16", "crops.local_crops_size=16"], flag_keys)
+    assert cfg.model.patch_size == 16 and cfg.crops.local_crops_size == 16       # set on the command line
+    assert cfg.crops.global_crops_size == 64 and cfg.optim.epochs == 300         # derived (4 images → max epochs)
+    cfg = compose("train/small_data", [f"train.data_path={tmp_path / 'data'}"])
+    cfg.model.patch_size = 16
+    apply_recipe_for_cli(cfg, ["--patch_size", "16"], flag_keys)
+    assert cfg.crops.global_crops_size == 64 and cfg.crops.local_crops_size == 32  # multiples of the user's patch

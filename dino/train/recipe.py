@@ -21,6 +21,7 @@ listed in `recipe.keep`) and prints them.  Called by `main_dino.py` when the pre
 from __future__ import annotations
 
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -99,11 +100,11 @@ def choose_patch_size(side: int, max_grid: int = 8) -> int:
 
 
 def derive_small_data_choices(stats: DataStats, images_seen: int = 160_000, min_epochs: int = 10,
-                              max_epochs: int = 300, max_grid: int = 8) -> RecipeChoices:
-    """Config values derived from the data, each with its reason."""
+                              max_epochs: int = 300, max_grid: int = 8, patch_size: int | None = None) -> RecipeChoices:
+    """Config values derived from the data, each with its reason (`patch_size`: given by the user, not derived)."""
     out = RecipeChoices()
     side = stats.image_side
-    patch = choose_patch_size(side, max_grid)
+    patch = int(patch_size) if patch_size else choose_patch_size(side, max_grid)
     global_size = _round_to(side, patch, patch * 2)
     local_size = _round_to(global_size * 3 / 7, patch, patch * 2)
     grid = global_size // patch
@@ -143,11 +144,12 @@ def apply_small_data_recipe(cfg: DictConfig, data_path: str | None = None, stats
         from dino.train.data_pipeline import resolve_data_path
 
         stats = inspect_images(data_path or resolve_data_path(cfg))
+    kept = set(explicit) | _explicitly_set(cfg)
     choices = derive_small_data_choices(stats, images_seen=int(recipe.get("images_seen", 160_000)),
                                         min_epochs=int(recipe.get("min_epochs", 10)),
                                         max_epochs=int(recipe.get("max_epochs", 300)),
-                                        max_grid=int(recipe.get("max_grid", 8)))
-    kept = set(explicit) | _explicitly_set(cfg)
+                                        max_grid=int(recipe.get("max_grid", 8)),
+                                        patch_size=int(cfg.model.patch_size) if "model.patch_size" in kept else None)
     for choice in choices.choices:
         if choice.key not in kept:
             OmegaConf.update(cfg, choice.key, choice.value, merge=False)
@@ -175,3 +177,43 @@ def suggest_preset(stats: DataStats, current: str) -> str | None:
         return None
     return (f"hint: {stats.describe()} — the small_data preset fits this data better than {current!r} "
             f"(python main_dino.py --config small_data --data_path ...)")
+
+
+# ------------------------------------------------------------------------------------ main_dino.py hooks
+
+
+def _data_path_from_argv(argv: list[str]) -> str | None:
+    for i, token in enumerate(argv):
+        if token == "--data_path" and i + 1 < len(argv):
+            return argv[i + 1]
+        for prefix in ("--data_path=", "train.data_path="):
+            if token.startswith(prefix):
+                return token[len(prefix):]
+    return None
+
+
+def default_preset_for_data(argv: list[str], small_preset: str = "small_data") -> list[str]:
+    """`main_dino.py --data_path FOLDER` without `--config`: pick `small_preset` when the images are small.
+
+    Returns argv, with `--config small_data` prepended when the folder holds ≤ 200k images of ≤ 128 px (and a
+    line saying so is printed); unchanged otherwise, or when `--config` is given, or the path cannot be read.
+    """
+    argv = list(argv)
+    if any(t == "--config" or t.startswith("--config=") for t in argv) or any(t in ("-h", "--help") for t in argv):
+        return argv
+    data_path = _data_path_from_argv(argv)
+    if not data_path:
+        return argv
+    try:
+        stats = inspect_images(os.path.expanduser(data_path), sample=64)
+    except Exception:  # noqa: BLE001 - the training itself reports an unreadable path properly
+        return argv
+    if stats.image_side > 128 or stats.num_images > 200_000:
+        return argv
+    print(f"{stats.describe()}: using the {small_preset} preset (--config NAME picks another)")
+    return ["--config", small_preset, *argv]
+
+
+def apply_recipe_for_cli(cfg: DictConfig, argv: list[str], flag_keys: dict[str, str]) -> RecipeChoices | None:
+    """After `ConfigCLI.parse`: derive the data-dependent keys (recipe.auto presets only), keeping what argv set."""
+    return apply_small_data_recipe(cfg, explicit=explicit_keys_from_argv(argv, flag_keys))
