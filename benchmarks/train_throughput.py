@@ -70,6 +70,7 @@ from dino.distributed import (  # noqa: E402
 )
 from dino.distributed.parallel import FSDPSettings, shard_student_and_teacher, unwrap, wrap_student  # noqa: E402
 from dino.train.data_pipeline import build_training_data  # noqa: E402
+from dino.train.activation_checkpointing import apply_activation_checkpointing  # noqa: E402
 from dino.train.loop import build_optimizer, train_step  # noqa: E402
 from dino.train.meta_arch import SelfDistillationObjective, build_networks, compile_blocks, update_teacher  # noqa: E402
 from dino.train.param_groups import apply_schedules  # noqa: E402
@@ -195,6 +196,7 @@ def main(argv=None) -> dict:
     student.to(ctx.device)
     teacher.to(ctx.device)
     objective = SelfDistillationObjective(cfg, int(cfg.crops.local_crops_number)).to(ctx.device)
+    apply_activation_checkpointing(student.backbone.blocks, str(cfg.train.activation_checkpointing))
     compiled = bool(cfg.train.compile)
     if compiled:  # where the training loop does it: before sharding
         compile_blocks(student, teacher)
@@ -250,7 +252,8 @@ def main(argv=None) -> dict:
     # every process runs the same work; the counted FLOPs and the rate are per process
     result = {
         "preset": args.preset, "precision": "bf16 autocast" if args.hmp else ("fp16" if args.fp16 else "fp32"),
-        "compile": compiled, "plain_eager": bool(args.plain_eager), "parallel": args.parallel, "processes": get_world_size(),
+        "compile": compiled, "activation_checkpointing": str(cfg.train.activation_checkpointing),
+        "plain_eager": bool(args.plain_eager), "parallel": args.parallel, "processes": get_world_size(),
         "batch_per_process": int(cfg.train.batch_size_per_device),
         "s_per_step": s_per_step, "images_per_s": global_batch / s_per_step, "gflop_per_step": flops_per_step / 1e9,
         "matmul_gflops": rate / 1e9, "mfu": flops_per_step / s_per_step / rate, "peak_memory_mb": peak_mb,
@@ -350,7 +353,8 @@ def report(result: dict, args, ctx: DeviceContext, compute_dtype: torch.dtype) -
     lines = [
         f"### {result['preset']}, {result['precision']}, {result['parallel']} × {result['processes']} process(es), "
         f"batch {result['batch_per_process']}/process, " + ("compiled blocks" if result["compile"] else
-                                                        "plain eager" if result.get("plain_eager") else "eager"),
+                                                        "plain eager" if result.get("plain_eager") else "eager")
+        + f", activation checkpointing {result['activation_checkpointing']}",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; device: {ctx.description()}; "
         f"torch {torch.__version__}",
         f"- s/step (median of {args.steps} after {args.warmup} warm-up): **{result['s_per_step']:.3f}**; "
