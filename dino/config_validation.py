@@ -333,6 +333,7 @@ def read_checkpoint_config(path: str | os.PathLike) -> tuple[DictConfig, int | N
 
     path = Path(path)
     text: str | None = None
+    world_size = None
     try:
         if path.is_dir():
             meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
@@ -342,7 +343,10 @@ def read_checkpoint_config(path: str | os.PathLike) -> tuple[DictConfig, int | N
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError:  # the legacy (non-zip) format cannot be mapped
                 state = torch.load(path, map_location="cpu", weights_only=True)
-            text = state.get("config") if isinstance(state, dict) else None
+            if isinstance(state, dict):
+                text = state.get("config")
+                # recorded by checkpoints that store their world size: then the global batch is compared
+                world_size = state.get("world_size") if _is_int(state.get("world_size")) else None
     except Exception:
         return None
     if not isinstance(text, str):
@@ -351,7 +355,7 @@ def read_checkpoint_config(path: str | os.PathLike) -> tuple[DictConfig, int | N
         saved = OmegaConf.create(text)
     except Exception:
         return None
-    return (saved, None) if isinstance(saved, DictConfig) else None
+    return (saved, world_size) if isinstance(saved, DictConfig) else None
 
 
 def check_resume_against_output_dir(cfg: DictConfig, world_size: int | None = None) -> None:
@@ -379,5 +383,7 @@ def check_resume_against_output_dir(cfg: DictConfig, world_size: int | None = No
     if sharded:
         saved_cfg = saved_cfg.copy()
         OmegaConf.update(saved_cfg, BATCH_KEY, _value(cfg, BATCH_KEY), merge=False)
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)  # what torchrun / the SLURM launcher set
     check_resume_compatible(saved_cfg, cfg, str(checkpoint), saved_world_size, world_size)
 

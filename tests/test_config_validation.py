@@ -161,3 +161,19 @@ def test_resume_with_a_changed_config_is_refused_before_config_yaml_is_written(t
     result = train_cli.main(base + ["train.max_iters=2"])
     assert result.global_step == 2
     assert OmegaConf.load(output / "config.yaml").train.max_iters == 2
+
+
+def test_a_checkpoint_that_records_its_world_size_is_compared_by_global_batch(tmp_path, monkeypatch):
+    import torch
+
+    from dino.config import to_yaml
+    from dino.config_validation import check_resume_against_output_dir
+
+    saved = _cfg(f"train.output_dir={tmp_path}", "train.batch_size_per_device=32")
+    torch.save({"config": to_yaml(saved), "world_size": 2}, tmp_path / "checkpoint.pth")
+    now = _cfg(f"train.output_dir={tmp_path}", "train.batch_size_per_device=64")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_resume_against_output_dir(now)  # 2 × 32 == 1 × 64
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match=r"global batch 64 \(2 × 32\) → 128 \(2 × 64\)"):
+        check_resume_against_output_dir(now)

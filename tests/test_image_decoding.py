@@ -85,3 +85,16 @@ def test_extraction_and_eval_datasets_decode_reduced(big_files, monkeypatch):
     images, _, ok = PathDataset([str(big_files / "big.jpg")], transform, 56)[0]
     assert bool(ok) and tuple(images.shape) == (3, 56, 56)
     assert calls == [64]
+
+
+def test_min_decode_side_of_the_training_augmentation():
+    from dino.data.augmentations import DataAugmentationDINO
+    from dino.data.transforms import min_decode_side, random_resized_crop_min_side
+
+    # the smallest local crop of DINO v1 (5 % of the area, ratio 3/4) must still give 96 px: 496 px
+    assert random_resized_crop_min_side(96, 0.05) == 496
+    augmentation = DataAugmentationDINO(global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4),
+                                        local_crops_number=8, global_crops_size=224, local_crops_size=96)
+    assert min_decode_side(augmentation) == 496
+    assert min_decode_side(make_eval_transform(256, 224)) == 256
+    assert min_decode_side(lambda image: image) is None

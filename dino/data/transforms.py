@@ -56,6 +56,36 @@ _ORIENTATION_METHODS = {
 }
 
 
+def random_resized_crop_min_side(size: int, scale_min: float, ratio_min: float = 3 / 4) -> int:
+    """Shorter image side at which a RandomResizedCrop of `size` px never upsamples its smallest crop.
+
+    The smallest crop covers `scale_min` of the area with aspect ratio down to `ratio_min`: its short side is
+    sqrt(scale_min · ratio_min) · S for an S×S image, which must reach `size`.
+    """
+    import math
+
+    return int(math.ceil(size / math.sqrt(max(scale_min, 1e-6) * min(ratio_min, 1 / ratio_min))))
+
+
+def min_decode_side(transform) -> int | None:
+    """The shorter side a transform needs its input image to have (None: unknown, decode in full).
+
+    `make_eval_transform` records it; DINO's multi-crop augmentation needs what its smallest global and
+    local crops need (`random_resized_crop_min_side`).
+    """
+    recorded = getattr(transform, "min_decode_side", None)
+    if recorded:
+        return int(recorded)
+    if all(hasattr(transform, a) for a in ("global_crops_size", "global_crops_scale", "local_crops_size",
+                                            "local_crops_scale", "local_crops_number")):
+        sides = [random_resized_crop_min_side(int(transform.global_crops_size), float(transform.global_crops_scale[0]))]
+        if int(transform.local_crops_number) > 0:
+            sides.append(random_resized_crop_min_side(int(transform.local_crops_size),
+                                                      float(transform.local_crops_scale[0])))
+        return max(sides)
+    return None
+
+
 def load_image_for(path: str | os.PathLike, min_side: int | None) -> Image.Image:
     """`dino.data.datasets.load_image`, decoding large images only to the size a transform needs.
 

@@ -137,11 +137,11 @@ class _Unreplaced(Dataset):
 
     def __getitem__(self, index: int):
         from dino.data.datasets import CorruptImageError
-        from dino.data.transforms import load_image_for
+        from dino.data.transforms import load_image_for, min_decode_side
 
         path, label = self.samples[index]
         try:  # a huge image is decoded only to the size the eval transform resizes to
-            image = load_image_for(path, getattr(self.transform, "min_decode_side", None))
+            image = load_image_for(path, min_decode_side(self.transform))
         except CorruptImageError:
             return None, label, False
         return (self.transform(image) if self.transform is not None else image), label, True

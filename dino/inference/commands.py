@@ -58,14 +58,14 @@ def prepare_fast_model(model, precision: str, compile_model: bool, device_ctx, c
 def _calibration_batch(paths: list[str], transform, count: int) -> torch.Tensor:
     """Up to `count` readable images from the start of `paths`, transformed like the images to embed."""
     from dino.data.datasets import CorruptImageError
-    from dino.data.transforms import load_image_for
+    from dino.data.transforms import load_image_for, min_decode_side
 
     images = []
     for path in paths:
         if len(images) == count:
             break
         try:
-            images.append(transform(load_image_for(path, getattr(transform, "min_decode_side", None))))
+            images.append(transform(load_image_for(path, min_decode_side(transform))))
         except CorruptImageError:
             continue  # listed as skipped by the extraction itself
     if not images:

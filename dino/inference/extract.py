@@ -95,10 +95,10 @@ class PathDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        from dino.data.transforms import load_image_for
+        from dino.data.transforms import load_image_for, min_decode_side
 
         try:  # a huge image is decoded only to the size the transform resizes to
-            image = load_image_for(self.paths[index], getattr(self.transform, "min_decode_side", None))
+            image = load_image_for(self.paths[index], min_decode_side(self.transform))
             return self.transform(image), index, True
         except CorruptImageError:
             return torch.zeros(3, self.image_size, self.image_size), index, False
