@@ -272,7 +272,7 @@ def test_convnext_pseudo_patch_size_resamples_maps(convnext_tiny):
         (maps,) = model.get_intermediate_layers(x, n=1, reshape=True, norm=False)
     ref = F.interpolate(ref_convnext_stages(sd, x)[-1], size=(4, 6), mode="bilinear", antialias=True)
     torch.testing.assert_close(maps, ref, atol=ATOL, rtol=0)
-    with pytest.raises(TypeError, match="no self-attention"):
+    with pytest.raises(UserError, match="no self-attention"):
         model.get_last_selfattention(x)
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dino.errors import UserError
 from dino.models.vision_transformer import DropPath
 
 # size → (depths, dims)
@@ -189,7 +190,7 @@ class ConvNeXt(nn.Module):
         return tuple(p for p, _, _ in results)
 
     def get_last_selfattention(self, x: Tensor) -> Tensor:
-        raise TypeError("a ConvNeXt has no self-attention to show; visualise its features with PCA instead "
+        raise UserError("a ConvNeXt has no self-attention to show; visualise its features with PCA instead "
                         "(visualize_pca.py)")
 
 
