@@ -161,7 +161,9 @@ def validate_training_config(cfg: DictConfig) -> None:
     c.number("model.embed_dim", 1, integer=True, optional=True)
     c.number("model.drop_path_rate", 0, 1, max_inclusive=False)
     c.number("model.layerscale", 0, optional=True)
-    c.choice("model.ffn_layer", ("mlp", "swiglu", "swiglufused"))
+    from dino.models.vision_transformer import FFN_LAYERS
+
+    c.choice("model.ffn_layer", list(FFN_LAYERS))
     c.number("model.num_register_tokens", 0, integer=True)
     c.number("model.interpolate_offset", 0)
     # heads and losses

@@ -32,6 +32,11 @@ def test_nb_knn_zero_is_rejected_before_extraction(tmp_path, no_extraction):
         knn.run_knn(_knn_cfg(tmp_path, "knn.nb_knn=[10,0]"))
 
 
+def test_non_numeric_k_is_one_line(tmp_path, no_extraction):
+    with pytest.raises(UserError, match="--nb_knn needs integers"):
+        knn.run_knn(_knn_cfg(tmp_path, "knn.nb_knn=[ten]"))
+
+
 def test_output_dir_that_is_a_file_is_rejected_before_extraction(tmp_path, no_extraction):
     taken = tmp_path / "taken"
     taken.write_text("x")

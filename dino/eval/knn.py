@@ -132,8 +132,12 @@ def run_knn(cfg) -> dict:
     normalised [CLS] features (all ranks), classifies on rank 0, prints a table and writes
     `<output_dir>/knn_results.json`.
     """
-    k_values = [int(k) for k in cfg.knn.nb_knn]
-    temperature = float(cfg.knn.temperature)
+    try:  # key=value overrides arrive unconverted: `knn.nb_knn=[ten]` is a user error, not a traceback
+        k_values = [int(k) for k in cfg.knn.nb_knn]
+        temperature = float(cfg.knn.temperature)
+    except (TypeError, ValueError):
+        raise UserError(f"--nb_knn needs integers and --temperature a number, got {list(cfg.knn.nb_knn)!r} "
+                        f"and {cfg.knn.temperature!r}") from None
     # everything the user can get wrong is checked before minutes (or hours) of feature extraction
     problems = []
     if not k_values:
