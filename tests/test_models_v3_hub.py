@@ -318,3 +318,23 @@ def test_tiny_v3_runs_through_extract_and_visualisation(tiny_v3_checkpoint, tmp_
     features, listed, _ = load_extracted(tmp_path / "feats")
     assert features.shape == (3, 64) and listed == paths, summary
     del extract_features  # imported to check the eval feature module loads with v3 installed
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_save_backbone_round_trip(tmp_path, suffix):
+    """Our own exports of v3 models (ConvNeXt's final norm is stored under two names, as copies) load back."""
+    from dino.hub import save_backbone
+    from dino.models.convnext import ConvNeXt
+    from dino.models.vision_transformer import DinoV3VisionTransformer
+
+    x = torch.randn(1, 3, 64, 64)
+    for model in (ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64)),
+                  DinoV3VisionTransformer(embed_dim=32, depth=1, num_heads=2)):
+        model.eval()
+        path = tmp_path / f"{type(model).__name__}{suffix}"
+        save_backbone(model, path)
+        loaded = load_backbone(str(path))
+        assert type(loaded) is type(model)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
+    assert loaded.rope_embed.periods.dtype == torch.float32

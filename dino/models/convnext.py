@@ -75,6 +75,15 @@ class ConvNeXtBlock(nn.Module):
         return x + self.drop_path(y.permute(0, 3, 1, 2))
 
 
+def _unalias_final_norm(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """`norms.3.*` in the state dict as copies of `norm.*`: both keys stay (the official layout), but not as one
+    storage under two names, which serialisers such as safetensors refuse. Loading either name fills the one module."""
+    for name in ("weight", "bias"):
+        key = f"{prefix}norms.3.{name}"
+        if key in state_dict and not isinstance(state_dict[key], nn.Parameter):  # keep_vars=True keeps the parameter
+            state_dict[key] = state_dict[key].clone()
+
+
 class ConvNeXt(nn.Module):
     """ConvNeXt backbone with the DINOv3 hub API (see the module docstring)."""
 
@@ -98,6 +107,7 @@ class ConvNeXt(nn.Module):
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
         # the same module a second time, as the official model registers it (its files carry `norms.3.*`)
         self.norms = nn.ModuleList([nn.Identity(), nn.Identity(), nn.Identity(), self.norm])
+        self.register_state_dict_post_hook(_unalias_final_norm)
         self.head = nn.Identity()
         self.embed_dim = self.num_features = dims[-1]
         self.embed_dims = dims
