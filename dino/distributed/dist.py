@@ -77,6 +77,11 @@ def destroy_distributed() -> None:
 
 _timeout_s: float | None = None
 _HEARTBEAT_KEY = "dino/heartbeat/{rank}"
+# Where a rank is inside a step, in order: a rank behind the reporting one is what hung.
+_PHASES = ("data", "batch", "step", "done")
+_PHASE_TEXT = {"data": "waiting for its data", "batch": "had its batch but never entered the step",
+               "step": "inside the step's forward/backward", "done": "done with the step"}
+_last_beat: tuple[int, str] = (0, "done")
 
 
 def _store():
@@ -88,24 +93,29 @@ def _store():
         return None
 
 
-def heartbeat(step: int) -> None:
-    """Record in the rendezvous store that this rank reached `step` (one small write, no collective).
+def heartbeat(step: int | None = None, phase: str = "done") -> None:
+    """Record in the rendezvous store where this rank is (`step`, `phase`); no collective involved.
 
-    When a collective then times out, `describe_missing_ranks` can say which rank stopped answering.
+    Only when a `dist_timeout` was set (the user asked for the diagnosis; a store write per phase is
+    cheap but not free at thousands of ranks).  When a collective then times out,
+    `describe_missing_ranks` names the ranks that are behind.
     """
-    if not is_enabled() or get_world_size() == 1:
+    global _last_beat
+    _last_beat = (_last_beat[0] if step is None else int(step), phase)
+    if _timeout_s is None or not is_enabled() or get_world_size() == 1:
         return
     store = _store()
     if store is not None:
         with contextlib.suppress(Exception):
-            store.set(_HEARTBEAT_KEY.format(rank=get_rank()), f"{int(step)} {time.time():.3f}")
+            store.set(_HEARTBEAT_KEY.format(rank=get_rank()), f"{_last_beat[0]} {phase} {time.time():.3f}")
 
 
-def describe_missing_ranks(step: int) -> str:
-    """'rank 1 (last seen at step 4, 63 s ago)': the ranks whose heartbeat is behind `step`."""
+def describe_missing_ranks() -> str:
+    """'rank 1 (step 4, waiting for its data, 63 s ago)': the ranks behind this one, from their heartbeats."""
     store = _store()
     if store is None:
         return "could not reach the rendezvous store to tell which rank"
+    mine = (_last_beat[0], _PHASES.index(_last_beat[1]))
     behind = []
     now = time.time()
     for rank in range(get_world_size()):
@@ -113,15 +123,15 @@ def describe_missing_ranks(step: int) -> str:
             continue
         try:
             store.set_timeout(datetime.timedelta(seconds=5))
-            value = store.get(_HEARTBEAT_KEY.format(rank=rank)).decode().split()
-            seen_step, seen_at = int(value[0]), float(value[1])
+            step, phase, seen_at = store.get(_HEARTBEAT_KEY.format(rank=rank)).decode().split()
+            step = int(step)
         except Exception:
-            behind.append(f"rank {rank} (never reported a step)")
+            behind.append(f"rank {rank} (never reported)")
             continue
-        if seen_step < step:
-            behind.append(f"rank {rank} (last seen at step {seen_step}, {now - seen_at:.0f} s ago)")
+        if (step, _PHASES.index(phase)) < mine:
+            behind.append(f"rank {rank} (step {step}, {_PHASE_TEXT[phase]}, last heard {now - float(seen_at):.0f} s ago)")
     if not behind:
-        return "every other rank reached this step; the hang is inside the collective itself"
+        return "every other rank got as far as this one; the hang is inside the collective itself"
     return "did not answer: " + ", ".join(behind)
 
 
@@ -135,7 +145,7 @@ def collective_timeout_message(step: int, err: BaseException) -> str:
     limit = f"{_timeout_s:.0f} s" if _timeout_s else "the timeout"
     first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
     return (f"rank {get_rank()}: a collective at step {step} did not complete within {limit} (--dist_timeout); "
-            f"{describe_missing_ranks(step)} [{first}]")
+            f"{describe_missing_ranks()} [{first}]")
 
 
 def barrier() -> None:

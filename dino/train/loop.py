@@ -191,6 +191,9 @@ def train_step(batch: dict, student, teacher, objective: SelfDistillationObjecti
     Returns (loss, terms, stats); stats holds the teacher-entropy indicators and `grad_norm`, the global
     gradient norm before clipping (what `DivergenceGuard` watches).
     """
+    # the forward passes hold the step's first collectives (DDP buffer sync, FSDP all-gathers): a rank that
+    # never says it got here is the one a timed-out collective waited for
+    heartbeat(phase="step")
     batch = _to_device(batch, ctx)
     global_crops = batch["collated_global_crops"]
     local_crops = batch["collated_local_crops"]
@@ -518,12 +521,13 @@ class _Run:
                             leave=True)
             tick = time.perf_counter()
             while progress.step_in_epoch < self.iters_per_epoch:
-                heartbeat(progress.global_step + 1)
+                heartbeat(progress.global_step + 1, "data")
                 item = self._next_batch()
                 if item is None:
                     self.stopped_early = True
                     break
                 data_epoch, data_batch, batch = item
+                heartbeat(phase="batch")
                 step = progress.global_step
                 lr, wd = self.schedules.lr[step], self.schedules.weight_decay[step]
                 apply_schedules(state.optimizer, lr, wd, self.schedules.last_layer_lr[step])
@@ -533,6 +537,7 @@ class _Run:
                                                     state.optimizer, state.scaler, self.ctx, cfg, teacher_temp)
                 except NonFiniteLossError as err:
                     raise NonFiniteLossError(self._non_finite_message(err, step + 1)) from None
+                heartbeat(phase="done")
                 momentum = self.schedules.momentum[step]
                 update_teacher(unwrap(state.student_wrapped), state.teacher, momentum)
                 progress.global_step += 1
