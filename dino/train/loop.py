@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from dino.config import save_config, to_yaml
+from dino.config import to_yaml
 from dino.distributed import (
     DeviceContext,
     all_reduce_mean,
@@ -53,7 +53,7 @@ from dino.distributed.parallel import (
 )
 from dino.errors import UserError
 from dino.hub import save_backbone
-from dino.io import DirectoryLock
+from dino.io import DirectoryLock, atomic_write_text
 from dino.train.checkpoint import (
     CHECKPOINT_NAME,
     SHARDED_CHECKPOINT_NAME,
@@ -640,7 +640,7 @@ def train(cfg: DictConfig) -> TrainResult:
         output_dir = Path(str(cfg.train.output_dir)).expanduser()
         lock = _lock_output_dir(output_dir)
         if main:
-            save_config(cfg, output_dir / "config.yaml")
+            atomic_write_text(output_dir / "config.yaml", to_yaml(cfg))  # (dino.config.save_config, atomically)
             print(to_yaml(cfg))
 
         data = build_training_data(cfg, ctx)

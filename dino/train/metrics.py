@@ -68,7 +68,14 @@ class MetricLogger:
     def log(self, step: int, values: dict[str, float], tensorboard: bool = True) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        try:
+            self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        except OSError as err:
+            from dino.io import DiskFullError, disk_full_message, is_disk_full
+
+            if is_disk_full(err):
+                raise DiskFullError(disk_full_message(self.jsonl.name, None, err)) from None
+            raise
         if tensorboard and self.writer is not None:
             for name, value in values.items():
                 if isinstance(value, (int, float)):
