@@ -262,8 +262,13 @@ class DirectoryLock:
         return f"process {pid}" + (f" on {host}" if host else "") + (f" (running since {since})" if since else "")
 
     def acquire(self) -> "DirectoryLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise UserError(f"cannot use {self.path.parent} as {self.what}: it is a file, not a folder")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as err:
+            raise UserError(f"cannot use {self.path.parent} as {self.what}: {err.strerror or err}") from None
         try:
             import fcntl
 
