@@ -1,0 +1,86 @@
+"""DINOv3 ViT against the two public re-implementations, where installed: Hugging Face transformers'
+`DINOv3ViTModel` (≥ 4.56; its own key layout, reached through a mapping written here) and timm's Eva
+(`vit_*_patch16_dinov3_qkvb`, loaded through timm's own converter of the official layout). Random weights in the
+official layout; square, non-square and not-a-multiple-of-16 inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dino.hub import build_backbone_from_state_dict
+from test_models_v3 import official_v3_vit_state_dict, swiglu_hidden
+
+SIZES = [(64, 64), (48, 80), (70, 90)]
+
+
+def to_hf_layout(sd: dict, depth: int, dim: int) -> dict:
+    """The official layout in transformers' DINOv3 names: qkv split into q/k/v, k bias dropped (it is masked)."""
+    out = {"embeddings.cls_token": sd["cls_token"], "embeddings.mask_token": sd["mask_token"][None],
+           "embeddings.register_tokens": sd["storage_tokens"],
+           "embeddings.patch_embeddings.weight": sd["patch_embed.proj.weight"],
+           "embeddings.patch_embeddings.bias": sd["patch_embed.proj.bias"],
+           "norm.weight": sd["norm.weight"], "norm.bias": sd["norm.bias"]}
+    mlp_names = {"fc1": "up_proj", "fc2": "down_proj", "w1": "gate_proj", "w2": "up_proj", "w3": "down_proj"}
+    for i in range(depth):
+        p, q = f"blocks.{i}.", f"model.layer.{i}."
+        w, b = sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"]
+        out.update({q + "attention.q_proj.weight": w[:dim], q + "attention.q_proj.bias": b[:dim],
+                    q + "attention.k_proj.weight": w[dim:2 * dim],
+                    q + "attention.v_proj.weight": w[2 * dim:], q + "attention.v_proj.bias": b[2 * dim:],
+                    q + "attention.o_proj.weight": sd[p + "attn.proj.weight"],
+                    q + "attention.o_proj.bias": sd[p + "attn.proj.bias"],
+                    q + "layer_scale1.lambda1": sd[p + "ls1.gamma"], q + "layer_scale2.lambda1": sd[p + "ls2.gamma"]})
+        for norm in ("norm1", "norm2"):
+            out[q + norm + ".weight"], out[q + norm + ".bias"] = sd[p + norm + ".weight"], sd[p + norm + ".bias"]
+        for ours, theirs in mlp_names.items():
+            if p + f"mlp.{ours}.weight" in sd:
+                out[q + f"mlp.{theirs}.weight"] = sd[p + f"mlp.{ours}.weight"]
+                out[q + f"mlp.{theirs}.bias"] = sd[p + f"mlp.{ours}.bias"]
+    return out
+
+
+def all_tokens(out: dict) -> torch.Tensor:
+    return torch.cat([out["x_norm_clstoken"][:, None], out["x_storage_tokens"], out["x_norm_patchtokens"]], dim=1)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["S/16", "S+/16"])
+def test_matches_transformers_dinov3(gated):
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "DINOv3ViTModel"):
+        pytest.skip("transformers < 4.56 has no DINOv3ViTModel")
+    hidden = swiglu_hidden(384, 6) if gated else None
+    sd = official_v3_vit_state_dict(depth=2, swiglu_hidden=hidden)
+    config = transformers.DINOv3ViTConfig(
+        hidden_size=384, num_hidden_layers=2, num_attention_heads=6, intermediate_size=hidden or 1536, patch_size=16,
+        num_register_tokens=4, use_gated_mlp=gated, hidden_act="silu" if gated else "gelu", layer_norm_eps=1e-5,
+        rope_theta=100.0)
+    theirs = transformers.DINOv3ViTModel(config).eval()
+    theirs.load_state_dict(to_hf_layout(sd, 2, 384), strict=True)
+    ours = build_backbone_from_state_dict(sd).eval()
+    for size in SIZES:
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            expected = theirs(pixel_values=x).last_hidden_state
+            got = all_tokens(ours.forward_features(x))
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name,swiglu", [("vit_small_patch16_dinov3_qkvb", None),
+                                         ("vit_small_plus_patch16_dinov3_qkvb", 1536)], ids=["S/16", "S+/16"])
+def test_matches_timm_eva_dinov3(name, swiglu):
+    timm = pytest.importorskip("timm")
+    eva = pytest.importorskip("timm.models.eva")
+    if name not in timm.list_models("*dinov3*"):
+        pytest.skip(f"timm {timm.__version__} has no {name}")
+    sd = official_v3_vit_state_dict(depth=2, swiglu_hidden=swiglu, seed=1)
+    theirs = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True, depth=2).eval()
+    theirs.load_state_dict(eva.checkpoint_filter_fn(sd, theirs), strict=True)
+    ours = build_backbone_from_state_dict(sd).eval()
+    for size in SIZES:
+        x = torch.randn(2, 3, *size)
+        h, w = size[0] // 16 * 16, size[1] // 16 * 16  # timm asserts multiples; the official conv floors = crops
+        with torch.no_grad():
+            expected = theirs.forward_features(x[:, :, :h, :w])
+            got = all_tokens(ours.forward_features(x))
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
