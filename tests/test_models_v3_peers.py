@@ -84,3 +84,39 @@ def test_matches_timm_eva_dinov3(name, swiglu):
             expected = theirs.forward_features(x[:, :, :h, :w])
             got = all_tokens(ours.forward_features(x))
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_convnext_matches_transformers_dinov3_convnext():
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "DINOv3ConvNextModel"):
+        pytest.skip("transformers has no DINOv3ConvNextModel")
+    from dino.models.convnext import ConvNeXt
+
+    torch.manual_seed(0)
+    ours = ConvNeXt(depths=(1, 2, 1, 1), dims=(8, 16, 32, 64))
+    ours.init_weights()
+    with torch.no_grad():
+        for name, tensor in ours.named_parameters():  # no identity LayerNorms or 1e-6 LayerScale: every term counts
+            tensor.add_(torch.randn_like(tensor) * 0.2)
+    ours.eval()
+    renames = {"dwconv": "depthwise_conv", "norm": "layer_norm", "pwconv1": "pointwise_conv1",
+               "pwconv2": "pointwise_conv2", "gamma": "gamma"}
+    mapped = {}
+    for key, value in ours.state_dict().items():
+        parts = key.split(".")
+        if parts[0] == "downsample_layers":
+            mapped[f"model.stages.{parts[1]}.downsample_layers.{'.'.join(parts[2:])}"] = value
+        elif parts[0] == "stages":
+            mapped[f"model.stages.{parts[1]}.layers.{parts[2]}.{renames[parts[3]]}" + "".join("." + p for p in parts[4:])] = value
+        elif parts[0] == "norm":
+            mapped[f"layer_norm.{parts[1]}"] = value
+    config = transformers.DINOv3ConvNextConfig(depths=[1, 2, 1, 1], hidden_sizes=[8, 16, 32, 64])
+    theirs = transformers.DINOv3ConvNextModel(config).eval()
+    theirs.load_state_dict(mapped, strict=True)
+    for size in [(64, 64), (64, 96), (70, 100)]:
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            expected = theirs(pixel_values=x).last_hidden_state
+            out = ours.forward_features(x)
+        torch.testing.assert_close(torch.cat([out["x_norm_clstoken"][:, None], out["x_norm_patchtokens"]], 1), expected,
+                                   atol=1e-5, rtol=0)
