@@ -638,6 +638,12 @@ class DinoV3VisionTransformer(ViTBackbone):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+                if isinstance(module, LinearKMaskedBias) and module.bias is not None:
+                    # also a buffer: set again, so a model built on meta and materialised with to_empty is right
+                    third = module.out_features // 3
+                    with torch.no_grad():
+                        module.bias_mask.fill_(1.0)
+                        module.bias_mask[third:2 * third] = 0.0
             elif isinstance(module, nn.LayerNorm):
                 module.reset_parameters()
             elif isinstance(module, LayerScale):
