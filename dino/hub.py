@@ -457,7 +457,7 @@ def _assign_strictly(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
         parts = [f"{where} does not fit {expected}: it holds {what_file_holds(state_dict)}"]
         parts += [f"{label}: {short(items)}" for label, items in
                   (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if items]
-        raise UserError("; ".join(parts))
+        raise UserError("; ".join(parts) + _hub_remedy(state_dict))
     cast = {k: v.to(own[k].dtype) if v.is_floating_point() and own[k].is_floating_point() else v
             for k, v in state_dict.items()}
     model.load_state_dict(cast, strict=True, assign=True)
@@ -597,6 +597,11 @@ def load_official(name: str, pretrained: bool = True, weights: str | None = None
 
 
 def _hub_remedy(state_dict: dict[str, torch.Tensor]) -> str:
+    if is_dinov3_state_dict(state_dict):
+        name = describe_dinov3_state_dict(state_dict)["name"]
+        if name:
+            return f"; load it with the {name!r} entry point (weights=<the file>)"
+        return "; load it with dino.hub.load_backbone(path), which reads the architecture from the file"
     try:
         info = describe_state_dict(state_dict)
     except UserError:
