@@ -316,8 +316,13 @@ def test_v3_recognised_and_wrong_file_named(tmp_path):
     torch.save(full, path)
     model = load_dinov3("dinov3_vits16", weights=str(path))
     assert type(model).__name__ == "DinoV3VisionTransformer"
-    with pytest.raises(UserError, match=r"does not fit dinov3_vitb16: it holds a DINOv3 ViT vit_small .*dinov3_vits16"):
+    with pytest.raises(UserError, match=r"does not fit dinov3_vitb16: it holds a DINOv3 ViT vit_small .*"
+                                        r"load it with the 'dinov3_vits16' entry point"):
         load_dinov3("dinov3_vitb16", weights=str(path))
+    from dino.hub import load_official
+
+    with pytest.raises(UserError, match=r"does not fit dinov2_vits14.*the 'dinov3_vits16' entry point"):
+        load_official("dinov2_vits14", weights=str(path))
     with pytest.raises(UserError, match="patch_size=14"):
         load_backbone(str(path), patch_size=14)
     v2_path = tmp_path / "v2.pth"
