@@ -648,14 +648,14 @@ dinov3_convnext_large = _dinov3_entry_point("dinov3_convnext_large")
 
 
 def save_backbone(model: VisionTransformer, path: str | os.PathLike, model_kwargs: dict | None = None,
-                  safetensors_copy: bool = True) -> None:
+                  safetensors_copy: bool = False) -> None:
     """Write a backbone in the official key layout, atomically, in the format the suffix names.
 
     * ``.safetensors``: the tensors, with `model_kwargs` (the architecture) as JSON in the file's metadata —
       one self-describing file that `load_backbone` builds the model from, no pickle involved.
     * anything else (``.pth``): a plain state dict (what the official scripts and `torch.load` read) plus
-      ``<file>.json`` with `model_kwargs`; with `safetensors_copy` (the default) also ``<file>.safetensors``, so
-      a training run leaves `teacher_backbone.pth` for the DINO tooling and `teacher_backbone.safetensors`.
+      ``<file>.json`` with `model_kwargs`; with `safetensors_copy` also ``<file>.safetensors`` (the training
+      loop asks for it: a run leaves `teacher_backbone.pth` for the DINO tooling and `teacher_backbone.safetensors`).
     """
     from dino.io import atomic_torch_save, atomic_write_json
 

@@ -138,15 +138,16 @@ def test_safetensors_backbone_carries_its_architecture(tmp_path):
 
 def test_pth_export_gets_a_safetensors_twin_that_loads_the_same(tmp_path):
     model = tiny()
-    hub.save_backbone(model, tmp_path / "teacher_backbone.pth", dict(arch="vit_tiny", patch_size=16, **TINY))
+    hub.save_backbone(model, tmp_path / "teacher_backbone.pth", dict(arch="vit_tiny", patch_size=16, **TINY),
+                      safetensors_copy=True)  # what the training loop writes
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["teacher_backbone.json", "teacher_backbone.pth", "teacher_backbone.safetensors"]
     x = torch.randn(1, 3, 64, 64)
     a = features(hub.load_backbone(str(tmp_path / "teacher_backbone.pth")), x)
     b = features(hub.load_backbone(str(tmp_path / "teacher_backbone.safetensors")), x)
     torch.testing.assert_close(a, b)
-    hub.save_backbone(model, tmp_path / "only.pth", safetensors_copy=False)
-    assert not (tmp_path / "only.safetensors").exists()
+    hub.save_backbone(model, tmp_path / "only.pth")
+    assert not (tmp_path / "only.safetensors").exists() and not (tmp_path / "only.json").exists()
 
 
 def test_broken_safetensors_is_one_line_error(tmp_path):

@@ -325,7 +325,7 @@ class TrainState:
         atomic_save(state, output_dir / CHECKPOINT_NAME)
         if extra_copy:
             atomic_save(state, output_dir / extra_copy)
-        save_backbone(self.teacher.backbone, output_dir / TEACHER_BACKBONE_NAME, self.backbone_kwargs)
+        save_backbone(self.teacher.backbone, output_dir / TEACHER_BACKBONE_NAME, self.backbone_kwargs, safetensors_copy=True)
 
     def resume(self, output_dir: Path) -> Path | None:
         """Load the run's checkpoint when there is one; returns its path (None: a fresh start)."""
@@ -370,7 +370,7 @@ def _export_teacher_backbone(output_dir: Path, teacher, cfg: DictConfig, backbon
     with torch.device("meta"):
         backbone, _ = build_student_backbone(skeleton_cfg)
     backbone.load_state_dict(weights, strict=True, assign=True)
-    save_backbone(backbone, output_dir / TEACHER_BACKBONE_NAME, backbone_kwargs)
+    save_backbone(backbone, output_dir / TEACHER_BACKBONE_NAME, backbone_kwargs, safetensors_copy=True)
 
 
 def _check_same_global_batch(progress: dict[str, int], batch_size: int) -> None:
