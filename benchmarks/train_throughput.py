@@ -74,7 +74,12 @@ from dino.train.activation_checkpointing import apply_activation_checkpointing  
 from dino.train.loop import build_optimizer, train_step  # noqa: E402
 from dino.train.meta_arch import SelfDistillationObjective, build_networks, compile_blocks, update_teacher  # noqa: E402
 from dino.train.param_groups import apply_schedules  # noqa: E402
-from dino.train.throughput import compute_precision, count_flops, table_peak_flops  # noqa: E402
+from dino.train.throughput import (  # noqa: E402
+    compute_precision,
+    count_flops,
+    saved_for_backward,
+    table_peak_flops,
+)
 
 PRESETS = {
     "cpu_bench": ("train/dinov2_vits14", ["train.batch_size_per_device=8", "crops.local_crops_number=8",
@@ -219,7 +224,7 @@ def main(argv=None) -> dict:
         warmup_times.append(time.perf_counter() - start)
 
     # counted on an eager step (count_flops forces eager): compiled kernels bypass the counter's dispatcher
-    with count_flops() as counted:
+    with count_flops() as counted, saved_for_backward() as saved_bytes:
         step()
     flops_per_step = counted()
     datasheet = table_peak_flops(ctx.description(), compute_precision(ctx.autocast_dtype, ctx.type))
@@ -257,7 +262,7 @@ def main(argv=None) -> dict:
         "batch_per_process": int(cfg.train.batch_size_per_device),
         "s_per_step": s_per_step, "images_per_s": global_batch / s_per_step, "gflop_per_step": flops_per_step / 1e9,
         "matmul_gflops": rate / 1e9, "mfu": flops_per_step / s_per_step / rate, "peak_memory_mb": peak_mb,
-        "peak_memory_scope": peak_scope, "process_peak_memory_mb": ctx.max_memory_allocated_mb(),
+        "peak_memory_scope": peak_scope, "saved_for_backward_mb": saved_bytes() / 2**20, "process_peak_memory_mb": ctx.max_memory_allocated_mb(),
         "step_times": step_times, "warmup_times": warmup_times,
     }
     if datasheet is not None and ctx.type != "cpu":
@@ -369,6 +374,7 @@ def report(result: dict, args, ctx: DeviceContext, compute_dtype: torch.dtype) -
         *([f"- MFU against the data-sheet peak ({result['datasheet_tflops']:.0f} TFLOP/s): "
            f"**{100 * result['mfu_datasheet']:.1f}%**"] if "mfu_datasheet" in result else []),
         f"- attention kernels: {', '.join(result['attention_backend']) or 'none seen'}",
+        f"- kept for the backward pass (saved tensors, exact): {result['saved_for_backward_mb']:.0f} MiB",
         f"- peak memory: {result['peak_memory_mb']:.0f} MiB ({result['peak_memory_scope']}); process peak since "
         f"start: {result['process_peak_memory_mb']:.0f} MiB",
         f"- compile: {'on' if result['compile'] else 'off'}; warm-up steps: "

@@ -17,6 +17,7 @@ checkpoint and vice versa.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 
@@ -137,3 +138,25 @@ def is_sharded_tensor(tensor: torch.Tensor) -> bool:
 
 def is_sharded(module: nn.Module) -> bool:
     return any(is_sharded_tensor(param) for param in module.parameters())
+
+
+@contextlib.contextmanager
+def gradient_sync(student: nn.Module, enabled: bool):
+    """Whether the backward passes inside reduce gradients across ranks (off for all but the last micro-batch
+    of an accumulated step: the gradients add up locally and are reduced once)."""
+    if enabled or get_world_size() == 1:
+        yield
+        return
+    if isinstance(student, torch.nn.parallel.DistributedDataParallel):
+        with student.no_sync():
+            yield
+        return
+    set_sync = getattr(student, "set_requires_gradient_sync", None)  # FSDP2
+    if set_sync is None:
+        yield
+        return
+    set_sync(False)
+    try:
+        yield
+    finally:
+        set_sync(True)

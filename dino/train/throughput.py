@@ -200,3 +200,17 @@ def dispatched_ops():
 
     with _Recorder():
         yield seen
+
+
+@contextlib.contextmanager
+def saved_for_backward():
+    """Count the bytes autograd keeps for the backward pass of what runs inside (activation memory, measured
+    exactly and independently of the allocator); yields a callable returning the total."""
+    total = [0]
+
+    def pack(tensor):
+        total[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield lambda: total[0]
