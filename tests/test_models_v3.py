@@ -331,3 +331,26 @@ def test_v3_recognised_and_wrong_file_named(tmp_path):
     torch.save(official_v2_state_dict(), v2_path)
     with pytest.raises(UserError, match=r"it holds a DINOv2 ViT vit_small .*patch 14"):
         load_dinov3("dinov3_vits16", weights=str(v2_path))
+
+
+def test_in_place_rope_gives_the_gradients_of_the_plain_formula():
+    """The attention rotates q/k in place on the fused projection; autograd must see the plain formula."""
+    from dino.models.rope import RopePositionEmbedding, apply_rope, apply_rope_to_qkv_
+
+    rope = RopePositionEmbedding(64, num_heads=4).eval()
+    tables = rope(H=2, W=3)
+    base = torch.randn(2, 5 + 6, 3 * 64, requires_grad=True)
+    weights = torch.randn(2, 4, 11, 16)
+
+    fused = base.reshape(2, 11, 3, 4, 16) * 1.0  # a non-leaf, like a Linear's output
+    apply_rope_to_qkv_(fused, tables)
+    q, k, _ = fused.unbind(2)
+    loss_fused = ((q.transpose(1, 2) * weights).sum() + (k.transpose(1, 2) * weights).pow(2).sum())
+    (grad_fused,) = torch.autograd.grad(loss_fused, base)
+
+    q, k, _ = (base.reshape(2, 11, 3, 4, 16) * 1.0).unbind(2)
+    q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), tables)
+    loss_plain = (q * weights).sum() + (k * weights).pow(2).sum()
+    (grad_plain,) = torch.autograd.grad(loss_plain, base)
+    torch.testing.assert_close(loss_fused, loss_plain)
+    torch.testing.assert_close(grad_fused, grad_plain)

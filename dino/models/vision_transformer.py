@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dino.models.rope import RopePositionEmbedding, apply_rope
+from dino.models.rope import RopePositionEmbedding, apply_rope_to_qkv_
 
 try:  # optional: xFormers' memory-efficient attention (CUDA only)
     from xformers.ops import memory_efficient_attention as _xformers_attention
@@ -113,10 +113,9 @@ class Attention(nn.Module):
     def _split_heads(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
-        q, k, v = qkv.unbind(2)  # each (B, N, heads, head_dim)
         if rope is not None:
-            q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), rope)
-            q, k = q.transpose(1, 2), k.transpose(1, 2)
+            apply_rope_to_qkv_(qkv, rope)
+        q, k, v = qkv.unbind(2)  # each (B, N, heads, head_dim)
         return q, k, v
 
     def attention_map(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
