@@ -522,7 +522,7 @@ def load_dinov3(name: str, pretrained: bool = True, weights: Any = None, check_h
     with torch.device("meta"):
         model = build_dinov3(name, variant, **kwargs)
     _assign_strictly(model, state_dict, source, name)
-    return model
+    return model.to(device) if device is not None else model
 
 
 def _dinov3_entry_point(name: str):
