@@ -492,7 +492,8 @@ def load_dinov3(name: str, pretrained: bool = True, weights: Any = None, check_h
     weights: None or 'LVD1689M' / 'SAT493M' (the official files, also the official `Weights` enum), or a local
         path or URL of a state dict in the official layout (the SAT ViT-L and the 7B carry `local_cls_norm`;
         the model follows the file). pretrained=False: the official random initialisation, nothing read.
-    device: with pretrained=False, where to build ('meta': shapes only, no memory — how the 7B is inspected).
+    device: with pretrained=False, where to build ('meta': shapes only, no memory — how the 7B is inspected);
+        with weights, where the loaded model goes.
     Other kwargs override the release settings (drop_path_rate, attn_backend, …).
     """
     if name not in DINOV3_RELEASES:
