@@ -97,22 +97,3 @@ def apply_rope(q: Tensor, k: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tenso
 
     return rotate(q), rotate(k)
 
-
-def apply_rope_to_qkv_(qkv: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-    """`apply_rope` in place on a fused projection (B, N, 3, heads, head_dim): q and k of the last H·W tokens.
-
-    The same values as `apply_rope` (the official formula, in the tables' dtype, cast back on the write), but on
-    the projection's own layout — contiguous head_dim, tables broadcast over batch and heads — instead of on
-    transposed q/k copies that are then concatenated back: this was 40 % of a ViT-S/16 forward on the CPU.
-    Safe under autograd: nothing it overwrites is saved for backward (the tables carry no gradient).
-    """
-    sin, cos = rope
-    prefix = qkv.shape[1] - sin.shape[-2]
-    if prefix < 0:
-        raise ValueError(f"RoPE tables for {sin.shape[-2]} patches but only {qkv.shape[1]} tokens")
-    qk = qkv[:, prefix:, :2]  # (B, H·W, 2, heads, head_dim), a view
-    patches = qk.to(sin.dtype)
-    sin, cos = sin[:, None, None, :], cos[:, None, None, :]
-    qk.copy_(patches * cos + rotate_half(patches) * sin)
-    return qkv
-

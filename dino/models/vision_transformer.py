@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dino.models.rope import RopePositionEmbedding, apply_rope_to_qkv_
+from dino.models.rope import RopePositionEmbedding, apply_rope
 
 try:  # optional: xFormers' memory-efficient attention (CUDA only)
     from xformers.ops import memory_efficient_attention as _xformers_attention
@@ -54,6 +54,16 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "xformers", "explicit")
 
 def xformers_available() -> bool:
     return _xformers_attention is not None
+
+
+def split_tokens(tokens: Tensor, num_extra_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
+    """([CLS] (B, D), extra tokens (B, R, D), patch tokens (B, N, D)) of a [CLS, extra…, patches…] sequence.
+
+    The one place that knows the token order: the training ViTs, the inference copy and the evaluations use it.
+    Extra tokens are the registers (v2) or storage tokens (v3); views, no copies.
+    """
+    first_patch = 1 + num_extra_tokens
+    return tokens[:, 0], tokens[:, 1:first_patch], tokens[:, first_patch:]
 
 
 class PatchEmbed(nn.Module):
@@ -113,9 +123,12 @@ class Attention(nn.Module):
     def _split_heads(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
-        if rope is not None:
-            apply_rope_to_qkv_(qkv, rope)
         q, k, v = qkv.unbind(2)  # each (B, N, heads, head_dim)
+        if rope is not None:
+            # out of place: an in-place rotation of the fused projection (same values, same gradients) is exported
+            # wrong by torch.onnx's TorchScript path, silently
+            q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), rope)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
         return q, k, v
 
     def attention_map(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -327,12 +340,11 @@ class ViTBackbone(nn.Module):
         return self.norm(x)
 
     def _split_output(self, x_prenorm: Tensor, masks: Tensor | None, index: int = 0) -> dict:
-        x_norm = self._norm_tokens(x_prenorm)
-        first_patch = 1 + self.num_register_tokens
+        cls_token, extra_tokens, patch_tokens = split_tokens(self._norm_tokens(x_prenorm), self.num_register_tokens)
         return {
-            "x_norm_clstoken": x_norm[:, 0],
-            self.extra_tokens_key: x_norm[:, 1:first_patch],
-            "x_norm_patchtokens": x_norm[:, first_patch:],
+            "x_norm_clstoken": cls_token,
+            self.extra_tokens_key: extra_tokens,
+            "x_norm_patchtokens": patch_tokens,
             "x_prenorm": x_prenorm,
             "masks": masks,
         }
@@ -376,9 +388,6 @@ class ViTBackbone(nn.Module):
             return out
         return self.head(out["x_norm_clstoken"])
 
-    def forward_head(self, features: dict) -> Tensor:
-        return self.head(features["x_norm_clstoken"])
-
     def _block_outputs(self, x: Tensor, n: int | Sequence[int]) -> list[Tensor]:
         total = len(self.blocks)
         wanted = set(range(total - n, total)) if isinstance(n, int) else set(int(i) for i in n)
@@ -404,10 +413,10 @@ class ViTBackbone(nn.Module):
         outputs = self._block_outputs(x, n)
         if norm:
             outputs = [self._norm_tokens(out) for out in outputs]
-        first_patch = 1 + self.num_register_tokens
-        class_tokens = [out[:, 0] for out in outputs]
-        extra_tokens = [out[:, 1:first_patch] for out in outputs]
-        patch_tokens = [out[:, first_patch:] for out in outputs]
+        splits = [split_tokens(out, self.num_register_tokens) for out in outputs]
+        class_tokens = [cls for cls, _, _ in splits]
+        extra_tokens = [extra for _, extra, _ in splits]
+        patch_tokens = [patches for _, _, patches in splits]
         if reshape:
             B = x.shape[0]
             h, w = self._grid(x)
@@ -422,14 +431,9 @@ class ViTBackbone(nn.Module):
 
     def get_last_selfattention(self, x: Tensor) -> Tensor:
         """Softmax attention of the last block (B, heads, tokens, tokens); tokens = CLS, registers/storage, patches."""
-        return self.get_selfattention(x, -1)
-
-    def get_selfattention(self, x: Tensor, block_index: int = -1) -> Tensor:
-        """Softmax attention of any block (negative indices count from the end)."""
-        index = block_index % len(self.blocks)
         grid = self._grid(x)
-        tokens, _ = self._run_blocks(self.prepare_tokens_with_masks(x), grid, self.blocks[:index])
-        block = self.blocks[index]
+        tokens, _ = self._run_blocks(self.prepare_tokens_with_masks(x), grid, self.blocks[:-1])
+        block = self.blocks[-1]
         return block.attn.attention_map(block.norm1(tokens), self.rope_tables(*grid))
 
 
@@ -681,12 +685,11 @@ class DinoV3VisionTransformer(ViTBackbone):
         return torch.cat((cls_norm(x[:, :first_patch]), self.norm(x[:, first_patch:])), dim=1)
 
     def _split_output(self, x_prenorm: Tensor, masks: Tensor | None, index: int = 0) -> dict:
-        x_norm = self._norm_tokens(x_prenorm, index)
-        first_patch = 1 + self.n_storage_tokens
+        cls_token, storage_tokens, patch_tokens = split_tokens(self._norm_tokens(x_prenorm, index), self.n_storage_tokens)
         return {
-            "x_norm_clstoken": x_norm[:, 0],
-            "x_storage_tokens": x_norm[:, 1:first_patch],
-            "x_norm_patchtokens": x_norm[:, first_patch:],
+            "x_norm_clstoken": cls_token,
+            "x_storage_tokens": storage_tokens,
+            "x_norm_patchtokens": patch_tokens,
             "x_prenorm": x_prenorm,
             "masks": masks,
         }
