@@ -104,8 +104,10 @@ def test_features_are_in_dataset_order_and_match_per_image_forward():
 def test_shards_reassembled_from_simulated_ranks_equal_single_process():
     model, dataset = tiny_vit(), IndexedImages(11)
     single, single_labels = F.extract_features(model, dataset, CPU, batch_size=4, num_workers=0)
-    parts = [(F.shard_indices(11, r, 3),) + F.extract_local_features(model, dataset, F.shard_indices(11, r, 3), CPU,
-                                                                      batch_size=2, num_workers=0, progress=False)
+    # what each rank extracts before the gather: its strided shard, in shard order
+    parts = [(F.shard_indices(11, r, 3),) + F._extract_local(model, dataset, F.shard_indices(11, r, 3), CPU, batch_size=2,
+                                                             num_workers=0, feature_fn=None, desc="features",
+                                                             progress=False, skip_unreadable=False)[:2]
              for r in range(3)]
     # all_gather concatenates in rank order
     indices = torch.cat([torch.tensor(p[0]) for p in parts])

@@ -29,7 +29,6 @@ from dino.eval.visualization import (
     target_size,
     tensor_to_image,
     threshold_attention,
-    upsample_maps,
 )
 from dino.hub import save_backbone
 from dino.models import build_backbone
@@ -135,16 +134,12 @@ def test_threshold_exact_boundary_and_scale_invariance():
         threshold_attention(attention, 0.0)
 
 
-def test_head_mean_heatmaps_and_upsampling():
+def test_head_mean_heatmaps():
     maps = torch.rand(2, 4, 3, 5)
     heat = head_mean_heatmaps(maps)
     assert heat.shape == (2, 3, 5) and heat.amin() == 0 and heat.amax() == 1
     shares = head_mean_heatmaps(maps, keep_fraction=0.5)
     assert set(torch.unique(shares * 4).tolist()) <= {0.0, 1.0, 2.0, 3.0, 4.0}
-    up = upsample_maps(maps, scale_factor=16)
-    assert up.shape == (2, 4, 48, 80)
-    torch.testing.assert_close(up[..., 17, 33], maps[..., 1, 2])
-    assert upsample_maps(maps > 0.5, size=(6, 10)).dtype == torch.bool
 
 
 # ------------------------------------------------------------------------------------------ PCA

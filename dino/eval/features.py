@@ -78,14 +78,6 @@ def multiblock_feature_dim(embed_dim: int, n_last_blocks: int, avgpool_patchtoke
     return embed_dim * (n_last_blocks + int(avgpool_patchtokens))
 
 
-def make_multiblock_feature_fn(n_last_blocks: int, avgpool_patchtokens: bool) -> FeatureFn:
-    """A `feature_fn` for `extract_features` producing the multi-block linear-probe feature."""
-    def feature_fn(model: nn.Module, images: Tensor) -> Tensor:
-        return multiblock_feature(get_block_tokens(model, images, n_last_blocks), n_last_blocks, avgpool_patchtokens)
-
-    return feature_fn
-
-
 # -------------------------------------------------------------------------------------------- sharding
 
 
@@ -200,20 +192,6 @@ def _extract_local(model: nn.Module, dataset: Dataset, indices: Sequence[int], d
             block[ok] = rows
         full.append(block)
     return torch.cat(full), torch.cat(labels), torch.cat(readable)
-
-
-def extract_local_features(model: nn.Module, dataset: Dataset, indices: Sequence[int], device_ctx: DeviceContext,
-                           batch_size: int = 64, num_workers: int = 2, feature_fn: FeatureFn | None = None,
-                           desc: str = "features", progress: bool = True) -> tuple[Tensor, Tensor]:
-    """Features (float32, CPU) and labels of `dataset[i]` for `i` in `indices`, in that order.
-
-    `dataset[i]` must return (image tensor, integer label).  The labels are those the loader returns, so an
-    image the dataset skipped (unreadable file) is labelled like the image that replaced it; the evaluations
-    use `extract_readable_features`, which leaves such images out instead.
-    """
-    features, labels, _ = _extract_local(model, dataset, indices, device_ctx, batch_size, num_workers, feature_fn,
-                                         desc, progress, skip_unreadable=False)
-    return features, labels
 
 
 def _extract(model, dataset, device_ctx, batch_size, num_workers, feature_fn, desc, skip_unreadable):

@@ -18,13 +18,13 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor
 
 from dino.config import Flag, bool_flag
 from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD, make_normalize
 from dino.errors import UserError
+from dino.models.vision_transformer import split_tokens
 
 RGB = tuple[int, int, int]
 ImageSize = int | tuple[int, int] | None  # shorter side, (height, width), or keep the image's size
@@ -89,7 +89,7 @@ def patch_token_norms(model: torch.nn.Module, images: Tensor) -> Tensor:
     """
     h, w = _patch_grid(model, images)
     prenorm = model.forward_features(images)["x_prenorm"]
-    patches = prenorm[:, 1 + model.num_register_tokens:].float()
+    patches = split_tokens(prenorm, model.num_register_tokens)[2].float()
     return patches.norm(dim=-1).reshape(-1, h, w)
 
 
@@ -115,26 +115,6 @@ def threshold_attention(attention: Tensor, keep_fraction: float) -> Tensor:
     mass_before = torch.cat([torch.zeros_like(cumulative[..., :1]), cumulative[..., :-1]], dim=-1)
     keep_sorted = mass_before < keep_fraction
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted).to(attention.device)
-
-
-def upsample_maps(maps: Tensor, size: tuple[int, int] | None = None, scale_factor: int | None = None,
-                  mode: str = "nearest") -> Tensor:
-    """Resize (..., h, w) maps to (..., H, W) given `size` (H, W) or an integer `scale_factor` (the patch size).
-
-    'nearest' keeps the patch blocks visible, as in DINO's figures; 'bilinear' gives smooth maps.  Boolean
-    masks come back boolean.
-    """
-    if (size is None) == (scale_factor is None):
-        raise ValueError("give exactly one of size and scale_factor")
-    is_mask = maps.dtype == torch.bool
-    h, w = maps.shape[-2:]
-    flat = maps.reshape(-1, 1, h, w).float()
-    kwargs = dict(size=tuple(size)) if size is not None else dict(scale_factor=scale_factor)
-    if mode != "nearest":
-        kwargs["align_corners"] = False
-    resized = F.interpolate(flat, mode=mode, **kwargs)
-    resized = resized.reshape(*maps.shape[:-2], *resized.shape[-2:])
-    return resized > 0.5 if is_mask else resized
 
 
 def head_mean_heatmaps(maps: Tensor, keep_fraction: float | None = None) -> Tensor:

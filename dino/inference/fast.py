@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dino.models.vision_transformer import Mlp, VisionTransformer
+from dino.models.vision_transformer import Mlp, VisionTransformer, split_tokens
 
 # the quint8 creation functions warn that they are deprecated; `_Int8Linear` only uses them as a fast one-pass
 # fp32 → uint8 rounding (the codes are read back as plain uint8), so the warning says nothing to our users
@@ -337,12 +337,11 @@ class InferenceViT(nn.Module):
         return tokens
 
     def forward_features(self, x: Tensor) -> dict:
-        x_norm = self.forward_tokens(x)
-        first_patch = 1 + self.num_register_tokens
+        cls_token, register_tokens, patch_tokens = split_tokens(self.forward_tokens(x), self.num_register_tokens)
         return {
-            "x_norm_clstoken": x_norm[:, 0],
-            "x_norm_regtokens": x_norm[:, 1:first_patch],
-            "x_norm_patchtokens": x_norm[:, first_patch:],
+            "x_norm_clstoken": cls_token,
+            "x_norm_regtokens": register_tokens,
+            "x_norm_patchtokens": patch_tokens,
         }
 
     def forward(self, x: Tensor) -> Tensor:

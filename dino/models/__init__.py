@@ -16,6 +16,7 @@ from dino.models.vision_transformer import (
     VisionTransformer,
     ViTBackbone,
     dinov3_vision_transformer,
+    split_tokens,
     vision_transformer,
     xformers_available,
 )
@@ -36,5 +37,5 @@ __all__ = [
     "ARCH_CHOICES", "ARCH_SIZES", "ATTENTION_BACKENDS", "Attention", "Block", "ConvNeXt", "DINOHead", "DINOV3_RELEASES",
     "DinoV3VisionTransformer", "V3_ARCH_SIZES", "ViTBackbone", "VisionTransformer", "WeightNormLinear", "build_backbone",
     "build_dinov3", "describe_dinov3_state_dict", "dinov3_vision_transformer", "is_dinov3_state_dict",
-    "vision_transformer", "xformers_available",
+    "split_tokens", "vision_transformer", "xformers_available",
 ]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from dino.errors import UserError
-from dino.models.vision_transformer import VisionTransformer
+from dino.models.vision_transformer import VisionTransformer, split_tokens
 
 _BLOCK_RENAMES = {
     "norm1": "norm1",
@@ -139,9 +139,9 @@ def verify_hf(model: VisionTransformer, folder: str | os.PathLike, batch_size: i
     with torch.no_grad():
         ours = model.float().eval().forward_features(images)
         theirs = hf(pixel_values=images).last_hidden_state
-    first_patch = 1 + model.num_register_tokens
-    diff = max(float((theirs[:, 0] - ours["x_norm_clstoken"]).abs().max()),
-               float((theirs[:, first_patch:] - ours["x_norm_patchtokens"]).abs().max()))
+    their_cls, _, their_patches = split_tokens(theirs, model.num_register_tokens)
+    diff = max(float((their_cls - ours["x_norm_clstoken"]).abs().max()),
+               float((their_patches - ours["x_norm_patchtokens"]).abs().max()))
     if diff > atol:
         raise UserError(f"Hugging Face export {folder} differs from PyTorch by {diff:.2e} (> {atol:g})")
     return diff
