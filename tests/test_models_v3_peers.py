@@ -120,3 +120,37 @@ def test_convnext_matches_transformers_dinov3_convnext():
             out = ours.forward_features(x)
         torch.testing.assert_close(torch.cat([out["x_norm_clstoken"][:, None], out["x_norm_patchtokens"]], 1), expected,
                                    atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["S+/16", "ConvNeXt"])
+def test_to_transformers_loads_strictly_and_gives_our_outputs(kind):
+    """`dino.models.dinov3.to_transformers`: what an HF export of a v3 model writes (config + weights)."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "DINOv3ViTModel"):
+        pytest.skip("transformers < 4.56 has no DINOv3")
+    from dino.models.convnext import ConvNeXt
+    from dino.models.dinov3 import to_transformers
+
+    if kind == "ConvNeXt":
+        ours = ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64))
+        ours.init_weights()
+    else:
+        ours = build_backbone_from_state_dict(official_v3_vit_state_dict(depth=2, swiglu_hidden=swiglu_hidden(384, 6)))
+    ours.eval()
+    config, state = to_transformers(ours)
+    model_type = config.pop("model_type")
+    config.pop("architectures")
+    config_cls = transformers.DINOv3ConvNextConfig if model_type == "dinov3_convnext" else transformers.DINOv3ViTConfig
+    model_cls = transformers.DINOv3ConvNextModel if model_type == "dinov3_convnext" else transformers.DINOv3ViTModel
+    theirs = model_cls(config_cls(**config)).eval()
+    theirs.load_state_dict(state, strict=True)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        expected = theirs(pixel_values=x).last_hidden_state
+        out = ours.forward_features(x)
+    got = torch.cat([out["x_norm_clstoken"][:, None], out["x_storage_tokens"], out["x_norm_patchtokens"]], dim=1)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    if kind != "ConvNeXt":
+        ours.blocks[0].attn.qkv.bias_mask.fill_(1.0)
+        with pytest.raises(ValueError, match="k bias"):
+            to_transformers(ours)

@@ -164,3 +164,83 @@ def build_dinov3_for_state_dict(state_dict: dict[str, torch.Tensor], stored_kwar
         params.update(info["model_kwargs"])
         params.update(extra)
         return DinoV3VisionTransformer(**params)
+
+
+# --- the Hugging Face transformers layout (DINOv3ViTModel / DINOv3ConvNextModel, transformers ≥ 4.56) ----------
+_HF_MLP_NAMES = {"fc1": "up_proj", "fc2": "down_proj", "w1": "gate_proj", "w2": "up_proj", "w3": "down_proj"}
+_HF_CONVNEXT_BLOCK_NAMES = {"dwconv": "depthwise_conv", "norm": "layer_norm", "pwconv1": "pointwise_conv1",
+                            "pwconv2": "pointwise_conv2", "gamma": "gamma"}
+
+
+def to_transformers(model: DinoV3VisionTransformer | ConvNeXt) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config dict, state dict) that transformers' `DINOv3ViTModel` / `DINOv3ConvNextModel` load strictly and
+    compute the same outputs from (`last_hidden_state` = normed [CLS, storage, patches]).
+
+    transformers splits qkv into q/k/v and has no k bias: the k bias is dropped, which is exact only because the
+    k-bias mask zeroes it — a model whose `bias_mask` is not (1, 0, 1) is refused. Untied cls norms and a RoPE
+    other than the releases' have no transformers equivalent and are refused too.
+    """
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if isinstance(model, ConvNeXt):
+        config = dict(model_type="dinov3_convnext", architectures=["DINOv3ConvNextModel"], num_channels=3,
+                      hidden_sizes=list(model.embed_dims), depths=list(model.depths), hidden_act="gelu",
+                      layer_norm_eps=1e-6, layer_scale_init_value=1e-6)
+        out = {}
+        for key, value in state.items():
+            parts = key.split(".")
+            if parts[0] == "downsample_layers":
+                out[f"model.stages.{parts[1]}.downsample_layers.{'.'.join(parts[2:])}"] = value
+            elif parts[0] == "stages":
+                out[".".join([f"model.stages.{parts[1]}.layers.{parts[2]}", _HF_CONVNEXT_BLOCK_NAMES[parts[3]], *parts[4:]])] = value
+            elif parts[0] == "norm":
+                out[f"layer_norm.{parts[1]}"] = value
+        return config, out
+
+    rope = model.rope_embed
+    if model.cls_norm is not None or rope.normalize_coords != "separate":
+        raise ValueError("transformers' DINOv3ViTModel has no untied cls_norm and only per-axis RoPE coordinates")
+    first = model.blocks[0]
+    dim, heads = model.embed_dim, model.num_heads
+    gated = hasattr(first.mlp, "w1")
+    qkv_bias = first.attn.qkv.bias is not None
+    norm_eps = first.norm1.eps
+    config = dict(
+        model_type="dinov3_vit", architectures=["DINOv3ViTModel"], image_size=model.img_size,
+        patch_size=model.patch_size, num_channels=model.patch_embed.proj.in_channels, hidden_size=dim,
+        num_hidden_layers=len(model.blocks), num_attention_heads=heads,
+        intermediate_size=(first.mlp.w1 if gated else first.mlp.fc1).out_features, use_gated_mlp=gated,
+        hidden_act="silu" if gated else "gelu", layer_norm_eps=norm_eps, rope_theta=rope.base,
+        pos_embed_rescale=rope.rescale_coords, num_register_tokens=model.n_storage_tokens,
+        layerscale_value=1.0, query_bias=qkv_bias, key_bias=False, value_bias=qkv_bias,
+        proj_bias=first.attn.proj.bias is not None,
+        mlp_bias=(first.mlp.w1 if gated else first.mlp.fc1).bias is not None,
+    )
+    out = {"embeddings.cls_token": state["cls_token"], "embeddings.mask_token": state["mask_token"][None],
+           "embeddings.patch_embeddings.weight": state["patch_embed.proj.weight"],
+           "embeddings.patch_embeddings.bias": state["patch_embed.proj.bias"],
+           "norm.weight": state["norm.weight"], "norm.bias": state["norm.bias"]}
+    if model.storage_tokens is not None:
+        out["embeddings.register_tokens"] = state["storage_tokens"]
+    expected_mask = torch.cat([torch.ones(dim), torch.zeros(dim), torch.ones(dim)])
+    for i in range(len(model.blocks)):
+        p, q = f"blocks.{i}.", f"model.layer.{i}."
+        weight = state[p + "attn.qkv.weight"]
+        out.update({q + "attention.q_proj.weight": weight[:dim], q + "attention.k_proj.weight": weight[dim:2 * dim],
+                    q + "attention.v_proj.weight": weight[2 * dim:],
+                    q + "attention.o_proj.weight": state[p + "attn.proj.weight"],
+                    q + "layer_scale1.lambda1": state[p + "ls1.gamma"], q + "layer_scale2.lambda1": state[p + "ls2.gamma"]})
+        if qkv_bias:
+            mask = state.get(p + "attn.qkv.bias_mask")
+            if mask is None or not torch.equal(mask.float().cpu(), expected_mask):
+                raise ValueError(f"block {i}: transformers has no k bias; only a k bias masked to zero converts")
+            bias = state[p + "attn.qkv.bias"]
+            out[q + "attention.q_proj.bias"], out[q + "attention.v_proj.bias"] = bias[:dim], bias[2 * dim:]
+        if p + "attn.proj.bias" in state:
+            out[q + "attention.o_proj.bias"] = state[p + "attn.proj.bias"]
+        for norm in ("norm1", "norm2"):
+            out[q + norm + ".weight"], out[q + norm + ".bias"] = state[p + norm + ".weight"], state[p + norm + ".bias"]
+        for ours, theirs in _HF_MLP_NAMES.items():
+            for suffix in ("weight", "bias"):
+                if f"{p}mlp.{ours}.{suffix}" in state:
+                    out[f"{q}mlp.{theirs}.{suffix}"] = state[f"{p}mlp.{ours}.{suffix}"]
+    return config, out
