@@ -153,7 +153,6 @@ def test_collate_masks_ratio_bins_weights_and_bounds():
         edges = np.linspace(0.1, 0.5, n_masked + 1)
         for k, count in enumerate(sorted(counts[counts > 0].tolist())):
             assert int(n_tokens * edges[k]) <= count <= int(n_tokens * edges[k + 1])
-        assert out["upperbound"] == sum(int(n_tokens * high) for high in edges[1:])
 
         assert torch.equal(out["mask_indices_list"], masks.flatten().nonzero().flatten())
         assert out["n_masked_patches"].tolist() == [int(counts.sum())]
@@ -188,7 +187,7 @@ def test_collate_with_real_generator_and_dtype():
 def test_collate_without_masking():
     out = collate_data_and_cast(make_samples(3), mask_probability=0.0, n_tokens=16)
     assert out["collated_masks"].shape == (6, 16) and not out["collated_masks"].any()
-    assert out["n_masked_patches"].item() == 0 and out["upperbound"] == 0 and out["masks_weight"].numel() == 0
+    assert out["n_masked_patches"].item() == 0 and out["masks_weight"].numel() == 0
     with pytest.raises(ValueError, match="mask_generator"):
         collate_data_and_cast(make_samples(3), mask_probability=0.5)
     with pytest.raises(ValueError, match="n_tokens"):

@@ -53,7 +53,7 @@ def test_vit_flops_match_hand_count(backend):
 def test_step_flops_are_cached_per_crop_layout():
     flops = StepFlops()
     batch = {"collated_global_crops": torch.zeros(4, 3, 32, 32), "collated_local_crops": torch.zeros(8, 3, 16, 16),
-             "n_masked_patches": torch.tensor([5]), "upperbound": 7}
+             "n_masked_patches": torch.tensor([5])}
     assert flops.known(batch) is None
     flops.record(batch, 1234)
     assert flops.known(batch) == 1234

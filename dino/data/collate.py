@@ -52,8 +52,7 @@ def collate_data_and_cast(
         (an empty (0, 3, 0, 0) tensor when there are no local crops);
         `collated_masks` (n_global·B, n_tokens) bool; `mask_indices_list` flat indices of its True entries;
         `masks_weight` one weight per masked patch, 1 / (masked patches of its crop), so each masked crop sums to 1;
-        `n_masked_patches` (1,) long; `upperbound` Σ int(n_tokens · bin max ratio) over the masked crops
-        (a static bound for buffers of masked tokens); `labels` (B,) long.
+        `n_masked_patches` (1,) long; `labels` (B,) long.
     """
     if not samples:
         raise ValueError("cannot collate an empty batch")
@@ -85,11 +84,9 @@ def collate_data_and_cast(
         n_masked_crops = int(n_crops * mask_probability)
 
     masks: list[np.ndarray] = []
-    upperbound = 0
     bin_edges = np.linspace(min_ratio, max_ratio, n_masked_crops + 1)
     for low, high in zip(bin_edges[:-1], bin_edges[1:]):
         masks.append(np.asarray(mask_generator(int(n_tokens * random.uniform(low, high))), dtype=bool).reshape(-1))
-        upperbound += int(n_tokens * high)
     empty_mask = np.zeros(n_tokens, dtype=bool)
     masks.extend(empty_mask for _ in range(n_crops - n_masked_crops))
     random.shuffle(masks)
@@ -106,6 +103,5 @@ def collate_data_and_cast(
         "mask_indices_list": mask_indices_list,
         "masks_weight": masks_weight,
         "n_masked_patches": torch.full((1,), mask_indices_list.numel(), dtype=torch.long),
-        "upperbound": upperbound,
         "labels": labels,
     }
