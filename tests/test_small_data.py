@@ -35,7 +35,7 @@ def test_mnist_sized_grayscale_data():
     assert choices["model.patch_size"] == 4
     assert choices["crops.global_crops_size"] == 28 and choices["crops.local_crops_size"] == 12
     assert choices["crops.solarization_prob"] == 0.0 and choices["crops.blur_probs"] == [0.0, 0.0, 0.0]
-    assert choices["optim.epochs"] == 40 and choices["optim.warmup_epochs"] == 4
+    assert choices["optim.epochs"] == 30 and choices["optim.warmup_epochs"] == 3
 
 
 def test_colour_data_of_128_px_keeps_solarisation_and_blur():
@@ -44,7 +44,7 @@ def test_colour_data_of_128_px_keeps_solarisation_and_blur():
     assert choices["crops.local_crops_size"] == 48          # 128·3/7 = 54.9 → a multiple of 16
     assert choices["crops.solarization_prob"] == 0.2
     assert "crops.blur_probs" not in choices                # the preset's value stays at ≥ 96 px
-    assert choices["optim.epochs"] == 10 and choices["optim.warmup_epochs"] == 1   # 160k/20k = 8 → min 10
+    assert choices["optim.epochs"] == 10 and choices["optim.warmup_epochs"] == 1   # 120k/20k = 6 → min 10
 
 
 def test_epochs_follow_the_dataset_size_within_bounds():

@@ -99,7 +99,7 @@ def choose_patch_size(side: int, max_grid: int = 8) -> int:
     return 1 << max(0, math.ceil(math.log2(max(side, 1) / max_grid)))
 
 
-def derive_small_data_choices(stats: DataStats, images_seen: int = 160_000, min_epochs: int = 10,
+def derive_small_data_choices(stats: DataStats, images_seen: int = 120_000, min_epochs: int = 10,
                               max_epochs: int = 300, max_grid: int = 8, patch_size: int | None = None) -> RecipeChoices:
     """Config values derived from the data, each with its reason (`patch_size`: given by the user, not derived)."""
     out = RecipeChoices()
@@ -145,7 +145,7 @@ def apply_small_data_recipe(cfg: DictConfig, data_path: str | None = None, stats
 
         stats = inspect_images(data_path or resolve_data_path(cfg))
     kept = set(explicit) | _explicitly_set(cfg)
-    choices = derive_small_data_choices(stats, images_seen=int(recipe.get("images_seen", 160_000)),
+    choices = derive_small_data_choices(stats, images_seen=int(recipe.get("images_seen", 120_000)),
                                         min_epochs=int(recipe.get("min_epochs", 10)),
                                         max_epochs=int(recipe.get("max_epochs", 300)),
                                         max_grid=int(recipe.get("max_grid", 8)),
