@@ -106,16 +106,15 @@ class Attention(nn.Module):
     `backend`: 'sdpa' (torch's fused kernels), 'xformers' (memory-efficient, CUDA), 'explicit' (plain
     matmuls, the only one that can return the attention matrix) or 'auto' (xformers when installed and the
     input lives on CUDA, else sdpa).
-    `mask_k_bias`: the DINOv3 qkv projection (`LinearKMaskedBias`).
+    `qkv_layer`: the qkv projection's type (`nn.Linear`; DINOv3: `LinearKMaskedBias`).
     `rope` (forward): (sin, cos) tables of the last H·W tokens, see `dino.models.rope`.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, proj_bias: bool = True, backend: str = "auto",
-                 mask_k_bias: bool = False):
+                 qkv_layer: type[nn.Linear] = nn.Linear):
         super().__init__()
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
-        qkv_layer = LinearKMaskedBias if mask_k_bias else nn.Linear
         self.qkv = qkv_layer(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.backend = backend
@@ -285,18 +284,24 @@ class DropPath(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(ffn(norm2(x)))."""
+    """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(ffn(norm2(x))).
+
+    Injected layer types — what the generations differ in: `norm_layer` (a constructor taking the width; default
+    LayerNorm eps 1e-6 as v1/v2, v3 passes eps 1e-5), `ffn_layer` (a name in `FFN_LAYERS` or a constructor
+    (in_features, hidden_features, bias)), `qkv_layer` (`nn.Linear`, or v3's `LinearKMaskedBias`).
+    `rope` (forward): rotary tables for the attention, None for v1/v2.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, proj_bias: bool = True,
                  ffn_bias: bool = True, drop_path: float = 0.0, init_values: float | None = None,
                  ffn_layer: str | Callable[..., nn.Module] = "mlp", attn_backend: str = "auto", *,
-                 norm_layer: Callable[[int], nn.Module] | None = None, mask_k_bias: bool = False):
+                 norm_layer: Callable[[int], nn.Module] | None = None, qkv_layer: type[nn.Linear] = nn.Linear):
         super().__init__()
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
         ffn_cls = FFN_LAYERS[ffn_layer] if isinstance(ffn_layer, str) else ffn_layer
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, backend=attn_backend,
-                              mask_k_bias=mask_k_bias)
+                              qkv_layer=qkv_layer)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = ffn_cls(dim, int(dim * mlp_ratio), bias=ffn_bias)
@@ -616,7 +621,7 @@ class DinoV3VisionTransformer(ViTBackbone):
                                                 rescale_coords=rope_rescale_coords, dtype=rope_dtype)
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_bias, ffn_bias, drop_path_rate, init_values, ffn_layer,
-                  attn_backend, norm_layer=norm_layer, mask_k_bias=mask_k_bias)
+                  attn_backend, norm_layer=norm_layer, qkv_layer=LinearKMaskedBias if mask_k_bias else nn.Linear)
             for _ in range(depth)
         )
         self.norm = norm_layer(embed_dim)
