@@ -1,11 +1,12 @@
 """Official entry points and checkpoint loading.
 
-Everything that turns a file (ours or an official DINO / DINOv2 release) into a backbone goes through
+Everything that turns a file (ours or an official DINO / DINOv2 / DINOv3 release) into a backbone goes through
 `load_backbone`: it reads the file safely (`weights_only=True` unless the user allows pickle), finds the
 backbone inside training checkpoints (`teacher` / `student`, `module.` / `backbone.` prefixes, chunked
 `blocks.C.I` keys), infers the architecture from the tensors, and loads **strictly** — a mismatch is a
 `UserError` that lists missing and unexpected keys and says which arch / patch size / register count the
-file actually holds.
+file actually holds. DINOv3 files (RoPE ViTs, ConvNeXt students) are recognised by their keys and shapes and
+assigned into a model built on the meta device (`load_dinov3`, `_build_dinov3_from_state_dict`).
 """
 
 from __future__ import annotations
@@ -692,6 +693,9 @@ def resolve_backbone(pretrained_weights: str | None, arch: str | None = None, pa
     if pretrained_weights:
         return load_backbone(pretrained_weights, arch, patch_size, checkpoint_key, num_register_tokens,
                              allow_pickle=allow_pickle, **model_kwargs)
+    if arch in DINOV3_RELEASES:  # --arch dinov3_vits16: the release itself
+        print(f"no --pretrained_weights given: using the official {arch} weights ({dinov3_url(arch)})")
+        return load_dinov3(arch, pretrained=True, **model_kwargs).eval()
     name = official_name(arch or "vit_small", patch_size or 16, num_register_tokens or 0)
     if name is None:
         raise UserError(

@@ -166,6 +166,11 @@ def test_urls_are_the_official_ones_and_pretrained_reads_them(monkeypatch):
     assert model.local_cls_norm is not None
     with pytest.raises(UserError, match="unexpected keys: local_cls_norm"):
         hubconf.dinov3_vitl16(weights="LVD1689M", untie_global_and_local_cls_norm=False)
+    # the eval scripts without --pretrained_weights: --arch names the release
+    sat.clear()
+    sat.update(random_state_dict(vit_layout(*VIT_RELEASES["dinov3_vits16"][:-1])))
+    model = hub.resolve_backbone(None, arch="dinov3_vits16")
+    assert read[-1] == dinov3_url("dinov3_vits16") and not model.training
 
 
 def test_torch_hub_load_local():
