@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dino.distributed import DeviceContext, barrier, init_distributed, is_main_process
 from dino.config_validation import output_dir_problem
+from dino.distributed import DeviceContext, barrier, init_distributed, is_main_process
 from dino.errors import UserError
+from dino.eval.accuracy import topk_hits
 from dino.eval.checkpointing import write_json_atomic
 from dino.eval.features import features_from_config
 
@@ -103,10 +104,9 @@ def knn_classify(train_features: Tensor, train_labels: Tensor, test_features: Te
         for requested, k in used_k.items():
             scores = torch.zeros(queries.shape[0], num_classes, device=device)
             scores.scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])
-            predictions = scores.topk(num_top, dim=1).indices
-            hits = predictions == targets[:, None]
-            top1_correct[requested] += int(hits[:, 0].sum())
-            top5_correct[requested] += int(hits.any(dim=1).sum())
+            top1_hits, top5_hits = topk_hits(scores, targets, (1, num_top)).tolist()
+            top1_correct[requested] += top1_hits
+            top5_correct[requested] += top5_hits
     num_test = test_features.shape[0]
     return {
         k: (100.0 * top1_correct[k] / num_test, 100.0 * top5_correct[k] / num_test if num_classes >= 5 else None)

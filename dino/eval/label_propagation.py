@@ -127,7 +127,7 @@ def propagate_labels(target_features: Tensor, context_features: Sequence[Tensor]
         labels_q = Σ_s a_qs labels_s / Σ_s a_qs.
     """
     sources = torch.cat([f for f in context_features], dim=0)  # (M·N, D), frame-major like DINO v1
-    labels = torch.cat([l.reshape(l.shape[0], -1) for l in context_labels], dim=1)  # (C, M·N)
+    labels = torch.cat([frame.reshape(frame.shape[0], -1) for frame in context_labels], dim=1)  # (C, M·N)
     num_context, num_targets = len(context_features), target_features.shape[0]
     k = min(topk, sources.shape[0])
     chunk = max(1, _MAX_AFFINITY_ELEMENTS // max(1, sources.shape[0]))

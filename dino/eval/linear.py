@@ -28,16 +28,24 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from omegaconf import ListConfig
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from omegaconf import ListConfig
 from tqdm import tqdm
 
 from dino.data.transforms import make_eval_transform, make_linear_train_transform
-from dino.distributed import (DeviceContext, all_reduce_sum, barrier, get_rank, get_world_size, init_distributed,
-                              is_main_process)
+from dino.distributed import (
+    DeviceContext,
+    all_reduce_sum,
+    barrier,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_main_process,
+)
 from dino.errors import UserError
 from dino.eval import features as feats
+from dino.eval.accuracy import topk_hits
 from dino.eval.checkpointing import atomic_torch_save, write_json_atomic
 from dino.eval.features import get_block_tokens, multiblock_feature, multiblock_feature_dim, shard_indices
 
@@ -187,9 +195,7 @@ def evaluate_probes(model: nn.Module, grid: LinearProbeGrid, dataset: Dataset, d
         images = images.to(device_ctx.device, non_blocking=True)
         labels = torch.as_tensor(labels).to(device_ctx.device, non_blocking=True)
         for row, logits in enumerate(grid(backbone_tokens(model, images, grid.max_blocks, device_ctx))):
-            hits = logits.topk(num_top, dim=1).indices == labels[:, None]
-            counts[row, 0] += hits[:, 0].sum()
-            counts[row, 1] += hits.any(dim=1).sum()
+            counts[row, :2] += topk_hits(logits, labels, (1, num_top))
             counts[row, 2] += len(labels)
         device_ctx.mark_step()
     all_reduce_sum(counts)

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from dino.distributed import DeviceContext, barrier, init_distributed, is_main_process
 from dino.errors import UserError
+from dino.eval.accuracy import topk_accuracy
 from dino.eval.checkpointing import write_json_atomic
 from dino.eval.features import features_from_config
 
@@ -71,12 +72,6 @@ def fit_logistic_regression(features: Tensor, labels: Tensor, num_classes: int, 
     with torch.enable_grad():
         optimizer.step(closure)
     return LinearModel(weight.detach(), bias.detach())
-
-
-def topk_accuracy(logits: Tensor, labels: Tensor, k: int) -> float:
-    """Percentage of rows whose label is among the k largest logits."""
-    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
-    return 100.0 * float((top == labels.to(top.device)[:, None]).any(dim=1).float().mean())
 
 
 def stratified_holdout_split(labels: Tensor, holdout_fraction: float, seed: int = 0) -> tuple[Tensor, Tensor]:

@@ -39,12 +39,12 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from dino.errors import UserError, require_path
+from dino.eval.neighbours import exact_search, faiss_available
 
 REVISITOP_DATASETS = ("roxford5k", "rparis6k")
 PROTOCOLS = ("easy", "medium", "hard")
@@ -346,19 +346,12 @@ def make_retrieval_feature_fn(patch_size: int, multiscale: bool):
 # ------------------------------------------------------------------------------------------- ranking
 
 
-def faiss_available() -> bool:
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def rank_database(db_features: Tensor, query_features: Tensor, backend: str = "auto", top: int | None = None) -> np.ndarray:
     """(n_db or top, n_queries) database indices sorted by decreasing cosine similarity to each query.
 
     Features are L2-normalised here, so the inner product is the cosine.  backend: 'torch', 'faiss' (an exact
-    inner-product index) or 'auto' (faiss when installed).  Ties keep database order with torch.
+    inner-product index) or 'auto' (faiss when installed).  Ties keep database order with torch
+    (`dino.eval.neighbours.exact_search`).
     """
     if backend not in ("auto", "torch", "faiss"):
         raise UserError(f"unknown ranking backend {backend!r}; choose auto, torch or faiss")
@@ -375,9 +368,8 @@ def rank_database(db_features: Tensor, query_features: Tensor, backend: str = "a
         index.add(db.numpy())
         _, ids = index.search(queries.numpy(), top)
         return ids.T.astype(np.int64)
-    similarity = db @ queries.T  # (n_db, n_queries)
-    order = torch.argsort(similarity, dim=0, descending=True, stable=True)
-    return order[:top].numpy()
+    _, ids = exact_search(db, queries, top)  # (n_queries, top)
+    return ids.T.numpy()
 
 
 # ---------------------------------------------------------------------------------------------- run

@@ -17,18 +17,11 @@ import numpy as np
 import torch
 
 from dino.errors import UserError
+from dino.eval.neighbours import exact_search, faiss_available
 
 INDEX_KINDS = ("auto", "exact", "ivfpq", "torch")
 # below this many rows "auto" stays exact: IVF-PQ needs enough vectors to train its coarse and PQ codebooks
 IVFPQ_MIN_ROWS = 100_000
-
-
-def faiss_available() -> bool:
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class TorchIndex:
@@ -41,18 +34,9 @@ class TorchIndex:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
-        k = min(k, self.ntotal)
-        best_scores = torch.full((len(q), 0), float("-inf"))
-        best_ids = torch.zeros((len(q), 0), dtype=torch.long)
-        # scan the database in chunks so a huge index never needs a (queries × N) matrix at once
-        for start in range(0, self.ntotal, self.chunk_rows):
-            scores = q @ self.features[start:start + self.chunk_rows].T
-            top = scores.topk(min(k, scores.shape[1]), dim=1)
-            best_scores = torch.cat((best_scores, top.values), dim=1)
-            best_ids = torch.cat((best_ids, top.indices + start), dim=1)
-            keep = best_scores.topk(min(k, best_scores.shape[1]), dim=1)
-            best_scores, best_ids = keep.values, best_ids.gather(1, keep.indices)
-        return best_scores.numpy(), best_ids.numpy()
+        # scanned in chunks so a huge index never needs a (queries × N) matrix at once
+        scores, ids = exact_search(self.features, q, k, self.chunk_rows)
+        return scores.numpy(), ids.numpy()
 
 
 def build_index(features: np.ndarray, kind: str = "auto", nlist: int | None = None, pq_m: int = 16, nprobe: int = 16):
