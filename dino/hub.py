@@ -26,7 +26,7 @@ from dino.log import get_logger
 from dino.models import ARCH_SIZES, VisionTransformer, build_backbone
 from dino.models.dinov3 import (
     DINOV3_RELEASES,
-    WEIGHTS as DINOV3_WEIGHTS,
+    DINOV3_WEIGHTS,
     build_dinov3,
     build_dinov3_for_state_dict,
     describe_dinov3_state_dict,

@@ -96,7 +96,7 @@ def test_convnext_matches_transformers_dinov3_convnext():
     ours = ConvNeXt(depths=(1, 2, 1, 1), dims=(8, 16, 32, 64))
     ours.init_weights()
     with torch.no_grad():
-        for name, tensor in ours.named_parameters():  # no identity LayerNorms or 1e-6 LayerScale: every term counts
+        for tensor in ours.parameters():  # no identity LayerNorms or 1e-6 LayerScale: every term counts
             tensor.add_(torch.randn_like(tensor) * 0.2)
     ours.eval()
     renames = {"dwconv": "depthwise_conv", "norm": "layer_norm", "pwconv1": "pointwise_conv1",

@@ -17,7 +17,7 @@ from dino.models.convnext import CONVNEXT_SIZES, ConvNeXt, convnext
 from dino.models.vision_transformer import V3_ARCH_SIZES, DinoV3VisionTransformer, dinov3_vision_transformer
 
 DINOV3_BASE_URL = "https://dl.fbaipublicfiles.com/dinov3"
-WEIGHTS = ("LVD1689M", "SAT493M")
+DINOV3_WEIGHTS = ("LVD1689M", "SAT493M")  # the official `Weights` enum values
 
 # hub name → (kind, arch or size, {weights: file hash}, file-name stem)
 DINOV3_RELEASES: dict[str, tuple[str, str, dict[str, str], str]] = {
@@ -120,12 +120,10 @@ def describe_dinov3_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str,
     if "blocks.0.mlp.w1.weight" in state_dict:
         hidden = state_dict["blocks.0.mlp.w1.weight"].shape[0]
         # SwiGLU hidden = int(2/3 · ratio · D) rounded up to 8 (or 64): find a ratio and alignment that give it
-        for ratio, ffn_layer, align in ((6.0, "swiglu_w123", 8), (3.0, "swiglu_w123_64", 64), (4.0, "swiglu_w123", 8)):
-            h = int(ratio * embed_dim * 2 / 3)
-            if h + (-h % align) == hidden:
-                break
-        else:
-            ratio, ffn_layer = hidden * 1.5 / embed_dim, "swiglu_w123"
+        candidates = ((6.0, "swiglu_w123", 8), (3.0, "swiglu_w123_64", 64), (4.0, "swiglu_w123", 8))
+        ratio, ffn_layer = next(((r, f) for r, f, align in candidates
+                                 if int(r * embed_dim * 2 / 3) + (-int(r * embed_dim * 2 / 3) % align) == hidden),
+                                (hidden * 1.5 / embed_dim, "swiglu_w123"))
         kwargs.update(mlp_ratio=ratio, ffn_layer=ffn_layer)
     elif "blocks.0.mlp.fc1.weight" in state_dict:
         kwargs.update(mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim, ffn_layer="mlp")
