@@ -111,9 +111,9 @@ def baseline_verdict(trained: float, raw: float, random: float, margin_raw: floa
     if trained >= raw + margin_raw and trained >= random + margin_random:
         return f"features worth having: ≥ {margin_raw:g} points over raw pixels and ≥ {margin_random:g} over random init"
     if trained > raw:
-        return "better than raw pixels, but by less than a clear margin: train longer or use the small_data preset"
-    return ("NOT better than raw pixels: these features are worse than no model at all on this data "
-            "(train longer, or try --config small_data)")
+        return "better than raw pixels, but by less than a clear margin: train longer"
+    return ("NOT better than raw pixels: on this data these features are worse than no model at all "
+            "(train longer; BENCHMARKS.md 'Small real datasets' shows how far short runs get)")
 
 
 def format_baseline_table(k: int, temperature: float, where: str, rows: dict[str, float], num_classes: int) -> str:
