@@ -99,6 +99,23 @@ def poly_lr(base_lr: float, iteration: int, max_iters: int, warmup_iters: int = 
     return lr
 
 
+def one_cycle_lr(max_lr: float, iteration: int, max_iters: int, pct_start: float = 0.3, div_factor: float = 25.0,
+                 final_div_factor: float = 1e4) -> float:
+    """mmcv's `OneCycle` policy (cosine, two phases, by iteration): max_lr/div_factor → max_lr over the first
+    `pct_start` of the run, then → max_lr/div_factor/final_div_factor."""
+    initial = max_lr / div_factor
+    final = initial / final_div_factor
+    peak_step = float(pct_start * max_iters) - 1
+    iteration = min(iteration, max_iters - 1)
+
+    def cos(start: float, end: float, factor: float) -> float:
+        return end + 0.5 * (start - end) * (math.cos(math.pi * factor) + 1)
+
+    if iteration <= peak_step:
+        return cos(initial, max_lr, iteration / peak_step if peak_step > 0 else 1.0)
+    return cos(max_lr, final, (iteration - peak_step) / max(max_iters - 1 - peak_step, 1e-12))
+
+
 @dataclass
 class HeadTraining:
     """Iteration-based schedule of a dense head (the preset's `train` section)."""
@@ -118,7 +135,40 @@ class HeadTraining:
     log_every: int = 10
     seed: int = 0
     resume: bool = True
+    schedule: str = "poly"          # poly (with linear warm-up) | one_cycle
+    pct_start: float = 0.3          # one_cycle
+    div_factor: float = 25.0        # one_cycle
+    final_div_factor: float = 1e4   # one_cycle
+    grad_clip: float = 0.0          # max global gradient norm of the head (0: none)
     extra: dict = field(default_factory=dict)
+
+    def lr_at(self, iteration: int) -> float:
+        if self.schedule == "poly":
+            return poly_lr(self.lr, iteration, self.iterations, self.warmup_iters, self.warmup_ratio, self.power, self.min_lr)
+        if self.schedule == "one_cycle":
+            return one_cycle_lr(self.lr, iteration, self.iterations, self.pct_start, self.div_factor, self.final_div_factor)
+        raise UserError(f"train.schedule must be poly or one_cycle, got {self.schedule!r}")
+
+
+def training_from_config(train_cfg) -> HeadTraining:
+    """A preset's `train` section as `HeadTraining` (keys a preset leaves out keep their defaults)."""
+    defaults = HeadTraining(iterations=0, batch_size_per_device=1, lr=0.0, weight_decay=0.0)
+    get = train_cfg.get
+    return HeadTraining(
+        iterations=int(train_cfg.iterations), batch_size_per_device=int(train_cfg.batch_size_per_device),
+        lr=float(train_cfg.lr), weight_decay=float(train_cfg.weight_decay),
+        betas=tuple(float(b) for b in get("betas", defaults.betas)),
+        warmup_iters=int(get("warmup_iters", defaults.warmup_iters)),
+        warmup_ratio=float(get("warmup_ratio", defaults.warmup_ratio)), power=float(get("power", defaults.power)),
+        min_lr=float(get("min_lr", defaults.min_lr)), num_workers=int(get("num_workers", defaults.num_workers)),
+        checkpoint_every=int(get("checkpoint_every", defaults.checkpoint_every)),
+        eval_every=int(get("eval_every", defaults.eval_every)), log_every=int(get("log_every", defaults.log_every)),
+        seed=int(get("seed", defaults.seed)), resume=bool(get("resume", defaults.resume)),
+        schedule=str(get("schedule", defaults.schedule)), pct_start=float(get("pct_start", defaults.pct_start)),
+        div_factor=float(get("div_factor", defaults.div_factor)),
+        final_div_factor=float(get("final_div_factor", defaults.final_div_factor)),
+        grad_clip=float(get("grad_clip", defaults.grad_clip) or 0.0),
+    )
 
 
 def infinite_batches(dataset: Dataset, training: HeadTraining, device_ctx: DeviceContext, start_iteration: int
@@ -184,7 +234,7 @@ def summary_writer(output_dir: str, purge_step: int | None):
 def train_head(head: nn.Module, train_set: Dataset, training: HeadTraining, device_ctx: DeviceContext, output_dir: str,
                checkpoint_name: str, signature: dict, loss_fn: Callable[[nn.Module, tuple, int], Tensor],
                evaluate_fn: Callable[[int, object], dict] | None = None, desc: str = "train") -> tuple[int, list[dict], object]:
-    """AdamW + poly schedule over `training.iterations`; returns (iterations done, eval history, writer).
+    """AdamW + the schedule of `training` (poly or one-cycle) over `training.iterations`; returns (iterations done, eval history, writer).
 
     `loss_fn(trained_head, batch, iteration)` → scalar loss; `evaluate_fn(iteration, writer)` → metrics dict (every
     `eval_every` iterations when > 0).  Rank 0 writes `<output_dir>/<checkpoint_name>` every
@@ -212,8 +262,7 @@ def train_head(head: nn.Module, train_set: Dataset, training: HeadTraining, devi
                     leave=False, initial=start, total=training.iterations)
     trained.train()
     for iteration in progress:
-        lr = poly_lr(training.lr, iteration, training.iterations, training.warmup_iters, training.warmup_ratio,
-                     training.power, training.min_lr)
+        lr = training.lr_at(iteration)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss = loss_fn(trained, next(batches), iteration)
@@ -222,6 +271,8 @@ def train_head(head: nn.Module, train_set: Dataset, training: HeadTraining, devi
                             f"(the run resumes from {checkpoint_path} if one was written)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if training.grad_clip > 0:
+            nn.utils.clip_grad_norm_(head.parameters(), training.grad_clip)
         optimizer.step()
         device_ctx.mark_step()
         done = iteration + 1

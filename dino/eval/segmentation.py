@@ -180,17 +180,6 @@ def _pairs(value, what: str) -> list[int]:
     return values
 
 
-def training_settings(train_cfg) -> common.HeadTraining:
-    return common.HeadTraining(
-        iterations=int(train_cfg.iterations), batch_size_per_device=int(train_cfg.batch_size_per_device),
-        lr=float(train_cfg.lr), weight_decay=float(train_cfg.weight_decay), betas=tuple(float(b) for b in train_cfg.betas),
-        warmup_iters=int(train_cfg.warmup_iters), warmup_ratio=float(train_cfg.warmup_ratio), power=float(train_cfg.power),
-        min_lr=float(train_cfg.min_lr), num_workers=int(train_cfg.num_workers),
-        checkpoint_every=int(train_cfg.checkpoint_every), eval_every=int(train_cfg.eval_every),
-        log_every=int(train_cfg.log_every), seed=int(train_cfg.seed), resume=bool(train_cfg.resume),
-    )
-
-
 def run_segmentation(cfg) -> dict:
     """`eval_semantic_segmentation.py`: datasets, frozen backbone, head training, sliding-window test, results."""
     files_train: SegmentationFiles = segmentation_files(cfg.dataset, cfg.data_path, "train")
@@ -199,7 +188,7 @@ def run_segmentation(cfg) -> dict:
     crop = _pairs(aug.crop_size, "augmentation.crop_size")
     _pairs(cfg.test.crop_size, "test.crop_size")
     _pairs(cfg.test.stride, "test.stride")
-    training = training_settings(cfg.train)
+    training = common.training_from_config(cfg.train)
     device_ctx = DeviceContext.create(cfg.device, hmp=bool(cfg.hmp))
     init_distributed(device_ctx.backend)
     model = load_eval_backbone(cfg.model, device_ctx)
