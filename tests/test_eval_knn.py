@@ -127,7 +127,7 @@ def test_help_shows_yaml_defaults(capsys):
     assert "--nb_knn" in out and "[10, 20, 100, 200]" in out and "--batch_size_per_gpu" in out
 
 
-def test_end_to_end_on_a_tiny_image_folder(tmp_path):
+def test_end_to_end_on_a_tiny_image_folder(tmp_path, capsys):
     data = write_train_val(tmp_path / "data", num_classes=3, train_per_class=6, val_per_class=3)
     checkpoint = save_tiny_vit(tmp_path / "tiny.pth")
     eval_knn = load_script("eval_knn")
@@ -143,8 +143,15 @@ def test_end_to_end_on_a_tiny_image_folder(tmp_path):
     # solid-colour classes: even random features of a tiny ViT separate them
     assert written["results"]["1"]["top1"] > 50
 
-    reloaded = eval_knn.main(["--load_features", str(tmp_path / "feats"), "--output_dir", str(tmp_path / "out2")] + common)
+    capsys.readouterr()
+    reloaded = {}
+    # through the console entry point: the library's log lines (protocol, table, where the JSON went) on stdout
+    run_cli(lambda: reloaded.update(eval_knn.main(["--load_features", str(tmp_path / "feats"), "--output_dir",
+                                                   str(tmp_path / "out2")] + common)))
     assert reloaded["results"] == summary["results"]
+    out = capsys.readouterr().out
+    assert "k-NN protocol: weighted votes exp(cos/T)" in out and "top-1" in out
+    assert f"results written to {tmp_path / 'out2' / 'knn_results.json'}" in out
 
 
 def test_empty_data_path_uses_the_demo_dataset(tmp_path, monkeypatch):

@@ -41,6 +41,9 @@ from torch.utils.data import Dataset
 
 from dino.errors import UserError, require_path
 from dino.eval.retrieval import compute_ap, crop_to_patch_multiple, rank_database
+from dino.log import get_logger
+
+logger = get_logger(__name__)
 
 GEM_POWER = 4.0
 GEM_EPS = 1e-6
@@ -251,9 +254,9 @@ def run_copy_detection(cfg: Any) -> dict:
         whitening_source = "the database (originals + distractors)"
     else:
         whitening_source = "none (no whitening set, as DINO v1)"
-    print(f"copy detection on Copydays strong: {len(data.strong_names)} queries, {len(data.original_names)} originals "
-          f"+ {len(distractor_paths)} distractors; [CLS] + GeM(p=4) patch tokens at {cfg.imsize}x{cfg.imsize}; "
-          f"whitening: {whitening_source}; AP over the top {cfg.top}", flush=True)
+    logger.info(f"copy detection on Copydays strong: {len(data.strong_names)} queries, {len(data.original_names)} originals "
+                f"+ {len(distractor_paths)} distractors; [CLS] + GeM(p=4) patch tokens at {cfg.imsize}x{cfg.imsize}; "
+                f"whitening: {whitening_source}; AP over the top {cfg.top}")
 
     queries = features_of(data.strong_paths, "query features")
     database = features_of(data.original_paths + distractor_paths, "database features")
@@ -290,6 +293,6 @@ def run_copy_detection(cfg: Any) -> dict:
                     [["strong", len(data.strong_names), database.shape[0], 100.0 * mean_ap]],
                     title="Copydays copy detection (percent)")
         path = write_json(os.path.join(cfg.output_dir, "copy_detection.json"), results)
-        print(f"results written to {path}")
+        logger.info(f"results written to {path}")
     barrier()
     return results

@@ -31,6 +31,9 @@ from dino.distributed import DeviceContext, all_gather_cat, get_rank, get_world_
 from dino.errors import UserError, require_path
 from dino.eval.checkpointing import atomic_torch_save, write_json_atomic
 from dino.hub import resolve_backbone
+from dino.log import get_logger
+
+logger = get_logger(__name__)
 
 FeatureFn = Callable[[nn.Module, Tensor], Tensor]
 
@@ -319,7 +322,7 @@ def resolve_data_path(data_path: str | None) -> str:
     if data_path:
         return require_path(data_path, "--data_path", must_be_dir=True)
     path = demo_dataset.ensure_demo_dataset()
-    print(f"no --data_path given: evaluating on the demo dataset at {path}")
+    logger.info(f"no --data_path given: evaluating on the demo dataset at {path}")
     return path
 
 
@@ -421,9 +424,9 @@ def features_from_config(cfg: DictConfig, device_ctx: DeviceContext, feature_fn:
     model = load_eval_backbone(cfg.model, device_ctx)
     protocol.update(data_path=data_path, resize_size=sizes.resize_size, crop_size=sizes.crop_size)
     if is_main_process():
-        print(f"features: {feature_name} of {protocol['checkpoint']}; images: {data_path}/{{train,val}}, "
-              f"resize {sizes.resize_size} + centre crop {sizes.crop_size}; {len(train_set)} train / {len(val_set)} val, "
-              f"{len(train_set.classes)} classes")
+        logger.info(f"features: {feature_name} of {protocol['checkpoint']}; images: {data_path}/{{train,val}}, "
+                    f"resize {sizes.resize_size} + centre crop {sizes.crop_size}; {len(train_set)} train / {len(val_set)} val, "
+                    f"{len(train_set.classes)} classes")
     batch_size, workers = int(cfg.data.batch_size_per_device), int(cfg.data.num_workers)
     train_features, train_labels, train_skipped = extract_readable_features(
         model, train_set, device_ctx, batch_size, workers, feature_fn, "train features")
@@ -434,10 +437,10 @@ def features_from_config(cfg: DictConfig, device_ctx: DeviceContext, feature_fn:
     for name, dataset, skipped in (("train", train_set, train_skipped), ("val", val_set, val_skipped)):
         if skipped and is_main_process():
             shown = ", ".join(dataset.samples[i][0] for i in skipped[:5]) + (" …" if len(skipped) > 5 else "")
-            print(f"warning: skipped {len(skipped)} unreadable {name} image(s), not counted: {shown}")
+            logger.warning(f"warning: skipped {len(skipped)} unreadable {name} image(s), not counted: {shown}")
     classes = list(train_set.classes)
     if cfg.dump_features and is_main_process():
         meta = dict(classes=classes, data_path=data_path, checkpoint=protocol["checkpoint"], features=feature_name)
         dump_features(cfg.dump_features, train_features, train_labels, val_features, val_labels, meta)
-        print(f"features saved to {cfg.dump_features}")
+        logger.info(f"features saved to {cfg.dump_features}")
     return SplitFeatures(train_features, train_labels, val_features, val_labels, classes, protocol)

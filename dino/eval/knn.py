@@ -30,6 +30,9 @@ from dino.errors import UserError
 from dino.eval.accuracy import topk_hits
 from dino.eval.checkpointing import write_json_atomic
 from dino.eval.features import features_from_config
+from dino.log import get_logger
+
+logger = get_logger(__name__)
 
 # Elements of one (test chunk × training bank) similarity block: 2**28 float32 values = 1 GiB.
 DEFAULT_SIMILARITY_BUDGET = 2**28
@@ -155,7 +158,7 @@ def run_knn(cfg) -> dict:
     device_ctx = DeviceContext.create(cfg.device, hmp=bool(cfg.hmp))
     init_distributed(device_ctx.backend)
     if is_main_process():
-        print(f"k-NN protocol: weighted votes exp(cos/T), T={temperature}, k={k_values}")
+        logger.info(f"k-NN protocol: weighted votes exp(cos/T), T={temperature}, k={k_values}")
     split = features_from_config(cfg, device_ctx)
     if not is_main_process():
         barrier()
@@ -164,9 +167,9 @@ def run_knn(cfg) -> dict:
     results = knn_classify(split.train_features, split.train_labels, split.val_features, split.val_labels, k_values,
                            temperature, num_classes=split.num_classes, device=device_ctx.device)
     skipped = split.protocol.get("skipped_val", 0)
-    print(f"weighted k-NN (T={temperature}) on {len(split.train_labels)} train / {len(split.val_labels)} val images, "
-          f"{split.num_classes} classes" + (f" ({skipped} unreadable val image(s) skipped)" if skipped else ""))
-    print(format_knn_table(results))
+    logger.info(f"weighted k-NN (T={temperature}) on {len(split.train_labels)} train / {len(split.val_labels)} val images, "
+                f"{split.num_classes} classes" + (f" ({skipped} unreadable val image(s) skipped)" if skipped else ""))
+    logger.info(format_knn_table(results))
     summary = dict(
         protocol=dict(split.protocol, k=k_values, temperature=temperature, weights="exp(cos/T)"),
         num_train=len(split.train_labels), num_val=len(split.val_labels), num_classes=split.num_classes,
@@ -175,6 +178,6 @@ def run_knn(cfg) -> dict:
     )
     path = os.path.join(cfg.output_dir, "knn_results.json")
     write_json_atomic(summary, path)
-    print(f"results written to {path}")
+    logger.info(f"results written to {path}")
     barrier()
     return summary

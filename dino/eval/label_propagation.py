@@ -40,6 +40,9 @@ from torch import Tensor, nn
 
 from dino.errors import UserError
 from dino.eval.davis import VOID_LABEL, DavisSequence, read_label_png, write_label_png
+from dino.log import get_logger
+
+logger = get_logger(__name__)
 
 AFFINITY_TEMPERATURE = 0.1
 VIDEO_MEAN = (0.485, 0.456, 0.406)
@@ -228,9 +231,9 @@ def run_video_segmentation(cfg: Any) -> dict:
         device_ctx = DeviceContext.create(cfg.device, hmp=bool(cfg.hmp))
         init_distributed(device_ctx.backend)
         model = load_eval_backbone(cfg.model, device_ctx)
-        print(f"label propagation on DAVIS {cfg.split}: {len(sequences)} sequences; last-block patch features "
-              f"(patch {model.patch_size}), frames at {cfg.frame_size}p, n_last_frames {cfg.n_last_frames}, "
-              f"size_mask_neighborhood {cfg.size_mask_neighborhood}, topk {cfg.topk}", flush=True)
+        logger.info(f"label propagation on DAVIS {cfg.split}: {len(sequences)} sequences; last-block patch features "
+                    f"(patch {model.patch_size}), frames at {cfg.frame_size}p, n_last_frames {cfg.n_last_frames}, "
+                    f"size_mask_neighborhood {cfg.size_mask_neighborhood}, topk {cfg.topk}")
         rank, world_size = get_rank(), get_world_size()
         for index, sequence in enumerate(sequences):
             if index % world_size != rank:  # sequences are independent: each rank takes every W-th one
@@ -263,6 +266,6 @@ def run_video_segmentation(cfg: Any) -> dict:
                     title=f"DAVIS-2017 {cfg.split} ({scores['num_objects']} objects)", decimals=3)
         path = write_json(os.path.join(output_dir, "davis_results.json"), results)
         write_davis_csv(scores, output_dir, cfg.split)
-        print(f"results written to {path}")
+        logger.info(f"results written to {path}")
     barrier()
     return results

@@ -48,6 +48,9 @@ from dino.eval import features as feats
 from dino.eval.accuracy import topk_hits
 from dino.eval.checkpointing import atomic_torch_save, write_json_atomic
 from dino.eval.features import get_block_tokens, multiblock_feature, multiblock_feature_dim, shard_indices
+from dino.log import get_logger
+
+logger = get_logger(__name__)
 
 CHECKPOINT_NAME = "linear_checkpoint.pth"
 RESULTS_NAME = "linear_results.json"
@@ -281,7 +284,7 @@ def train_linear_probes(model: nn.Module, train_set: Dataset, val_set: Dataset, 
     if training.resume and os.path.isfile(checkpoint_path):
         start_epoch, history = load_linear_checkpoint(checkpoint_path, grid, optimizer)
         if is_main_process():
-            print(f"resuming the linear probes from {checkpoint_path} after epoch {start_epoch}")
+            logger.info(f"resuming the linear probes from {checkpoint_path} after epoch {start_epoch}")
 
     sampler = DistributedSampler(train_set, num_replicas=world_size, rank=get_rank(), shuffle=True, seed=training.seed)
     loader = DataLoader(train_set, batch_size=training.batch_size_per_device, sampler=sampler, drop_last=False,
@@ -329,7 +332,7 @@ def train_linear_probes(model: nn.Module, train_set: Dataset, val_set: Dataset, 
                     writer.add_scalar(f"val_top1/{result['name']}", result["top1"], (epoch + 1) * steps_per_epoch)
                 writer.add_scalar("val/best_top1", best["top1"], (epoch + 1) * steps_per_epoch)
             if is_main_process():
-                print(f"epoch {epoch + 1}/{training.epochs}: best val top-1 {best['top1']:.2f} ({best['name']})")
+                logger.info(f"epoch {epoch + 1}/{training.epochs}: best val top-1 {best['top1']:.2f} ({best['name']})")
             if last_epoch:
                 final = results
         if is_main_process():
@@ -399,19 +402,19 @@ def run_linear(cfg) -> dict:
         optimizer=f"SGD momentum {training.momentum}, weight decay {training.weight_decay}, cosine to 0", epochs=training.epochs,
     )
     if is_main_process():
-        print(f"linear protocol: {len(settings)} classifiers on {len(train_set)} train / {len(val_set)} val images, "
-              f"{len(train_set.classes)} classes; " + "; ".join(f"{k}={v}" for k, v in protocol.items()))
+        logger.info(f"linear protocol: {len(settings)} classifiers on {len(train_set)} train / {len(val_set)} val images, "
+                    f"{len(train_set.classes)} classes; " + "; ".join(f"{k}={v}" for k, v in protocol.items()))
     result = train_linear_probes(model, train_set, val_set, len(train_set.classes), settings, training, device_ctx, cfg.output_dir)
     if not is_main_process():
         return {}
     best = result["best"]
-    print(format_probe_table(result["classifiers"], best["name"]))
+    logger.info(format_probe_table(result["classifiers"], best["name"]))
     top5 = f", top-5 {best['top5']:.2f}" if best["top5"] is not None else ""
-    print(f"best linear probe: top-1 {best['top1']:.2f}{top5} with the last {best['n_last_blocks']} block(s)' [CLS]"
-          f"{' + average-pooled patch tokens' if best['avgpool_patchtokens'] else ''}, base lr {best['lr']:g} "
-          f"(scaled {best['scaled_lr']:g})")
+    logger.info(f"best linear probe: top-1 {best['top1']:.2f}{top5} with the last {best['n_last_blocks']} block(s)' [CLS]"
+                f"{' + average-pooled patch tokens' if best['avgpool_patchtokens'] else ''}, base lr {best['lr']:g} "
+                f"(scaled {best['scaled_lr']:g})")
     summary = dict(protocol=protocol, num_train=len(train_set), num_val=len(val_set), num_classes=len(train_set.classes), **result)
     path = os.path.join(cfg.output_dir, RESULTS_NAME)
     write_json_atomic(summary, path)
-    print(f"results written to {path}")
+    logger.info(f"results written to {path}")
     return summary

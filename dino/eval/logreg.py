@@ -26,6 +26,9 @@ from dino.errors import UserError
 from dino.eval.accuracy import topk_accuracy
 from dino.eval.checkpointing import write_json_atomic
 from dino.eval.features import features_from_config
+from dino.log import get_logger
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -161,9 +164,9 @@ def run_logreg(cfg) -> dict:
     device_ctx = DeviceContext.create(cfg.device, hmp=bool(cfg.hmp))
     init_distributed(device_ctx.backend)
     if is_main_process():
-        print(f"log-reg protocol: L2-normalised features, L-BFGS (max {settings.max_iter} iterations), "
-              f"C in 10^[{settings.c_log10_min} … {settings.c_log10_max}] ({len(c_values)} values) chosen on "
-              f"{100 * float(settings.holdout_fraction):g}% of train held out, refit on all train")
+        logger.info(f"log-reg protocol: L2-normalised features, L-BFGS (max {settings.max_iter} iterations), "
+                    f"C in 10^[{settings.c_log10_min} … {settings.c_log10_max}] ({len(c_values)} values) chosen on "
+                    f"{100 * float(settings.holdout_fraction):g}% of train held out, refit on all train")
     split = features_from_config(cfg, device_ctx)
     if not is_main_process():
         barrier()
@@ -171,10 +174,10 @@ def run_logreg(cfg) -> dict:
     result = logistic_regression_eval(split.train_features, split.train_labels, split.val_features, split.val_labels,
                                       split.num_classes, c_values, float(settings.holdout_fraction), int(settings.seed),
                                       int(settings.max_iter), device_ctx.device)
-    print(format_sweep_table(result))
+    logger.info(format_sweep_table(result))
     top5 = f", top-5 {result['top5']:.2f}" if result["top5"] is not None else ""
-    print(f"logistic regression (C={result['best_c']:.3g}) on {len(split.val_labels)} val images: "
-          f"top-1 {result['top1']:.2f}{top5}")
+    logger.info(f"logistic regression (C={result['best_c']:.3g}) on {len(split.val_labels)} val images: "
+                f"top-1 {result['top1']:.2f}{top5}")
     summary = dict(
         protocol=dict(split.protocol, method="multinomial logistic regression, L-BFGS", c_values=c_values,
                       holdout_fraction=float(settings.holdout_fraction), max_iter=int(settings.max_iter)),
@@ -182,6 +185,6 @@ def run_logreg(cfg) -> dict:
     )
     path = os.path.join(cfg.output_dir, "logreg_results.json")
     write_json_atomic(summary, path)
-    print(f"results written to {path}")
+    logger.info(f"results written to {path}")
     barrier()
     return summary

@@ -45,6 +45,9 @@ from torch.utils.data import Dataset
 
 from dino.errors import UserError, require_path
 from dino.eval.neighbours import exact_search, faiss_available
+from dino.log import get_logger
+
+logger = get_logger(__name__)
 
 REVISITOP_DATASETS = ("roxford5k", "rparis6k")
 PROTOCOLS = ("easy", "medium", "hard")
@@ -405,10 +408,10 @@ def run_retrieval(cfg: Any) -> dict:
     model = load_eval_backbone(cfg.model, device_ctx)
     kappas = [int(k) for k in cfg.kappas]
     crop = bool(cfg.crop_queries)
-    print(f"retrieval on {data.name}: {len(data.db_names)} database images (+{len(distractor_paths)} distractors), "
-          f"{len(data.query_names)} queries; [CLS] feature, thumbnail {cfg.imsize}px, "
-          f"{'multi-scale (1, 1/√2, 1/2) mean' if cfg.multiscale else 'single scale'}, "
-          f"queries {'cropped to their bbx' if crop else 'not cropped (DINO v1)'}", flush=True)
+    logger.info(f"retrieval on {data.name}: {len(data.db_names)} database images (+{len(distractor_paths)} distractors), "
+                f"{len(data.query_names)} queries; [CLS] feature, thumbnail {cfg.imsize}px, "
+                f"{'multi-scale (1, 1/√2, 1/2) mean' if cfg.multiscale else 'single scale'}, "
+                f"queries {'cropped to their bbx' if crop else 'not cropped (DINO v1)'}")
 
     feature_fn = make_retrieval_feature_fn(model.patch_size, bool(cfg.multiscale))
     db_set = RetrievalImages(data.db_paths + distractor_paths, cfg.imsize)
@@ -443,6 +446,6 @@ def run_retrieval(cfg: Any) -> dict:
         rows = [[p.capitalize()] + list(results["results"][p].values()) for p in PROTOCOLS]
         print_table(headers, rows, title=f"{data.name} retrieval (percent)")
         path = write_json(os.path.join(cfg.output_dir, f"retrieval_{data.name}.json"), results)
-        print(f"results written to {path}")
+        logger.info(f"results written to {path}")
     barrier()
     return results

@@ -7,6 +7,10 @@ import math
 import os
 from typing import Any, Sequence
 
+from dino.log import get_logger
+
+logger = get_logger(__name__)
+
 
 def format_value(value: Any, decimals: int = 2) -> str:
     """Numbers with a fixed number of decimals (nan shown as 'nan'), everything else with str()."""
@@ -31,7 +35,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: s
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None, decimals: int = 2) -> None:
-    print(format_table(headers, rows, title, decimals), flush=True)
+    logger.info(format_table(headers, rows, title, decimals))
 
 
 def _json_safe(value: Any) -> Any:

@@ -12,6 +12,9 @@ import torch
 from omegaconf import OmegaConf
 
 from dino.errors import UserError
+from dino.log import get_logger
+
+logger = get_logger(__name__)
 
 
 def _load_model(model_cfg, device_ctx):
@@ -105,8 +108,8 @@ def run_extract(cfg) -> dict:
         if isinstance(calibration, torch.Tensor):
             sample = calibration[:16]
             cosine = feature_cosine(model.cpu().eval(), fast, sample)
-            print(f"int8_static: calibrated on {len(calibration)} images; [CLS] cosine vs fp32 on {len(sample)} of them: "
-                  f"min {cosine:.4f}", flush=True)
+            logger.info(f"int8_static: calibrated on {len(calibration)} images; [CLS] cosine vs fp32 on {len(sample)} of them: "
+                        f"min {cosine:.4f}")
     settings = ExtractionSettings(
         features=cfg.features, normalize=bool(cfg.normalize), batch_size=int(cfg.data.batch_size),
         num_workers=int(cfg.data.num_workers), chunk_size=int(cfg.chunk_size), output_format=cfg.output_format,
@@ -316,6 +319,6 @@ def _verify_if_installed(package: str, verify):
     try:
         __import__(package)
     except ImportError:
-        print(f"{package} is not installed: the export was written but not verified")
+        logger.warning(f"{package} is not installed: the export was written but not verified")
         return None
     return verify()
