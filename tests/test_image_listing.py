@@ -93,3 +93,27 @@ def test_a_broken_link_named_like_an_image_is_counted(folder):
     (folder / "rings" / "gone.png").symlink_to(folder / "nowhere.png")
     with pytest.warns(SkippedImageWarning, match="gone.png: cannot stat"):
         assert len(list_images(folder)) == 6
+
+
+def test_extraction_counts_what_the_listing_skipped(tmp_path, folder, monkeypatch):
+    import torch
+
+    from dino.data.transforms import make_eval_transform
+    from dino.inference.extract import ExtractionSettings, extract_features_to_folder
+    from dino.models import build_backbone
+
+    locked = folder / "checkerboard"
+    os.mkfifo(folder / "rings" / "trap.png")
+    real_scandir = os.scandir
+    monkeypatch.setattr(datasets_module.os, "scandir",
+                        lambda path: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+                        if os.fspath(path) == str(locked) else real_scandir(path))
+    with pytest.warns(SkippedImageWarning):
+        paths = list_input_images(folder)
+    torch.manual_seed(0)
+    model = build_backbone("vit_tiny", 8, img_size=32, depth=1, embed_dim=48).eval()
+    summary = extract_features_to_folder(model, paths, tmp_path / "feats", make_eval_transform(32, 32), 32,
+                                         ExtractionSettings(num_workers=0, progress=False))
+    assert summary["num_features"] == 4 and summary["num_skipped"] == 2  # not "0 skipped"
+    assert set((tmp_path / "feats" / "skipped.txt").read_text().splitlines()) == {
+        str(locked), str(folder / "rings" / "trap.png")}

@@ -253,6 +253,12 @@ def extract_features_to_folder(model: nn.Module, paths: Sequence[str], output_di
     bar.close()
     seconds = time.perf_counter() - start
     summary = merge_chunks(output, num_chunks, settings)
+    # what the listing itself could not use (an unreadable sub-folder, a FIFO named like an image) is skipped too
+    unlisted = [path for path, _ in getattr(paths, "skipped", [])]
+    if unlisted:
+        summary["skipped"] = list(summary["skipped"]) + unlisted
+        summary["num_skipped"] += len(unlisted)
+        write_path_list(output / "skipped.txt", summary["skipped"])
     summary.update(resumed_chunks=resumed, extracted_images=todo_images, seconds=round(seconds, 2),
                    images_per_second=round(todo_images / seconds, 2) if seconds > 0 and todo_images else None)
     meta = dict(settings=asdict(settings), image_size=image_size, **settings.extra_meta,
