@@ -281,3 +281,91 @@ def test_cli_lists_the_commands_and_help_explains():
     assert "eval-segmentation" in JOBS and "eval-depth" in JOBS
     text = seg.format_segmentation_table(segmentation_metrics(torch.tensor([[1.0], [1.0], [1.0], [1.0]]), ["sky"]))
     assert "sky" in text and "100.00" in text
+
+
+def test_metrics_equal_an_independent_confusion_matrix_on_random_maps():
+    rng = np.random.default_rng(3)
+    num_classes, total = 5, torch.zeros(4, 5, dtype=torch.float64)
+    confusion = np.zeros((num_classes, num_classes))
+    for _ in range(4):
+        label = rng.integers(0, num_classes, size=(9, 11))
+        label[rng.random(label.shape) < 0.2] = 255
+        pred = rng.integers(0, num_classes, size=label.shape)
+        total += intersect_and_union(torch.from_numpy(pred), torch.from_numpy(label), num_classes)
+        for t, p in zip(label.reshape(-1), pred.reshape(-1)):
+            if t != 255:
+                confusion[t, p] += 1
+    tp = np.diag(confusion)
+    iou = tp / (confusion.sum(0) + confusion.sum(1) - tp)
+    metrics = segmentation_metrics(total)
+    assert metrics["mIoU"] == pytest.approx(100 * iou.mean())
+    assert metrics["mAcc"] == pytest.approx(100 * (tp / confusion.sum(1)).mean())
+    assert metrics["aAcc"] == pytest.approx(100 * tp.sum() / confusion.sum())
+
+
+def test_end_to_end_ms_protocol_on_four_blocks(tmp_path):
+    from dino.hub import save_backbone
+    from dino.models import build_backbone
+
+    torch.manual_seed(0)
+    model = build_backbone("vit_tiny", 8, img_size=32, embed_dim=16, depth=4, num_heads=2)
+    weights = tmp_path / "vit4.safetensors"
+    save_backbone(model, weights, model_kwargs=dict(arch="vit_tiny", patch_size=8, img_size=32, embed_dim=16, depth=4,
+                                                    num_heads=2))
+    root = write_ade20k(tmp_path / "data", train=2, val=2)
+    result = load_script("eval_semantic_segmentation").main([
+        "--config", "segmentation_ms", "--dataset", "ade20k", "--data_path", str(root), "--pretrained_weights",
+        str(weights), "--device", "cpu", "--iterations", "2", "--batch_size_per_device", "2", "--num_workers", "0",
+        "--crop_size", "32", "32", "--test_crop_size", "24", "24", "--test_stride", "16", "16", "--num_pictures", "1",
+        "--output_dir", str(tmp_path / "out"), "augmentation.scale=[48,40]", "test.scale=[48,40]",
+        "test.ratios=[0.5,1.0]", "train.warmup_iters=1"])
+    assert result["protocol"]["head"] == "ms" and result["protocol"]["layers"] == [1, 2, 3, 4]
+    assert "flip True" in result["protocol"]["test"] and 0 <= result["mIoU"] <= 100
+
+
+_TWO_RANK_RUN = """
+import sys
+sys.path.insert(0, {repo!r})
+from dino.jobs.eval_segmentation import main
+main({argv!r})
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_score_like_one(tmp_path):
+    """torchrun-style 2-rank run (gloo): DDP head training works, and the sharded evaluation sums to the
+    single-process scores."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from test_features import REPO_ROOT
+
+    root = write_ade20k(tmp_path / "data", train=4, val=5)
+    weights = save_tiny_vit(tmp_path / "vit.safetensors")
+
+    def argv(out, iterations):
+        return ["--dataset", "ade20k", "--data_path", str(root), "--pretrained_weights", str(weights), "--device", "cpu",
+                "--iterations", str(iterations), "--batch_size_per_device", "1", "--num_workers", "0",
+                "--crop_size", "32", "32", "--test_mode", "whole", "--num_pictures", "1", "--output_dir", str(out),
+                "augmentation.scale=[48,40]", "test.scale=[48,40]"]
+
+    for out, iterations in ((tmp_path / "two_eval", 0), (tmp_path / "two_train", 2)):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        procs = []
+        for rank in range(2):
+            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+            code = _TWO_RANK_RUN.format(repo=str(REPO_ROOT), argv=argv(out, iterations))
+            procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True))
+        for proc in procs:
+            _, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err
+    two = json.loads((tmp_path / "two_eval" / seg.RESULTS_NAME).read_text())
+    one = load_script("eval_semantic_segmentation").main(argv(tmp_path / "one_eval", 0))
+    assert two["mIoU"] == pytest.approx(one["mIoU"]) and two["aAcc"] == pytest.approx(one["aAcc"])
+    trained = torch.load(tmp_path / "two_train" / seg.CHECKPOINT_NAME, weights_only=True)
+    assert trained["iteration"] == 2

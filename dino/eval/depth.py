@@ -209,7 +209,7 @@ def run_depth(cfg) -> dict:
     head = LinearDepthHead(model.embed_dim, len(layers), min_depth, max_depth, classify=cfg.head.loss == "classification",
                            n_bins=int(cfg.head.n_bins), use_cls_token=bool(cfg.head.use_cls_token),
                            upsample=int(cfg.head.upsample))
-    if get_world_size() > 1:
+    if get_world_size() > 1 and device_ctx.type == "cuda":  # SyncBN (as DINOv2's heads) runs on GPUs only
         head = nn.SyncBatchNorm.convert_sync_batchnorm(head)
     head = head.to(device_ctx.device)
     probe = DepthProbe(model, head, layers, device_ctx)

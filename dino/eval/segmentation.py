@@ -195,7 +195,7 @@ def run_segmentation(cfg) -> dict:
     layers = common.select_layers(len(model.blocks), int(cfg.head.layers), str(cfg.head.get("spacing", "last")))
     torch.manual_seed(training.seed)
     head = LinearSegmentationHead(model.embed_dim, len(layers), files_train.num_classes)
-    if get_world_size() > 1:
+    if get_world_size() > 1 and device_ctx.type == "cuda":  # SyncBN (as DINOv2's heads) runs on GPUs only
         head = nn.SyncBatchNorm.convert_sync_batchnorm(head)
     head = head.to(device_ctx.device)
     probe = SegmentationProbe(model, head, layers, device_ctx)
