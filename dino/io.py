@@ -161,7 +161,7 @@ def atomic_output_path(path: str | os.PathLike, needed_bytes: int | None = None)
     _fsync_folder(path.parent)
 
 
-def _tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
+def tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
     """The bytes of the tensors and arrays in a nested structure: what torch.save will need, roughly."""
     import numpy as np
     import torch
@@ -175,9 +175,9 @@ def _tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
     if isinstance(obj, np.ndarray):
         return obj.nbytes
     if isinstance(obj, dict):
-        return sum(_tensor_bytes(v, seen) for v in obj.values())
+        return sum(tensor_bytes(v, seen) for v in obj.values())
     if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v, seen) for v in obj)
+        return sum(tensor_bytes(v, seen) for v in obj)
     return 0
 
 
@@ -185,7 +185,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """`torch.save(obj, path)`, atomically (see `atomic_write`)."""
     import torch
 
-    with atomic_write(path, needed_bytes=_tensor_bytes(obj) or None) as handle:
+    with atomic_write(path, needed_bytes=tensor_bytes(obj) or None) as handle:
         torch.save(obj, handle)
 
 

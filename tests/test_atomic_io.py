@@ -119,3 +119,28 @@ def test_onnx_export_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(DiskFullError, match="model.onnx"):
         onnx_export.export_onnx(_tiny_backbone(), tmp_path / "model.onnx", image_size=32)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_during_a_sharded_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    """DCP writes the shards itself and wraps the kernel's refusal in a CheckpointException (a BaseException)."""
+    script = textwrap.dedent(f"""
+        import resource, signal, torch
+        from pathlib import Path
+        from dino.errors import run_cli
+        from dino.distributed.checkpoint import save_sharded
+        target = Path({str(tmp_path / 'ckpt')!r})
+        save_sharded({{"w": torch.zeros(16)}}, target)  # a first, small checkpoint
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        run_cli(lambda: save_sharded({{"w": torch.zeros(1 << 20)}}, target))
+    """)
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ckpt.tmp" in lines[0] and "4.0 MiB" in lines[0], result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    from dino.distributed.checkpoint import load_sharded
+
+    state = {"w": torch.ones(16)}
+    load_sharded(state, tmp_path / "ckpt")
+    assert torch.equal(state["w"], torch.zeros(16))

@@ -34,6 +34,7 @@ from torch import nn
 
 from dino.distributed.dist import barrier, is_enabled, is_main_process
 from dino.errors import UserError
+from dino.io import DiskFullError, disk_full_message, is_disk_full, tensor_bytes
 
 METADATA_FILE = ".metadata"  # written last by DCP: its presence marks a complete checkpoint
 
@@ -180,8 +181,18 @@ def save_sharded(state: dict[str, Any], directory: str | Path,
         _remove(tmp)
         tmp.mkdir(parents=True)  # a fresh folder: mkdir never follows a symlink planted under this name
     barrier()
-    with _single_process_is_intended():
-        dcp.save(state, checkpoint_id=str(tmp), no_dist=not is_enabled())
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with _single_process_is_intended():
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not is_enabled())
+    except CheckpointException as err:  # a BaseException wrapping each rank's error (a full disk among them)
+        failures = [failure for failure, _ in err.failures.values()]
+        if any(is_disk_full(failure) for failure in failures):
+            if is_main_process():
+                _remove(tmp)  # the previous checkpoint under `directory` is untouched
+            raise DiskFullError(disk_full_message(tmp, tensor_bytes(state), failures[0])) from None
+        raise
     if write_extra is not None:
         write_extra(tmp)
     barrier()
