@@ -125,3 +125,16 @@ def _repo_root():
     from pathlib import Path
 
     return Path(__file__).resolve().parent.parent
+
+
+def test_a_fifo_or_missing_shard_is_refused_not_waited_for(tmp_path):
+    import os
+
+    folder = _genuine_checkpoint(tmp_path / "ckpt")
+    shard = next(folder.glob("*.distcp"))
+    shard.unlink()
+    with pytest.raises(UserError, match=f"incomplete: its shard file {shard.name} is missing"):
+        load_backbone(str(folder))
+    os.mkfifo(shard)
+    with pytest.raises(UnsafeCheckpointError, match="not a regular file"):
+        load_backbone(str(folder))  # would block forever inside DCP's reader

@@ -25,6 +25,7 @@ import io
 import os
 import pickle
 import shutil
+import stat
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -97,12 +98,24 @@ def read_metadata_safely(directory: str | os.PathLike):
     if not isinstance(metadata, Metadata):
         raise UnsafeCheckpointError(f"refusing the sharded checkpoint {directory}: {METADATA_FILE} holds a "
                                     f"{type(metadata).__name__}, not checkpoint metadata")
-    # Shard files must be plain names inside the folder: a crafted index must not read files elsewhere.
+    # Shard files must be plain names inside the folder (a crafted index must not read files elsewhere) and
+    # regular files (a FIFO would block the load forever).
+    names = set()
     for info in (metadata.storage_data or {}).values():
         name = getattr(info, "relative_path", None) if isinstance(info, _StorageInfo) else None
         if not isinstance(name, str) or not name or os.path.basename(name) != name or name in (".", ".."):
             raise UnsafeCheckpointError(f"refusing the sharded checkpoint {directory}: its index points outside "
                                         f"the folder ({name!r})")
+        names.add(name)
+    for name in sorted(names):
+        try:
+            mode = os.stat(Path(directory) / name).st_mode
+        except FileNotFoundError:
+            raise UserError(f"the sharded checkpoint {directory} is incomplete: its shard file {name} is missing") from None
+        except OSError as err:
+            raise UserError(f"cannot read the sharded checkpoint {directory}: {name}: {err.strerror or err}") from None
+        if not stat.S_ISREG(mode):
+            raise UnsafeCheckpointError(f"refusing the sharded checkpoint {directory}: {name} is not a regular file")
     if getattr(metadata, "storage_meta", None) is None:
         metadata.storage_meta = StorageMeta()
     return metadata
