@@ -326,7 +326,7 @@ def test_v3_recognised_and_wrong_file_named(tmp_path):
     with pytest.raises(UserError, match="patch_size=14"):
         load_backbone(str(path), patch_size=14)
     v2_path = tmp_path / "v2.pth"
-    from tests.test_models import official_v2_state_dict
+    from test_models import official_v2_state_dict
 
     torch.save(official_v2_state_dict(), v2_path)
     with pytest.raises(UserError, match=r"it holds a DINOv2 ViT vit_small .*patch 14"):

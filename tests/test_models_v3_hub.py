@@ -284,7 +284,7 @@ def test_convnext_pseudo_patch_size_resamples_maps(convnext_tiny):
 # ---- eval / extract / visualisation on a tiny v3 checkpoint ---------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_v3_checkpoint(tmp_path_factory):
-    from tests.test_models_v3 import official_v3_vit_state_dict
+    from test_models_v3 import official_v3_vit_state_dict
 
     sd = official_v3_vit_state_dict(dim=64, depth=2, heads=4, seed=5)
     path = tmp_path_factory.mktemp("tiny_v3") / "tiny_v3.pth"
