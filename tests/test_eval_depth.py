@@ -244,3 +244,15 @@ def test_end_to_end_nyu_mat_lin4_needs_four_blocks(tmp_path):
         load_script("eval_depth").main(_argv(root, weights, tmp_path / "out", "nyu", "--config", "depth_lin4"))
     result = load_script("eval_depth").main(_argv(root, weights, tmp_path / "out1", "nyu", "--iterations", "2"))
     assert result["num_images"] == 2
+
+
+def test_dino_subcommand_help(capsys):
+    from dino.cli import dispatch
+
+    with pytest.raises(SystemExit) as info:
+        dispatch(["eval-depth", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "dino eval-depth" in text and "--eval_crop" in text and "NYU" in text
+    with pytest.raises(UserError, match="not a folder"):
+        dispatch(["eval-segmentation", "--data_path", "/nonexistent/ade", "--device", "cpu"])

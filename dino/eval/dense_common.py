@@ -29,6 +29,14 @@ logger = get_logger(__name__)
 # ------------------------------------------------------------------------------------------ features
 
 
+def backbone_depth(model: nn.Module) -> int:
+    """Number of transformer blocks; the dense probes read ViT patch tokens (not ConvNeXt stages)."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or not hasattr(model, "get_intermediate_layers"):
+        raise UserError(f"the dense probes need a ViT backbone with transformer blocks; got {type(model).__name__}")
+    return len(blocks)
+
+
 def select_layers(num_blocks: int, num_layers: int, spacing: str = "last") -> list[int]:
     """Block indices (0-based) the head reads.
 

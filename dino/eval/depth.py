@@ -204,7 +204,7 @@ def run_depth(cfg) -> dict:
     device_ctx = DeviceContext.create(cfg.device, hmp=bool(cfg.hmp))
     init_distributed(device_ctx.backend)
     model = load_eval_backbone(cfg.model, device_ctx)
-    layers = common.select_layers(len(model.blocks), int(cfg.head.layers), str(cfg.head.spacing))
+    layers = common.select_layers(common.backbone_depth(model), int(cfg.head.layers), str(cfg.head.spacing))
     torch.manual_seed(training.seed)
     head = LinearDepthHead(model.embed_dim, len(layers), min_depth, max_depth, classify=cfg.head.loss == "classification",
                            n_bins=int(cfg.head.n_bins), use_cls_token=bool(cfg.head.use_cls_token),
