@@ -430,7 +430,7 @@ class _NYUMat:
 
                 data = loadmat(self.path, variable_names=["images", "depths"])
                 self._arrays = (data["images"], data["depths"])  # MATLAB order: (H, W, 3, N), (H, W, N)
-            except NotImplementedError:  # v7.3 files are HDF5
+            except (NotImplementedError, ValueError):  # v7.3 files are HDF5 (scipy reads v4-v7.2 only)
                 try:
                     import h5py
                 except ImportError:
