@@ -369,3 +369,30 @@ def test_two_processes_score_like_one(tmp_path):
     assert two["mIoU"] == pytest.approx(one["mIoU"]) and two["aAcc"] == pytest.approx(one["aAcc"])
     trained = torch.load(tmp_path / "two_train" / seg.CHECKPOINT_NAME, weights_only=True)
     assert trained["iteration"] == 2
+
+
+def test_demo_segmentation_set_masks_match_the_images(tmp_path):
+    from dino.data.demo_dataset import DEMO_PATTERNS, make_demo_image
+
+    root = data.ensure_demo_segmentation(str(tmp_path), train_per_class=2, val_per_class=1, image_size=48)
+    assert data.ensure_demo_segmentation(str(tmp_path), train_per_class=2, val_per_class=1, image_size=48) == root
+    files = data.segmentation_files("demo", root, "val")
+    assert files.num_classes == 9 and files.class_names[0] == "background" and len(files.images) == 8
+    # the val images are the classification demo's val images (same seeds)
+    index = DEMO_PATTERNS.index("triangle")
+    demo = np.asarray(make_demo_image("triangle", (0, 1, index, 0), 48), dtype=np.float64)
+    assert np.array_equal(np.asarray(Image.open(files.images[index])), demo.astype(np.uint8))
+    mask = np.asarray(Image.open(files.labels[index]))
+    assert set(np.unique(mask)) == {0, index + 1}
+    # the masked pixels carry the foreground colour: the two regions differ far more than they vary inside
+    inside, outside = demo[mask > 0], demo[mask == 0]
+    gap = np.linalg.norm(inside.mean(0) - outside.mean(0))
+    assert gap > 3 * max(inside.std(0).max(), outside.std(0).max())
+    texture = np.asarray(Image.open(files.labels[DEMO_PATTERNS.index("checkerboard")]))
+    assert (texture == DEMO_PATTERNS.index("checkerboard") + 1).all()
+    result = load_script("eval_semantic_segmentation").main([
+        "--dataset", "demo", "--data_path", root, "--pretrained_weights", str(save_tiny_vit(tmp_path / "vit.safetensors")),
+        "--device", "cpu", "--iterations", "2", "--batch_size_per_device", "4", "--num_workers", "0", "--crop_size",
+        "32", "32", "--test_mode", "whole", "--num_pictures", "0", "--output_dir", str(tmp_path / "out"),
+        "augmentation.scale=[48,48]", "test.scale=[48,48]"])
+    assert set(result["per_class"]) == {"background", *DEMO_PATTERNS}

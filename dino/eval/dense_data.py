@@ -23,6 +23,9 @@ Depth (each sample: normalised image, depth (H, W) float metres, 0 = no measurem
   images under `input/`, depth under `gt_depth/` (16-bit PNGs, metres × 256, 0 = no LiDAR point; lines
   whose depth is `None` are skipped).  Images and depth are KB-cropped to 352 × 1216 (bottom, centred).
 
+Also `demo`: the procedural demo images with their known masks (`ensure_demo_segmentation`; background +
+the 8 patterns), generated when no folder is given.
+
 A folder not in the expected layout is a one-line UserError naming what is missing.
 """
 
@@ -59,7 +62,7 @@ CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "
 CITYSCAPES_ID_TO_TRAINID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
                             26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 
-SEGMENTATION_DATASETS = ("ade20k", "voc2012", "cityscapes")
+SEGMENTATION_DATASETS = ("ade20k", "voc2012", "cityscapes", "demo")
 DEPTH_DATASETS = ("nyu", "kitti")
 
 
@@ -197,7 +200,89 @@ def cityscapes_files(root: str, split: str) -> SegmentationFiles:
                              label_map=_cityscapes_label_map() if mapped else None)
 
 
+# ------------------------------------------------------------------------- the demo segmentation set
+
+# Patterns that fill the whole picture (textures): every pixel is the class.  The others are shapes on a
+# background: the shape's pixels (coverage > ½) are the class, the rest is class 0 "background".
+DEMO_TEXTURES = ("checkerboard", "concentric_rings", "dot_grid", "horizontal_stripes", "vertical_stripes")
+
+
+def demo_segmentation_mask(pattern: str, seed, image_size: int) -> np.ndarray:
+    """The known mask of `make_demo_image(pattern, seed, image_size)`: (H, W) uint8, 1 + the pattern's index
+    in DEMO_PATTERNS on its pixels, 0 elsewhere; the generator's random draws are replayed to get its coverage."""
+    from dino.data import demo_dataset
+
+    class_id = 1 + demo_dataset.DEMO_PATTERNS.index(pattern)
+    if pattern in DEMO_TEXTURES:
+        return np.full((image_size, image_size), class_id, dtype=np.uint8)
+    rng = np.random.default_rng(seed)
+    centres = (np.arange(image_size) + 0.5) / image_size
+    coverage = demo_dataset._PATTERNS[pattern](rng, np.meshgrid(centres, centres), 1.0 / image_size)
+    return np.where(coverage > 0.5, class_id, 0).astype(np.uint8)
+
+
+def ensure_demo_segmentation(root: str | None = None, train_per_class: int = 80, val_per_class: int = 20,
+                             image_size: int = 64, seed: int = 0) -> str:
+    """The demo dataset's images (the same seeds, so its val split is the classification demo's val split)
+    with their known masks, in `<root>/<tag>/{images,annotations}/{training,validation}/NNNN.png` plus
+    `classes.txt`: 9 classes, background + the 8 patterns.  Generated once (in a staging folder renamed
+    into place), then reused."""
+    from dino.data import demo_dataset
+    from dino.io import atomic_write_text
+
+    root = root or os.path.join(os.path.dirname(demo_dataset.default_cache_root()), "demo_segmentation")
+    tag = f"v{demo_dataset.GENERATOR_VERSION}-train{train_per_class}-val{val_per_class}-px{image_size}-seed{seed}"
+    folder = os.path.join(root, tag)
+    if os.path.isfile(os.path.join(folder, "classes.txt")):
+        return folder
+    os.makedirs(root, exist_ok=True)
+    import shutil
+    import tempfile
+
+    staging = tempfile.mkdtemp(prefix=f".{tag}.", dir=root)
+    try:
+        for split_id, (split, per_class) in enumerate((("training", train_per_class), ("validation", val_per_class))):
+            os.makedirs(os.path.join(staging, "images", split))
+            os.makedirs(os.path.join(staging, "annotations", split))
+            for class_id, pattern in enumerate(demo_dataset.DEMO_PATTERNS):
+                for index in range(per_class):
+                    key = (seed, split_id, class_id, index)
+                    name = f"{pattern}_{index:04d}.png"
+                    demo_dataset.make_demo_image(pattern, key, image_size).save(os.path.join(staging, "images", split, name))
+                    Image.fromarray(demo_segmentation_mask(pattern, key, image_size)).save(
+                        os.path.join(staging, "annotations", split, name))
+        atomic_write_text(os.path.join(staging, "classes.txt"), "\n".join(("background",) + demo_dataset.DEMO_PATTERNS) + "\n")
+        try:
+            os.rename(staging, folder)
+        except OSError:  # another process put its copy in place first
+            pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def demo_files(root: str, split: str) -> SegmentationFiles:
+    """The demo segmentation set (`ensure_demo_segmentation`); an empty root generates the default one."""
+    if not root:
+        root = ensure_demo_segmentation()
+        logger.info(f"no --data_path given: the demo segmentation set at {root}")
+    classes_file = os.path.join(root, "classes.txt")
+    expected = "{images,annotations}/{training,validation}/*.png and classes.txt (written by ensure_demo_segmentation)"
+    if not os.path.isfile(classes_file):
+        raise _layout_error("demo segmentation", root, "classes.txt", expected)
+    sub = {"train": "training", "val": "validation"}[split]
+    image_dir, label_dir = os.path.join(root, "images", sub), os.path.join(root, "annotations", sub)
+    if not os.path.isdir(image_dir) or not os.path.isdir(label_dir):
+        raise _layout_error("demo segmentation", root, f"images/{sub} or annotations/{sub}", expected)
+    names = sorted(f for f in os.listdir(image_dir) if f.endswith(".png"))
+    classes = _read_list(classes_file)
+    return SegmentationFiles("demo", [os.path.join(image_dir, n) for n in names], [os.path.join(label_dir, n) for n in names],
+                             len(classes), classes)
+
+
 def segmentation_files(dataset: str, root: str, split: str) -> SegmentationFiles:
+    if dataset == "demo":
+        return demo_files(root, split)
     if not root or not os.path.isdir(root):
         raise UserError(f"--data_path {root!r} is not a folder (the {dataset} dataset root)")
     readers: dict[str, Callable[[str, str], SegmentationFiles]] = dict(

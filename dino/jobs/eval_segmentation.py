@@ -26,8 +26,9 @@ CLI = ConfigCLI(
     default_config="segmentation",
     flags=[
         Flag(("--dataset",), "dataset", "dataset, in its official layout under --data_path",
-             choices=("ade20k", "voc2012", "cityscapes")),
-        Flag(("--data_path",), "data_path", "dataset root (ADEChallengeData2016, VOC2012 or the Cityscapes root)",
+             choices=("ade20k", "voc2012", "cityscapes", "demo")),
+        Flag(("--data_path",), "data_path", "dataset root (ADEChallengeData2016, VOC2012 or the Cityscapes root; "
+             "demo: empty generates the demo images with their known masks)",
              metavar="PATH"),
     ] + backbone_flags() + [
         Flag(("--layers",), "head.layers", "blocks whose patch tokens the head reads (lin.: 1, +ms: 4)", type=int,
