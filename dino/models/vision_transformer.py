@@ -486,7 +486,8 @@ class VisionTransformer(ViTBackbone):
         if drop_path_uniform:
             rates = [drop_path_rate] * depth
         else:
-            rates = [r.item() for r in torch.linspace(0, drop_path_rate, depth)]
+            # on the CPU whatever the default device: a model built under torch.device("meta") has no values to read
+            rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_bias, ffn_bias, rates[i], init_values, ffn_layer, attn_backend)
             for i in range(depth)
