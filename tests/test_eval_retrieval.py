@@ -272,13 +272,17 @@ def _run_script(argv):
 
 
 @pytest.mark.parametrize("extra", [[], ["--multiscale", "--crop_queries"]])
-def test_script_end_to_end(tmp_path, extra):
+def test_script_end_to_end(tmp_path, monkeypatch, extra):
     data = write_revisitop(tmp_path / "data")
     weights = save_tiny_vit(tmp_path / "tiny.pth")
     output = tmp_path / "out"
     distractors = tmp_path / "distractors"
     distractors.mkdir()
     Image.fromarray(np.full((40, 40, 3), 128, dtype=np.uint8)).save(distractors / "d0.jpg")
+    rankings = []
+    rank_database = R.rank_database
+    monkeypatch.setattr(R, "rank_database", lambda *args, **kwargs: rankings.append(rank_database(*args, **kwargs))
+                        or rankings[-1])
     results = _run_script([
         "--data_path", str(data), "--dataset", "roxford5k", "--imsize", "32", "--pretrained_weights", str(weights),
         "--device", "cpu", "--num_workers", "0", "--output_dir", str(output), "--distractors", str(distractors),
@@ -295,7 +299,22 @@ def test_script_end_to_end(tmp_path, extra):
         assert written["protocol"]["crop_queries"] is False
     # query_1 has no hard positives: nan → null, excluded from the Hard mean
     assert written["per_query_ap"]["hard"]["query_1"] is None
-    assert results["results"]["hard"]["mAP"] == pytest.approx(written["per_query_ap"]["hard"]["query_0"])
+    # every AP from the ranking the run made, by the revisitop definitions (write_revisitop's ground truth):
+    # Easy counts the easy images and ignores the hard ones, Medium counts both, Hard counts the hard ones
+    # and ignores the easy ones; the 'junk' images are ignored by all three
+    (ranks,) = rankings
+    assert ranks.shape == (7, 2)  # 6 database images + 1 distractor, 2 queries
+    truth = [dict(easy=[0], hard=[1], junk=[2]), dict(easy=[3, 4], hard=[], junk=[5])]
+    for protocol, ok_of, junk_of in (("easy", ["easy"], ["junk", "hard"]), ("medium", ["easy", "hard"], ["junk"]),
+                                     ("hard", ["hard"], ["junk", "easy"])):
+        aps = []
+        for q, name in enumerate(["query_0", "query_1"]):
+            ok = [i for key in ok_of for i in truth[q][key]]
+            junk = [i for key in junk_of for i in truth[q][key]]
+            if ok:
+                aps.append(100.0 * reference_query_scores(ranks[:, q], ok, junk, (1,))[0])
+                assert written["per_query_ap"][protocol][name] == pytest.approx(aps[-1])
+        assert results["results"][protocol]["mAP"] == pytest.approx(np.mean(aps))
 
 
 def test_script_wrong_layout_names_the_expected_file(tmp_path):

@@ -1,6 +1,7 @@
 """Checkpoint loading: official layouts load strictly, mismatches and unsafe files give clear errors."""
 
 import argparse
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -112,7 +113,9 @@ def test_official_entry_points_build_without_download():
         if "vitg" in name or "vitl" in name:
             continue  # large models: the kwargs are checked in the table test below
         model = getattr(hub, name)(pretrained=False)
-        assert model.patch_size in (8, 14, 16)
+        # the name says the patch size and whether there are registers: dinov2_vits14_reg → 14, 4
+        patch, registers = re.fullmatch(r"dino(?:v2)?_vit[sblg](\d+)(_reg)?", name).groups()
+        assert (model.patch_size, model.num_register_tokens) == (int(patch), 4 if registers else 0)
     assert hub.OFFICIAL_MODELS["dinov2_vitg14"][1]["arch"] == "vit_giant2"
     assert hub.OFFICIAL_MODELS["dinov2_vits14_reg"][1]["num_register_tokens"] == 4
     assert hub.OFFICIAL_MODELS["dinov2_vits14"][0].endswith("dinov2_vits14/dinov2_vits14_pretrain.pth")

@@ -193,6 +193,8 @@ def test_main_dino_runs_and_compares_knn_with_random_init(tmp_path):
     result = cli_main(args)
     report = json.loads((out / "knn_check.json").read_text())
     assert result.knn == report
-    assert report["num_classes"] == 3 and 0.0 <= report["trained_top1"] <= 100.0
+    assert (report["num_classes"], report["num_train"], report["num_val"]) == (3, 24, 9)
+    for key in ("trained_top1", "random_init_top1", "raw_pixels_top1"):  # top-1 over 9 images: a multiple of 100/9
+        assert report[key] * 9 / 100 == pytest.approx(round(report[key] * 9 / 100), abs=1e-6), key
     assert report["improvement"] == pytest.approx(report["trained_top1"] - report["random_init_top1"])
     assert (out / "config.yaml").read_text().count("knn_eval: true") == 1
