@@ -136,6 +136,26 @@ def matmul_seconds(ctx: DeviceContext, size: int, dtype: torch.dtype) -> float:
     return time.perf_counter() - start
 
 
+def profile_step(step, ctx: DeviceContext) -> str:
+    """One step under torch.profiler: the top operators by device (or CPU) time, and the device-busy share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.type == "cuda" else [])
+    ctx.synchronize()
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        step()
+        ctx.synchronize()
+    wall = time.perf_counter() - start
+    averages = prof.key_averages()
+    key = "self_device_time_total" if ctx.type == "cuda" else "self_cpu_time_total"
+    lines = [averages.table(sort_by=key, row_limit=25, max_name_column_width=70)]
+    if ctx.type == "cuda":
+        busy = sum(getattr(e, "self_device_time_total", 0.0) for e in averages) / 1e6
+        lines.append(f"device busy {busy:.3f} s of a {wall:.3f} s profiled step ({busy / wall:.0%}; kernels may overlap)")
+    return "\n".join(lines)
+
+
 def attention_kernels(ctx: DeviceContext, student, batch: dict) -> list[str]:
     """The attention operators one student forward dispatches to (flash / efficient / cudnn / math / CPU)."""
     from dino.train.throughput import dispatched_ops
@@ -174,6 +194,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--compare_eager", action="store_true",
                         help="run --plain_eager, ours eager and ours --compile, each in its own process, and compare "
                              "time and peak memory")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the timed steps, profile one step: the top operators by device time and how "
+                             "much of the step's wall time the device was busy (host-bound when it is low)")
     parser.add_argument("--json", action="store_true", help=f"also print the result as one '{JSON_PREFIX}{{...}}' line")
     parser.add_argument("--out", default=None, help="append the markdown block to this file")
     parser.add_argument("overrides", nargs="*", help="extra config key=value overrides")
@@ -273,8 +296,12 @@ def main(argv=None) -> dict:
         fp32_rate = matmul_flops / statistics.median(fp32_matmul_times)
         result["fp32_matmul_gflops"] = fp32_rate / 1e9
         result["mfu_vs_fp32"] = flops_per_step / s_per_step / fp32_rate
+    if args.profile:
+        result["profile"] = profile_step(step, ctx)
     if is_main_process():
         report(result, args, ctx, compute_dtype)
+        if args.profile:
+            print(result["profile"], flush=True)
         if args.json:
             print(JSON_PREFIX + json.dumps(result), flush=True)
     return result
