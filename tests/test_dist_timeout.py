@@ -7,7 +7,12 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import tiny_overrides, write_image_folder
+
+# two torchrun ranks, one of which hangs until the collective times out
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 

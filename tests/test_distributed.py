@@ -31,6 +31,8 @@ from dino.hub import load_backbone
 from dino.train.loop import train
 from tests.helpers import tiny_overrides, write_image_folder
 
+pytestmark = pytest.mark.distributed  # every test here starts two torchrun processes
+
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6  # 24 images, global batch 8 → 3 steps per epoch × 2 epochs
 
@@ -94,6 +96,7 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path, image_f
     assert max(abs(control[s] - reference[s]) for s in range(2, STEPS + 1)) > 1e-3
 
 
+@pytest.mark.slow
 def test_fsdp_two_processes_equal_one_process_and_resume_across_world_sizes(tmp_path, image_folder):
     recipe = ("train.parallel=fsdp", "dino.loss_style=v2", "dino.centering=softmax", "optim.clip_style=per_module",
               "dino.norm_last_layer=false")

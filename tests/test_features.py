@@ -138,6 +138,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.distributed
 def test_two_processes_give_the_single_process_features(tmp_path):
     out = str(tmp_path / "features")
     code = _TWO_RANK_WORKER.format(repo=str(REPO_ROOT), tests=str(REPO_ROOT / "tests"), out=out)

@@ -23,6 +23,7 @@ def test_help_explains_every_part():
         assert part in text
 
 
+@pytest.mark.slow
 def test_parity_and_attention_parts(tmp_path):
     report, text = run_check(tmp_path, "parity", "attention")
     parity = report["parity"]

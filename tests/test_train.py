@@ -45,6 +45,7 @@ def losses_by_step(output_dir):
      "model.drop_path_rate=0.1", "model.drop_path_uniform=true", "model.num_register_tokens=2"),
     ("dino.loss_style=v2", "dino.centering=sinkhorn_knopp", "ibot.loss_weight=1.0", "ibot.separate_head=true"),
 ], ids=["dino_v1", "dinov2_ibot_koleo", "sinkhorn_separate_ibot_head"])
+@pytest.mark.slow  # three interrupted-and-resumed trainings next to uninterrupted ones
 def test_interrupted_and_resumed_run_gives_the_same_losses(tmp_path, image_folder, recipe):
     straight = train(tiny_config(image_folder, tmp_path / "straight", *recipe))
     assert straight.global_step == 6 and not straight.stopped_early  # 24 images / batch 8 = 3 steps × 2 epochs
