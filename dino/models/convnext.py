@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dino.errors import UserError
-from dino.models.vision_transformer import DropPath
+from dino.models.vision_transformer import DropPath, split_tokens
 
 # size → (depths, dims)
 CONVNEXT_SIZES = {
@@ -141,11 +141,11 @@ class ConvNeXt(nn.Module):
             x = stage(down(x))
         pooled = x.mean((-2, -1))
         tokens = x.flatten(2).transpose(1, 2)
-        x_norm = self.norm(torch.cat((pooled.unsqueeze(1), tokens), dim=1))
+        cls_token, storage_tokens, patch_tokens = split_tokens(self.norm(torch.cat((pooled.unsqueeze(1), tokens), dim=1)), 0)
         return {
-            "x_norm_clstoken": x_norm[:, 0],
-            "x_storage_tokens": x_norm[:, 1:1],
-            "x_norm_patchtokens": x_norm[:, 1:],
+            "x_norm_clstoken": cls_token,
+            "x_storage_tokens": storage_tokens,
+            "x_norm_patchtokens": patch_tokens,
             "x_prenorm": tokens,  # the official model's x_prenorm: the last stage's tokens, without the pool
             "masks": masks,
         }
