@@ -69,8 +69,8 @@ from dino.distributed import (  # noqa: E402
     seed_everything,
 )
 from dino.distributed.parallel import FSDPSettings, shard_student_and_teacher, unwrap, wrap_student  # noqa: E402
-from dino.train.data_pipeline import build_training_data  # noqa: E402
 from dino.train.activation_checkpointing import apply_activation_checkpointing  # noqa: E402
+from dino.train.data_pipeline import build_training_data  # noqa: E402
 from dino.train.loop import build_optimizer, train_step  # noqa: E402
 from dino.train.meta_arch import SelfDistillationObjective, build_networks, compile_blocks, update_teacher  # noqa: E402
 from dino.train.param_groups import apply_schedules  # noqa: E402
@@ -210,8 +210,7 @@ def main(argv=None) -> dict:
     overrides = overrides + [f"train.parallel={args.parallel}", "train.num_workers=0"] + list(args.overrides)
     if args.batch:
         overrides.append(f"train.batch_size_per_device={args.batch}")
-    if args.compile:
-        overrides.append("train.compile=true")
+    overrides.append(f"train.compile={'true' if args.compile else 'false'}")  # not the preset's auto
     cfg = compose(config_name, overrides)
     ctx = DeviceContext.create(args.device, hmp=args.hmp, fp16=args.fp16)
     init_distributed(ctx.backend)

@@ -237,6 +237,13 @@ def validate_training_config(cfg: DictConfig) -> None:
         c.boolean(key)
     c.choice("train.device", ("auto", "cuda", "hpu", "mps", "cpu"))
     c.choice("train.parallel", ("ddp", "fsdp"))
+    if not isinstance(c.get("train.compile"), bool) and c.get("train.compile") is not _MISSING:
+        c.choice("train.compile", ("auto",))  # true | false | auto (on CUDA only)
+    c.choice("train.activation_checkpointing", ("none", "full", "selective"))
+    parts = c.number("train.grad_accumulation_steps", 1, integer=True)
+    if _is_int(parts) and _is_int(batch) and parts > 1 and batch % parts:
+        c.problems.append(f"train.batch_size_per_device {batch} must be a multiple of train.grad_accumulation_steps "
+                          f"{parts} (the batch is split into equal parts)")
     if OmegaConf.select(cfg, "train.knn_eval", default=False) is True:
         c.number("train.knn_k", 1, integer=True)
         c.number("train.knn_temperature", 0, min_inclusive=False)

@@ -145,7 +145,8 @@ def test_resume_check_compares_the_global_batch_when_world_sizes_are_known():
 @pytest.mark.parametrize("changed, fragment", [
     (["dino.head_n_prototypes=32"], "dino.head_n_prototypes 64 → 32"),
     (["model.arch=vit_small"], "model.arch 'vit_tiny' → 'vit_small'"),
-    (["train.batch_size_per_device=6"], "train.batch_size_per_device 8 → 6"),
+    # the checkpoint records its world size, so the global batch is what is compared
+    (["train.batch_size_per_device=6"], "batch 8 (1 × 8) → 6 (1 × 6)"),
 ])
 def test_resume_with_a_changed_config_is_refused_before_config_yaml_is_written(tmp_path, image_folder, changed,
                                                                                fragment):

@@ -60,6 +60,13 @@ def test_interrupted_and_resumed_run_gives_the_same_losses(tmp_path, image_folde
     assert all(torch.isfinite(torch.tensor(v)) for v in expected.values())
     assert got == expected  # bit-identical, step by step
 
+    # every step says how fast it went: images/s, MFU against the device's peak, data wait, peak memory
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if "loss" in row]
+    for row in steps:
+        assert row["images_per_s"] > 0 and 0 < row["mfu"] < 1 and row["peak_memory_mb"] > 0
+        assert 0 <= row["data_wait_fraction"] <= 1 and row["step_s"] > 0
+
     # the teacher export loads as a backbone, in the official layout, and equals the straight run's
     a = load_backbone(str(tmp_path / "straight" / "teacher_backbone.pth"))
     b = load_backbone(str(tmp_path / "resumed" / "teacher_backbone.pth"))
@@ -150,7 +157,7 @@ def test_bad_inputs_are_clear_errors(tmp_path, image_folder):
         train(tiny_config(empty, tmp_path / "out"))
     with pytest.raises(UserError, match="unknown flag '--lrr'.*--lr"):
         cli_main(["--lrr", "0.1"])
-    with pytest.raises(UserError, match="unknown arch"):
+    with pytest.raises(UserError, match="model.arch must be one of .*Did you mean: vit_small"):
         train(tiny_config(image_folder, tmp_path / "out", "model.arch=vit_smal"))
 
 

@@ -11,6 +11,7 @@ import torch
 from dino.config import compose
 from dino.train.cli import CLI
 from dino.train.loop import train
+from dino.train.meta_arch import compile_enabled
 from tests.helpers import tiny_overrides, write_image_folder
 
 # inductor's CPU backend builds C++ kernels at run time
@@ -55,8 +56,12 @@ def losses_by_step(output_dir):
 
 
 def test_compile_flag_sets_the_config_key():
-    assert CLI.parse([])[0].train.compile is False
-    assert CLI.parse(["--compile"])[0].train.compile is True
+    cfg = CLI.parse([])[0]
+    assert cfg.train.compile == "auto"  # compiled on CUDA only, where the one-GPU check measured the gain
+    assert compile_enabled(cfg, "cuda") and not compile_enabled(cfg, "cpu")
+    flagged = CLI.parse(["--compile"])[0]
+    assert flagged.train.compile is True and compile_enabled(flagged, "cpu")
+    assert not compile_enabled(CLI.parse(["--compile", "false"])[0], "cuda")
 
 
 @needs_inductor

@@ -121,7 +121,7 @@ def wrap_student(student: nn.Module, ctx: DeviceContext, mode: str = "ddp") -> n
 def unwrap(module: nn.Module) -> nn.Module:
     """The plain module inside a DDP / compile wrapper (an FSDP2 module is its own plain module)."""
     while hasattr(module, "module") or hasattr(module, "_orig_mod"):
-        module = getattr(module, "module", None) or getattr(module, "_orig_mod")
+        module = getattr(module, "module", None) or module._orig_mod
     return module
 
 

@@ -9,6 +9,7 @@ step's logged numbers are assembled.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import statistics
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from dino.config import to_yaml
+from dino.config_validation import check_resume_against_output_dir, validate_training_config
 from dino.distributed import (
     DeviceContext,
     all_reduce_mean,
@@ -45,6 +47,7 @@ from dino.distributed.checkpoint import copy_sharded, full_state_dict_on_rank0
 from dino.distributed.parallel import (
     FSDPSettings,
     check_parallel_mode,
+    gradient_sync,
     is_sharded,
     is_sharded_tensor,
     shard_student_and_teacher,
@@ -54,6 +57,8 @@ from dino.distributed.parallel import (
 from dino.errors import UserError
 from dino.hub import save_backbone
 from dino.io import DirectoryLock, atomic_write_text
+from dino.log import get_logger
+from dino.train.activation_checkpointing import apply_activation_checkpointing
 from dino.train.checkpoint import (
     CHECKPOINT_NAME,
     SHARDED_CHECKPOINT_NAME,
@@ -68,16 +73,21 @@ from dino.train.checkpoint import (
 )
 from dino.train.clip import clip_grad_norm_per_module, clip_gradients_per_parameter
 from dino.train.data_pipeline import build_training_data
+from dino.train.grad_accumulation import split_batch_and_targets
 from dino.train.meta_arch import (
     SelfDistillationObjective,
     build_networks,
     build_student_backbone,
     compile_blocks,
+    compile_enabled,
     update_teacher,
 )
 from dino.train.metrics import MetricLogger, collapse_warning, teacher_entropy_stats
 from dino.train.param_groups import apply_schedules, build_param_groups
 from dino.train.schedules import Schedule, last_layer_lr_schedule, momentum_schedule, scale_lr, teacher_temp_schedule
+from dino.train.throughput import StepFlops, ThroughputMeter, count_flops, device_peak
+
+log = get_logger(__name__)
 
 
 class NonFiniteLossError(UserError):
@@ -196,32 +206,47 @@ def train_step(batch: dict, student, teacher, objective: SelfDistillationObjecti
     heartbeat(phase="step")
     batch = _to_device(batch, ctx)
     global_crops = batch["collated_global_crops"]
-    local_crops = batch["collated_local_crops"]
     use_ibot = objective.ibot_loss is not None
-    masks = batch["collated_masks"] if use_ibot else None
     mask_indices = batch["mask_indices_list"] if use_ibot else None
-    with ctx.autocast():
-        with torch.no_grad():
-            teacher_out = teacher(global_crops, None, None, mask_indices)
+    with ctx.autocast(), torch.no_grad():
+        teacher_out = teacher(global_crops, None, None, mask_indices)
         targets = objective.teacher_targets(teacher_out, teacher_temp, batch.get("n_masked_patches"))
         del teacher_out  # its (masked patches × prototypes) logits would otherwise live through the backward pass
-        student_out = student(global_crops, local_crops, masks, mask_indices)
-        loss, terms = objective(student_out, targets, batch.get("masks_weight"), n_images=global_crops.shape[0])
+    # train.grad_accumulation_steps: the student runs on image slices of the batch, the teacher targets of
+    # the whole batch split alongside; losses scaled by 1/parts add up to the whole batch's gradient
+    parts = int(cfg.train.get("grad_accumulation_steps", 1) or 1)
+    pieces = split_batch_and_targets(batch, targets, parts) if parts > 1 else [(batch, targets)]
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum, terms_sum = 0.0, {}
+    for index, (micro, micro_targets) in enumerate(pieces):
+        crops = micro["collated_global_crops"]
+        with gradient_sync(student, enabled=index == len(pieces) - 1):
+            with ctx.autocast():
+                student_out = student(crops, micro["collated_local_crops"],
+                                      micro["collated_masks"] if use_ibot else None,
+                                      micro["mask_indices_list"] if use_ibot else None)
+                loss, terms = objective(student_out, micro_targets, micro.get("masks_weight"), n_images=crops.shape[0])
+                del student_out
+                loss = loss / parts
+            if scaler is not None:
+                scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        loss_sum = loss_sum + loss.detach().float()
+        for name, value in terms.items():
+            terms_sum[name] = terms_sum.get(name, 0.0) + value.detach().float() / parts
+    ctx.mark_step()
     # Mean over ranks of the loss and its terms (one all-reduce): what is logged, and what the finiteness
     # check looks at, so that every rank stops together instead of leaving the others in a collective.
-    names = list(terms)
-    reduced = all_reduce_mean(torch.stack([loss.detach().float()] + [terms[n].detach().float() for n in names]))
+    # Checked before the update: non-finite gradients never reach the weights.
+    names = list(terms_sum)
+    reduced = all_reduce_mean(torch.stack([loss_sum] + [terms_sum[n] for n in names]))
     global_loss, global_terms = reduced[0], dict(zip(names, reduced[1:]))
     if not torch.isfinite(global_loss):
         bad = ", ".join(f"{name}={float(value):.4g}" for name, value in global_terms.items())
         raise NonFiniteLossError(f"the loss became non-finite ({bad})")
-    optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
-        scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-    else:
-        loss.backward()
-    ctx.mark_step()
     clip = float(cfg.optim.clip_grad)
     module = unwrap(student)
     if clip > 0:
@@ -290,6 +315,7 @@ class TrainState:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "objective": self.objective.state_dict(),
             **asdict(self.progress),
+            "world_size": get_world_size(),  # with the stored batch size: the global batch a resume must keep
             "rng": capture_rng_state(),
             "config": to_yaml(self.cfg),
             "backbone_kwargs": self.backbone_kwargs,
@@ -345,7 +371,7 @@ class TrainState:
             self.load_state_dict(load_training_checkpoint(path))
             saved_by = ""
         if is_main_process():
-            print(f"resumed from {path}{saved_by} at epoch {self.progress.epoch}, step {self.progress.step_in_epoch}")
+            log.info(f"resumed from {path}{saved_by} at epoch {self.progress.epoch}, step {self.progress.step_in_epoch}")
         return path
 
     def wrap(self, ctx: DeviceContext, parallel: str) -> None:
@@ -452,11 +478,13 @@ class DivergenceGuard:
 
 
 def step_metrics(loss, terms: dict, stats: dict, lr: float, wd: float, momentum: float, teacher_temp: float,
-                 images_per_s: float, epoch: int) -> dict[str, float]:
-    """Everything logged for one step (metrics.jsonl, tensorboard): the one place to add a per-step number."""
+                 speed: dict[str, float], epoch: int) -> dict[str, float]:
+    """Everything logged for one step (metrics.jsonl, tensorboard): the one place to add a per-step number.
+
+    `speed` is the `ThroughputMeter`'s: images_per_s, mfu, step_s, data_wait_s, data_wait_fraction, peak_memory_mb.
+    """
     return {"loss": float(loss), **{k: float(v) for k, v in terms.items()}, "lr": lr, "wd": wd,
-            "momentum": momentum, "teacher_temp": teacher_temp, **stats, "images_per_s": images_per_s,
-            "epoch": epoch}
+            "momentum": momentum, "teacher_temp": teacher_temp, **stats, **speed, "epoch": epoch}
 
 
 class _Run:
@@ -473,6 +501,8 @@ class _Run:
         self.last_metrics: dict[str, float] = {}
         self.stopped_early = False
         self.total_batch = data.batch_size * get_world_size()
+        self.step_flops = StepFlops()
+        self.meter = ThroughputMeter(self.total_batch, device_peak(ctx), ctx.max_memory_allocated_mb)
         self.checkpoint_name = SHARDED_CHECKPOINT_NAME if state.sharded else CHECKPOINT_NAME
 
     def close(self) -> None:
@@ -509,20 +539,22 @@ class _Run:
         max_iters = int(cfg.train.max_iters) if cfg.train.max_iters is not None else None
         every = int(cfg.train.checkpoint_every_iters)
         log_freq = max(1, int(cfg.train.log_freq))
-        warned_collapse = False
+        warned_collapse = warned_data = False
         self.guard.last_saved_step = progress.global_step if progress.global_step else None
         self.stream = self.data.stream(progress.data_epoch, progress.data_batch)
         if self.main:
-            print(f"training {epochs} epochs × {self.iters_per_epoch} iterations, global batch {self.total_batch}, "
-                  f"device {self.ctx.device}, {get_world_size()} process(es); logs in {self.output_dir}")
+            log.info(f"training {epochs} epochs × {self.iters_per_epoch} iterations, global batch "
+                        f"{self.total_batch}, device {self.ctx.device}, {get_world_size()} process(es); logs in "
+                        f"{self.output_dir}; MFU against {self.meter.peak.describe()}")
         while progress.epoch < epochs:
             self.bar = tqdm(total=self.iters_per_epoch, initial=progress.step_in_epoch,
                             desc=f"epoch {progress.epoch + 1}/{epochs}", disable=not self.main, dynamic_ncols=True,
                             leave=True)
-            tick = time.perf_counter()
             while progress.step_in_epoch < self.iters_per_epoch:
                 heartbeat(progress.global_step + 1, "data")
+                waiting_since = time.perf_counter()
                 item = self._next_batch()
+                computing_since = time.perf_counter()
                 if item is None:
                     self.stopped_early = True
                     break
@@ -532,9 +564,15 @@ class _Run:
                 lr, wd = self.schedules.lr[step], self.schedules.weight_decay[step]
                 apply_schedules(state.optimizer, lr, wd, self.schedules.last_layer_lr[step])
                 teacher_temp = self.schedules.teacher_temp_at(progress.epoch, step)
+                flops = self.step_flops.known(batch)
                 try:
-                    loss, terms, stats = train_step(batch, state.student_wrapped, state.teacher, state.objective,
-                                                    state.optimizer, state.scaler, self.ctx, cfg, teacher_temp)
+                    # the first step of each crop layout is counted (and run eagerly): the count depends on shapes only
+                    with count_flops() if flops is None else contextlib.nullcontext() as counted:
+                        loss, terms, stats = train_step(batch, state.student_wrapped, state.teacher, state.objective,
+                                                        state.optimizer, state.scaler, self.ctx, cfg, teacher_temp)
+                    if flops is None:
+                        flops = counted()
+                        self.step_flops.record(batch, flops)
                 except NonFiniteLossError as err:
                     raise NonFiniteLossError(self._non_finite_message(err, step + 1)) from None
                 heartbeat(phase="done")
@@ -544,15 +582,19 @@ class _Run:
                 progress.step_in_epoch += 1
                 progress.data_epoch, progress.data_batch = data_epoch, data_batch + 1  # the position *after* it
 
-                now = time.perf_counter()
-                images_per_s = self.total_batch / max(now - tick, 1e-9)
-                tick = now
-                self.last_metrics = step_metrics(loss, terms, stats, lr, wd, momentum, teacher_temp, images_per_s,
+                loss_value = float(loss)  # waits for the device: the step's compute ends here
+                speed = self.meter.update(computing_since - waiting_since, time.perf_counter() - computing_since,
+                                          flops)
+                self.last_metrics = step_metrics(loss_value, terms, stats, lr, wd, momentum, teacher_temp, speed,
                                                  progress.epoch)
                 self.logger.log(progress.global_step, self.last_metrics,
                                 tensorboard=(progress.global_step % log_freq == 0))
-                self.bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}")
+                self.bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{speed['images_per_s']:.1f}",
+                                     mfu=f"{speed['mfu']:.0%}", mem=f"{speed['peak_memory_mb'] / 1024:.1f}G")
                 self.bar.update(1)
+                if self.main and not warned_data and (message := self.meter.bottleneck()):
+                    tqdm.write(f"warning: {message}")
+                    warned_data = True
                 if self.main and not warned_collapse and progress.epoch >= 1 and (message := collapse_warning(stats)):
                     tqdm.write(f"warning: {message}")
                     warned_collapse = True
@@ -628,6 +670,7 @@ def _lock_output_dir(output_dir: Path) -> DirectoryLock | None:
 
 
 def train(cfg: DictConfig) -> TrainResult:
+    validate_training_config(cfg)  # also for callers of train() that skip the command line's checks
     ctx = DeviceContext.create(str(cfg.train.device), hmp=bool(cfg.train.hmp), fp16=bool(cfg.train.fp16))
     timeout = cfg.train.get("dist_timeout", None)
     owns_group = init_distributed(ctx.backend, float(timeout) if timeout else None)
@@ -639,9 +682,10 @@ def train(cfg: DictConfig) -> TrainResult:
         main = is_main_process()
         output_dir = Path(str(cfg.train.output_dir)).expanduser()
         lock = _lock_output_dir(output_dir)
+        check_resume_against_output_dir(cfg, world_size=get_world_size())  # before config.yaml is replaced
         if main:
             atomic_write_text(output_dir / "config.yaml", to_yaml(cfg))  # (dino.config.save_config, atomically)
-            print(to_yaml(cfg))
+            log.info(to_yaml(cfg))
 
         data = build_training_data(cfg, ctx)
         iters_per_epoch = int(cfg.optim.iters_per_epoch or data.batches_per_data_epoch)
@@ -650,7 +694,8 @@ def train(cfg: DictConfig) -> TrainResult:
         student.to(ctx.device)
         teacher.to(ctx.device)
         objective = SelfDistillationObjective(cfg, int(cfg.crops.local_crops_number)).to(ctx.device)
-        if bool(cfg.train.get("compile", False)):
+        apply_activation_checkpointing(student.backbone.blocks, str(cfg.train.get("activation_checkpointing", "none")))
+        if compile_enabled(cfg, ctx.type):
             compile_blocks(student, teacher)  # before FSDP2, which then wraps the compiled blocks
         # FSDP2 swaps the parameters for DTensors, so it comes before the optimiser is built.
         shard_student_and_teacher(student, teacher, ctx, parallel,
@@ -676,9 +721,9 @@ def train(cfg: DictConfig) -> TrainResult:
         if stop.requested and main:
             saved = SHARDED_CHECKPOINT_NAME if state.sharded else CHECKPOINT_NAME
             if run.guard.last_saved_step == state.progress.global_step:
-                print(f"stopped by SIGTERM; checkpoint saved to {output_dir / saved}")
+                log.info(f"stopped by SIGTERM; checkpoint saved to {output_dir / saved}")
             else:
-                print(f"stopped by SIGTERM; training was out of its normal range, so {output_dir / saved} "
+                log.info(f"stopped by SIGTERM; training was out of its normal range, so {output_dir / saved} "
                       f"still holds step {run.guard.last_saved_step}")
         progress = state.progress
         return TrainResult(output_dir, progress.global_step, progress.epoch, run.stopped_early, run.last_metrics,

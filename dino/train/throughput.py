@@ -62,8 +62,10 @@ def table_peak_flops(device_name: str, precision: str) -> float | None:
 def measured_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 5,
                           synchronize: Callable[[], None] = lambda: None) -> float:
     """Median FLOP/s of `repeats` size³ matrix products (2·size³ FLOPs each) on `device` in `dtype`."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    # a private generator: measuring must not move the global random streams (exact resume depends on them)
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
     a @ b  # first call: allocation, kernel selection
     synchronize()
     times = []
