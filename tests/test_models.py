@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dino.errors import UserError
 from dino.hub import build_backbone_from_state_dict, describe_state_dict
 from dino.models import DINOHead, build_backbone
-from dino.errors import UserError
 
 D, HEADS, DEPTH = 384, 6, 2  # vit_small width (so the arch is recognised), two blocks to stay fast
 
