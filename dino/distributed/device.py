@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import sys
 import platform
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -194,10 +194,6 @@ class DeviceContext:
         except OSError:
             pass
         return f"{cpu}, {torch.get_num_threads()} threads" if self.type == "cpu" else f"{self.type} ({cpu} host)"
-
-    def sdpa_supports_xformers(self) -> bool:
-        """xFormers' memory-efficient attention only runs on CUDA."""
-        return self.type == "cuda"
 
 
 def retain_freed_memory() -> bool:
