@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from dino.data.transforms import load_image_for, min_decode_side
 from dino.errors import UserError, require_path
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
@@ -289,7 +290,8 @@ class ImageListDataset(torch.utils.data.Dataset):
                 continue
             path, label = self.samples[candidate]
             try:
-                image = load_image(path)
+                # decoded only as large as the transform needs (a 144-megapixel photo is not carried in full)
+                image = load_image_for(path, min_decode_side(self.transform) if self.transform is not None else None)
             except CorruptImageError as err:
                 self._mark_unreadable(candidate, err)
                 continue

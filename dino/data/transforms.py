@@ -95,14 +95,15 @@ def load_image_for(path: str | os.PathLike, min_side: int | None) -> Image.Image
     the bicubic resize. RGB conversion and EXIF orientation are those of `load_image`; errors are the same
     `CorruptImageError`.
     """
-    from dino.data.datasets import CorruptImageError, load_image, to_rgb
+    from dino.data.datasets import CorruptImageError, load_image, open_regular_file, to_rgb
 
     if not min_side:
         return load_image(path)
     path = os.fspath(path)
     target = REDUCING_GAP * int(min_side)
     try:
-        with Image.open(path) as opened:
+        # through open_regular_file: a FIFO or device named like an image is refused instead of blocking
+        with open_regular_file(path) as handle, Image.open(handle) as opened:
             width, height = opened.size
             if min(width, height) <= target:
                 opened.close()
