@@ -203,6 +203,12 @@ def validate_training_config(cfg: DictConfig) -> None:
     c.number("optim.freeze_last_layer", 0, integer=True)
     c.number("optim.layerwise_decay", 0, 1, min_inclusive=False)
     c.number("optim.patch_embed_lr_mult", 0)
+    c.number("optim.backbone_lr_mult", 0)
+    c.number("train.head_warmup_iters", 0, integer=True, optional=True)
+    for key in ("model.pretrained_weights", "distill.teacher"):
+        source = c.get(key)
+        if source is not _MISSING and source is not None and not isinstance(source, str):
+            c.problems.append(f"{key} must be a file or a hub name, got {source!r}")
     betas = c.get("optim.adamw_betas")
     if betas is not _MISSING and not (isinstance(betas, list) and len(betas) == 2
                                       and all(_is_number(b) and 0 <= b < 1 for b in betas)):

@@ -52,6 +52,20 @@ FLAGS = [
          type=float),
     Flag(("--resume",), "train.resume", "continue from output_dir/checkpoint.pth when present", type=bool_flag),
     Flag(("--max_iters",), "train.max_iters", "stop (with a checkpoint) after this many iterations", type=int),
+    Flag(("--pretrained_weights",), "model.pretrained_weights",
+         "continued pretraining: start student and teacher from this backbone (file, or hub name such as dinov2_vits14, "
+         "dinov3_vits16); arch, patch size and registers are read from it; heads too when it is one of our training "
+         "checkpoints, else fresh heads are fitted first (--head_warmup_iters)"),
+    Flag(("--head_warmup_iters",), "train.head_warmup_iters",
+         "iterations with the pretrained backbone frozen while fresh heads fit (Sinkhorn-Knopp targets); "
+         "default: 10 %% of the run when the heads are fresh", type=int),
+    Flag(("--backbone_lr_mult",), "optim.backbone_lr_mult",
+         "lr factor of the student backbone after the warm-up (with optim.layerwise_decay; e.g. 0.2)", type=float),
+    Flag(("--layerwise_decay",), "optim.layerwise_decay",
+         "layer-wise lr decay: block i of n gets lr × decay^(n-i), the patch embedding decay^(n+1)", type=float),
+    Flag(("--distill_from",), "distill.teacher",
+         "distillation: this frozen backbone (file or hub name, any size/generation) is the teacher instead of the "
+         "EMA; the student is model.*, its EMA is exported; teacher heads from the file or fitted first"),
     Flag(("--knn_eval",), "train.knn_eval", "after training, kNN of the teacher vs a random backbone on the val split", type=bool_flag),
 ]
 
@@ -66,6 +80,9 @@ examples:
       main_dino.py --config dinov2_vitl14 --data_path DIR --hmp --parallel fsdp   # run the same line on every node
   python -m dino.run.slurm --nodes 2 --gpus_per_node 8 -- --config dinov2_vitl14 --parallel fsdp --hmp
   python main_dino.py --arch vit_small --patch_size 16 --data_path DIR --epochs 1 optim.lr=1e-3 ibot.loss_weight=1.0
+  python main_dino.py --config dinov2_vits14 --pretrained_weights dinov2_vits14 --data_path DIR \
+      --head_warmup_iters 500 --backbone_lr_mult 0.2 --layerwise_decay 0.9 --lr 1e-4  # continue on your images
+  python main_dino.py --config dinov2_vits14 --arch vit_small --distill_from runs/vitb/checkpoint.pth --data_path DIR
 
 Presets live in dino/configs/train/ (and $DINO_CONFIG_DIR/train/); any config key can be overridden as key=value
 after the flags. `dino train` takes the same flags.
@@ -83,7 +100,11 @@ CLI = ConfigCLI(
 def main(argv: Sequence[str] | None = None):
     cfg, _ = CLI.parse(argv)
     from dino.config_validation import check_resume_against_output_dir, validate_training_config
+    from dino.train.distill import prepare_distillation
+    from dino.train.pretrained import prepare_config
 
+    prepare_config(cfg)  # --pretrained_weights: model.* follows the file (read once, kept for train())
+    prepare_distillation(cfg)
     # Everything the user can get wrong is reported before the device, the data or config.yaml are touched.
     validate_training_config(cfg)
     check_resume_against_output_dir(cfg)

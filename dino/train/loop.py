@@ -73,6 +73,12 @@ from dino.train.checkpoint import (
 )
 from dino.train.clip import clip_grad_norm_per_module, clip_gradients_per_parameter
 from dino.train.data_pipeline import build_training_data
+from dino.train.distill import (
+    build_distillation_target,
+    distilling,
+    prepare_distillation,
+    prepare_distillation_target,
+)
 from dino.train.grad_accumulation import split_batch_and_targets
 from dino.train.meta_arch import (
     SelfDistillationObjective,
@@ -84,6 +90,7 @@ from dino.train.meta_arch import (
 )
 from dino.train.metrics import MetricLogger, collapse_warning, teacher_entropy_stats
 from dino.train.param_groups import apply_schedules, build_param_groups
+from dino.train.pretrained import HeadWarmup, build_pretrained_networks, head_warmup_iters, take_prepared
 from dino.train.schedules import Schedule, last_layer_lr_schedule, momentum_schedule, scale_lr, teacher_temp_schedule
 from dino.train.throughput import StepFlops, ThroughputMeter, count_flops, device_peak
 
@@ -131,7 +138,8 @@ def build_schedules(cfg: DictConfig, iters_per_epoch: int, total_batch_size: int
 def build_optimizer(cfg: DictConfig, student: torch.nn.Module) -> torch.optim.Optimizer:
     groups = build_param_groups(student, layerwise_decay=float(cfg.optim.layerwise_decay),
                                 patch_embed_lr_mult=float(cfg.optim.patch_embed_lr_mult),
-                                exclude_tokens_from_weight_decay=bool(cfg.optim.exclude_tokens_from_weight_decay))
+                                exclude_tokens_from_weight_decay=bool(cfg.optim.exclude_tokens_from_weight_decay),
+                                backbone_lr_mult=float(cfg.optim.get("backbone_lr_mult", 1.0)))
     name = str(cfg.optim.optimizer).lower()
     if name == "adamw":
         # The fused kernel updates each parameter in one pass instead of ~10 foreach passes: the optimiser
@@ -208,6 +216,9 @@ def train_step(batch: dict, student, teacher, objective: SelfDistillationObjecti
     global_crops = batch["collated_global_crops"]
     use_ibot = objective.ibot_loss is not None
     mask_indices = batch["mask_indices_list"] if use_ibot else None
+    # distillation (dino.train.distill): the student sees unmasked global crops, the patch loss is taken at the
+    # same positions
+    mask_student = use_ibot and not distilling(cfg)
     with ctx.autocast(), torch.no_grad():
         teacher_out = teacher(global_crops, None, None, mask_indices)
         targets = objective.teacher_targets(teacher_out, teacher_temp, batch.get("n_masked_patches"))
@@ -223,7 +234,7 @@ def train_step(batch: dict, student, teacher, objective: SelfDistillationObjecti
         with gradient_sync(student, enabled=index == len(pieces) - 1):
             with ctx.autocast():
                 student_out = student(crops, micro["collated_local_crops"],
-                                      micro["collated_masks"] if use_ibot else None,
+                                      micro["collated_masks"] if mask_student else None,
                                       micro["mask_indices_list"] if use_ibot else None)
                 loss, terms = objective(student_out, micro_targets, micro.get("masks_weight"), n_images=crops.shape[0])
                 del student_out
@@ -305,6 +316,8 @@ class TrainState:
         self.sharded = sharded
         self.progress = Progress()
         self._resumed_rng: dict | None = None
+        self.target = None  # a frozen distillation teacher: the targets come from it, `teacher` is the student EMA
+        self.head_warmup: HeadWarmup | None = None  # backbone frozen while fresh heads fit (continued pretraining)
 
     # -- single-file form ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -561,6 +574,8 @@ class _Run:
                 data_epoch, data_batch, batch = item
                 heartbeat(phase="batch")
                 step = progress.global_step
+                if state.head_warmup is not None:
+                    state.head_warmup.before_step(step)
                 lr, wd = self.schedules.lr[step], self.schedules.weight_decay[step]
                 apply_schedules(state.optimizer, lr, wd, self.schedules.last_layer_lr[step])
                 teacher_temp = self.schedules.teacher_temp_at(progress.epoch, step)
@@ -568,7 +583,8 @@ class _Run:
                 try:
                     # the first step of each crop layout is counted (and run eagerly): the count depends on shapes only
                     with count_flops() if flops is None else contextlib.nullcontext() as counted:
-                        loss, terms, stats = train_step(batch, state.student_wrapped, state.teacher, state.objective,
+                        target = state.teacher if state.target is None else state.target
+                        loss, terms, stats = train_step(batch, state.student_wrapped, target, state.objective,
                                                         state.optimizer, state.scaler, self.ctx, cfg, teacher_temp)
                     if flops is None:
                         flops = counted()
@@ -670,6 +686,9 @@ def _lock_output_dir(output_dir: Path) -> DirectoryLock | None:
 
 
 def train(cfg: DictConfig) -> TrainResult:
+    starting_point = take_prepared(cfg)  # --pretrained_weights: model.* follows the file (before the checks)
+    fresh_heads = None if starting_point is None else not starting_point.has_heads
+    prepare_distillation(cfg)  # --distill_from: the teacher file is read and checked against the student
     validate_training_config(cfg)  # also for callers of train() that skip the command line's checks
     ctx = DeviceContext.create(str(cfg.train.device), hmp=bool(cfg.train.hmp), fp16=bool(cfg.train.fp16))
     timeout = cfg.train.get("dist_timeout", None)
@@ -690,7 +709,12 @@ def train(cfg: DictConfig) -> TrainResult:
         data = build_training_data(cfg, ctx)
         iters_per_epoch = int(cfg.optim.iters_per_epoch or data.batches_per_data_epoch)
         with same_seed_on_every_rank(int(cfg.train.seed)):
-            student, teacher, backbone_kwargs = build_networks(cfg)
+            if starting_point is not None:  # --pretrained_weights
+                student, teacher, backbone_kwargs = build_pretrained_networks(cfg, starting_point)
+            else:
+                student, teacher, backbone_kwargs = build_networks(cfg)
+            distill_target = build_distillation_target(cfg) if distilling(cfg) else None
+        starting_point = None  # its tensors are in the networks now
         student.to(ctx.device)
         teacher.to(ctx.device)
         objective = SelfDistillationObjective(cfg, int(cfg.crops.local_crops_number)).to(ctx.device)
@@ -704,6 +728,11 @@ def train(cfg: DictConfig) -> TrainResult:
                            backbone_kwargs, data.batch_size, sharded=parallel == "fsdp")
         schedules = build_schedules(cfg, iters_per_epoch, data.batch_size * get_world_size())
         resumed = state.resume(output_dir) if bool(cfg.train.resume) else None
+        if distill_target is not None:
+            state.target = prepare_distillation_target(distill_target, cfg, ctx, data, output_dir, schedules)
+        warmup_iters = head_warmup_iters(cfg, fresh_heads, len(schedules.lr))
+        if warmup_iters:
+            state.head_warmup = HeadWarmup(student, objective, warmup_iters)
         state.wrap(ctx, parallel)
         state.restore_rng()
 

@@ -102,9 +102,16 @@ class MultiCropNetwork(nn.Module):
         return out
 
 
-def build_networks(cfg: DictConfig) -> tuple[MultiCropNetwork, MultiCropNetwork, dict[str, Any]]:
-    """Student and teacher from the same initialisation; the teacher is an independent copy without grads."""
-    backbone, backbone_kwargs = build_student_backbone(cfg.model)
+def build_networks(cfg: DictConfig, backbone: nn.Module | None = None,
+                   ) -> tuple[MultiCropNetwork, MultiCropNetwork, dict[str, Any]]:
+    """Student and teacher from the same initialisation; the teacher is an independent copy without grads.
+
+    `backbone`: a ready backbone (e.g. loaded from a file, `dino.train.pretrained`) instead of one built from
+    `cfg.model`; the heads are built fresh for it either way."""
+    if backbone is None:
+        backbone, backbone_kwargs = build_student_backbone(cfg.model)
+    else:
+        backbone_kwargs = {}
     embed_dim = backbone.embed_dim
     use_ibot = float(cfg.ibot.loss_weight) > 0
     dino_head = DINOHead(embed_dim, int(cfg.dino.head_n_prototypes), use_bn=bool(cfg.dino.use_bn_in_head),

@@ -81,6 +81,7 @@ def build_param_groups(
     patch_embed_lr_mult: float = 1.0,
     num_layers: int | None = None,
     exclude_tokens_from_weight_decay: bool = False,
+    backbone_lr_mult: float = 1.0,
 ) -> list[dict[str, Any]]:
     """Optimizer param groups of `model`'s trainable parameters, one per distinct
     (lr_multiplier, wd_multiplier, is_last_layer), in order of first appearance.
@@ -95,6 +96,9 @@ def build_param_groups(
         exclude_tokens_from_weight_decay: no weight decay on cls/register/mask tokens and pos_embed. Neither
             official code does this (DINO v1 exempts only biases and 1-D parameters, DINOv2 biases, norms and
             ``gamma``), so the default False reproduces them; True is what the demo preset was tuned with.
+        backbone_lr_mult: extra lr factor of every ``backbone.*`` parameter of a student network (continued
+            pretraining from a released model: a lower lr for the pretrained backbone than for the fresh heads);
+            it multiplies the layer-wise factor.
     """
     if num_layers is None:
         num_layers = count_blocks(model)
@@ -106,6 +110,8 @@ def build_param_groups(
         lr_multiplier = layerwise_decay ** (num_layers + 1 - layer_id(name, num_layers))
         if "patch_embed" in name.split("."):
             lr_multiplier *= patch_embed_lr_mult
+        if backbone_lr_mult != 1.0 and name.split(".", 1)[0] == "backbone":
+            lr_multiplier *= backbone_lr_mult
         wd_multiplier = weight_decay_multiplier(name, param, exclude_tokens_from_weight_decay)
         last_layer = is_last_layer(name)
         key = (lr_multiplier, wd_multiplier, last_layer)
