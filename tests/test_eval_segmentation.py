@@ -247,8 +247,11 @@ def test_end_to_end_ade20k_and_resume(tmp_path, capsys):
             "augmentation.scale=[48,40]", "test.scale=[48,40]", "train.warmup_iters=2", "train.checkpoint_every=2"]
     result = script.main(argv)
     assert 0 <= result["mIoU"] <= 100 and len(result["per_class"]) == 150
-    saved = json.loads((out / seg.RESULTS_NAME).read_text())
-    assert saved["mIoU"] == pytest.approx(result["mIoU"], nan_ok=True)
+    # strict JSON: classes absent from truth and prediction have IoU NaN in the result and null in the file
+    saved = json.loads((out / seg.RESULTS_NAME).read_text(),
+                       parse_constant=lambda name: pytest.fail(f"{name} in the results file"))
+    assert saved["mIoU"] == pytest.approx(result["mIoU"])
+    assert math.isnan(result["per_class"]["149"]["Acc"]) and saved["per_class"]["149"]["Acc"] is None
     assert (out / seg.PICTURE_NAME).is_file() and (out / seg.CHECKPOINT_NAME).is_file()
     assert any((out / "tensorboard").iterdir())
     state = torch.load(out / seg.CHECKPOINT_NAME, weights_only=True)

@@ -346,3 +346,14 @@ def colorize_depth(depth: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
     rgb = np.asarray(colorize(np.where(depth > 0, depth, vmin), "viridis", vmin=vmin, vmax=vmax)).copy()
     rgb[~(depth > 0)] = 0
     return rgb
+
+
+def json_safe(value):
+    """JSON has no NaN: null in its place (a class absent from truth and prediction has IoU NaN)."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value

@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -268,17 +267,6 @@ def run_depth(cfg) -> dict:
     summary = dict(protocol=protocol, num_train=len(train_set), num_val=len(val_set), iterations=done, history=history,
                    picture=picture_path if picture is not None else None, **metrics)
     path = os.path.join(cfg.output_dir, RESULTS_NAME)
-    atomic_write_json(path, _finite_or_none(summary), indent=1)
+    atomic_write_json(path, common.json_safe(summary), indent=1)
     logger.info(f"results written to {path}")
     return summary
-
-
-def _finite_or_none(value):
-    """JSON has no NaN: write null for it."""
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite_or_none(v) for v in value]
-    return value

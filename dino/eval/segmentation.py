@@ -250,7 +250,7 @@ def run_segmentation(cfg) -> dict:
     summary = dict(protocol=protocol, num_train=len(train_set), num_val=len(val_set), iterations=done, history=history,
                    picture=picture_path if picture is not None else None, **metrics)
     path = os.path.join(cfg.output_dir, RESULTS_NAME)
-    atomic_write_json(path, summary, indent=1)
+    atomic_write_json(path, common.json_safe(summary), indent=1)
     logger.info(f"results written to {path}")
     return summary
 
