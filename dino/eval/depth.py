@@ -146,12 +146,14 @@ class DepthProbe:
 
 
 @torch.no_grad()
-def evaluate_depth(probe: DepthProbe, dataset: DepthDataset, crop: str, flip: bool, desc: str = "val") -> dict:
+def evaluate_depth(probe: DepthProbe, dataset: DepthDataset, crop: str, flip: bool, desc: str = "val",
+                   num_workers: int = 0) -> dict:
     """Per-image metrics averaged over the validation images (each rank a strided shard, summed across ranks)."""
     was_training = probe.head.training
     probe.head.eval()
     indices = list(range(get_rank(), len(dataset), get_world_size()))
-    loader = DataLoader(Subset(dataset, indices), batch_size=None, shuffle=False, num_workers=0)
+    loader = DataLoader(Subset(dataset, indices), batch_size=None, shuffle=False,
+                        num_workers=min(num_workers, os.cpu_count() or 1))
     accumulator = DepthMetricAccumulator()
     for image, depth, box, _ in tqdm(loader, desc=desc, disable=not is_main_process(), dynamic_ncols=True, leave=False):
         prediction = probe.predict(image, box.tolist(), depth.shape, flip)
@@ -244,7 +246,7 @@ def run_depth(cfg) -> dict:
         return loss
 
     def evaluate_fn(iteration: int, writer) -> dict:
-        metrics = evaluate_depth(probe, val_set, eval_crop, flip, desc=f"val at {iteration}")
+        metrics = evaluate_depth(probe, val_set, eval_crop, flip, f"val at {iteration}", training.num_workers)
         common.log_scalars(writer, "val", metrics, iteration)
         logger.info(f"iteration {iteration}: RMSE {metrics['rmse']:.4f}, abs rel {metrics['abs_rel']:.4f}, "
                     f"δ1 {metrics['a1']:.4f}")
@@ -252,7 +254,7 @@ def run_depth(cfg) -> dict:
 
     done, history, writer = common.train_head(head, train_set, training, device_ctx, cfg.output_dir, CHECKPOINT_NAME,
                                               signature, loss_fn, evaluate_fn, desc="depth head")
-    metrics = evaluate_depth(probe, val_set, eval_crop, flip, desc="final val")
+    metrics = evaluate_depth(probe, val_set, eval_crop, flip, "final val", training.num_workers)
     common.log_scalars(writer, "val", metrics, done)
     if not is_main_process():
         return {}

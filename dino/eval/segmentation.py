@@ -141,12 +141,14 @@ def common_rescale(height: int, width: int, scale: Sequence[int]) -> float:
 
 
 @torch.no_grad()
-def evaluate_segmentation(probe: SegmentationProbe, dataset: SegmentationDataset, test, desc: str = "val") -> dict:
+def evaluate_segmentation(probe: SegmentationProbe, dataset: SegmentationDataset, test, desc: str = "val",
+                          num_workers: int = 0) -> dict:
     """Areas summed over the validation images (each rank a strided shard, summed across ranks) → metrics."""
     was_training = probe.head.training
     probe.head.eval()
     indices = list(range(get_rank(), len(dataset), get_world_size()))
-    loader = DataLoader(Subset(dataset, indices), batch_size=None, shuffle=False, num_workers=0)
+    loader = DataLoader(Subset(dataset, indices), batch_size=None, shuffle=False,
+                        num_workers=min(num_workers, os.cpu_count() or 1))
     areas = torch.zeros(4, probe.head.num_classes, dtype=torch.float64, device=probe.device_ctx.device)
     for image, label, _ in tqdm(loader, desc=desc, disable=not is_main_process(), dynamic_ncols=True, leave=False):
         prediction = probe.predict(image, label.shape, test).argmax(dim=0).cpu()
@@ -226,7 +228,7 @@ def run_segmentation(cfg) -> dict:
         return losses.mean()  # mmseg's default: over every pixel, the ignored ones contributing 0
 
     def evaluate_fn(iteration: int, writer) -> dict:
-        metrics = evaluate_segmentation(probe, val_set, cfg.test, desc=f"val at {iteration}")
+        metrics = evaluate_segmentation(probe, val_set, cfg.test, f"val at {iteration}", training.num_workers)
         common.log_scalars(writer, "val", dict(mIoU=metrics["mIoU"], mAcc=metrics["mAcc"],
                                                                     aAcc=metrics["aAcc"]), iteration)
         logger.info(f"iteration {iteration}: mIoU {metrics['mIoU']:.2f}, mAcc {metrics['mAcc']:.2f}")
@@ -234,7 +236,7 @@ def run_segmentation(cfg) -> dict:
 
     done, history, writer = common.train_head(head, train_set, training, device_ctx, cfg.output_dir, CHECKPOINT_NAME,
                                               signature, loss_fn, evaluate_fn, desc="segmentation head")
-    metrics = evaluate_segmentation(probe, val_set, cfg.test, desc="final val")
+    metrics = evaluate_segmentation(probe, val_set, cfg.test, "final val", training.num_workers)
     common.log_scalars(writer, "val", dict(mIoU=metrics["mIoU"], mAcc=metrics["mAcc"], aAcc=metrics["aAcc"]), done)
     if not is_main_process():
         return {}
