@@ -160,6 +160,7 @@ def validate_training_config(cfg: DictConfig) -> None:
     c.number("model.depth", 1, integer=True, optional=True)
     c.number("model.embed_dim", 1, integer=True, optional=True)
     c.number("model.drop_path_rate", 0, 1, max_inclusive=False)
+    c.choice("model.drop_path_mode", ("mask", "subset"))
     c.number("model.layerscale", 0, optional=True)
     from dino.models.vision_transformer import FFN_LAYERS
 

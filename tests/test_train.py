@@ -42,7 +42,8 @@ def losses_by_step(output_dir):
 @pytest.mark.parametrize("recipe", [
     ("dino.loss_style=v1", "model.drop_path_rate=0.1"),
     ("dino.loss_style=v2", "ibot.loss_weight=1.0", "dino.koleo_loss_weight=0.1", "optim.clip_style=per_module",
-     "model.drop_path_rate=0.1", "model.drop_path_uniform=true", "model.num_register_tokens=2"),
+     "model.drop_path_rate=0.1", "model.drop_path_uniform=true", "model.drop_path_mode=subset",
+     "model.num_register_tokens=2"),
     ("dino.loss_style=v2", "dino.centering=sinkhorn_knopp", "ibot.loss_weight=1.0", "ibot.separate_head=true"),
 ], ids=["dino_v1", "dinov2_ibot_koleo", "sinkhorn_separate_ibot_head"])
 @pytest.mark.slow  # three interrupted-and-resumed trainings next to uninterrupted ones

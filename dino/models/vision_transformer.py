@@ -283,6 +283,24 @@ class DropPath(nn.Module):
         return x * mask / keep
 
 
+def drop_add_residual_subset(x: Tensor, branch: Callable[[Tensor], Tensor], drop_ratio: float) -> Tensor:
+    """Stochastic depth by sample subset (DINOv2's `drop_add_residual_stochastic_depth`).
+
+    x + branch(x) for a random subset of ⌊B·(1−p)⌋ samples (at least one), scaled by B / subset so the
+    expectation is the un-dropped block's; the other samples pass unchanged and their branch is never computed,
+    so a drop rate p saves the fraction p of the branch's FLOPs (mask-style drop path computes every sample
+    and multiplies the dropped ones by zero).
+    """
+    batch = x.shape[0]
+    kept = max(int(batch * (1.0 - drop_ratio)), 1)
+    index = torch.randperm(batch, device=x.device)[:kept]
+    out = branch(x[index])
+    return torch.index_add(x.flatten(1), 0, index, out.flatten(1).to(x.dtype), alpha=batch / kept).view_as(x)
+
+
+DROP_PATH_MODES = ("mask", "subset")
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(ffn(norm2(x))).
 
@@ -307,11 +325,21 @@ class Block(nn.Module):
         self.mlp = ffn_cls(dim, int(dim * mlp_ratio), bias=ffn_bias)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.sample_drop_ratio = drop_path
+        self.drop_path_mode = "mask"  # 'subset': dropped samples skip the branch (`drop_add_residual_subset`)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        attn = self.attn(self.norm1(x)) if rope is None else self.attn(self.norm1(x), rope=rope)
-        x = x + self.drop_path(self.ls1(attn))
-        x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+        def attention_branch(t: Tensor) -> Tensor:
+            return self.ls1(self.attn(self.norm1(t)) if rope is None else self.attn(self.norm1(t), rope=rope))
+
+        def ffn_branch(t: Tensor) -> Tensor:
+            return self.ls2(self.mlp(self.norm2(t)))
+
+        if self.training and self.sample_drop_ratio > 0 and self.drop_path_mode == "subset":
+            x = drop_add_residual_subset(x, attention_branch, self.sample_drop_ratio)
+            return drop_add_residual_subset(x, ffn_branch, self.sample_drop_ratio)
+        x = x + self.drop_path(attention_branch(x))
+        x = x + self.drop_path(ffn_branch(x))
         return x
 
 
@@ -331,6 +359,13 @@ class ViTBackbone(nn.Module):
             raise ValueError(f"unknown attention backend {backend!r}; choose from {ATTENTION_BACKENDS}")
         for block in self.blocks:
             block.attn.backend = backend
+
+    def set_drop_path_mode(self, mode: str) -> None:
+        """'mask' (multiply dropped samples' branch by zero) or 'subset' (do not compute them; DINOv2's way)."""
+        if mode not in DROP_PATH_MODES:
+            raise ValueError(f"unknown drop path mode {mode!r}; choose from {DROP_PATH_MODES}")
+        for block in self.blocks:
+            block.drop_path_mode = mode
 
     # --- what the subclasses define -------------------------------------------------------------
     def prepare_tokens_with_masks(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
