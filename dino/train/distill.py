@@ -55,6 +55,8 @@ def prepare_distillation(cfg: DictConfig) -> StartingPoint | None:
             if theirs is not None and theirs != ours:
                 raise UserError(f"the teacher {source} has {key}={theirs}, the student {ours}: the heads' prototypes "
                                 f"must match; set {key}={theirs}")
+    if float(cfg.ibot.loss_weight) > 0:
+        _check_patch_grid(cfg, point)
     return point
 
 
@@ -65,7 +67,8 @@ def _teacher_backbone(cfg: DictConfig, point: StartingPoint) -> nn.Module:
     if point.is_v3:
         backbone = build_backbone_from_state_dict(point.state_dict, None, None, attn_backend=str(cfg.model.attn_backend))
     else:
-        model_cfg = OmegaConf.merge(cfg.model, point.model_kwargs, {"drop_path_rate": 0.0})
+        model_cfg = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))  # not struct: the file's keys
+        model_cfg = OmegaConf.merge(model_cfg, point.model_kwargs, {"drop_path_rate": 0.0})
         backbone, _ = build_student_backbone(model_cfg)
         backbone.load_state_dict(point.state_dict, strict=True)
     return backbone
@@ -88,8 +91,6 @@ def build_distillation_target(cfg: DictConfig):
     _CACHE.pop(point.source, None)
     backbone = _teacher_backbone(cfg, point)
     use_ibot = float(cfg.ibot.loss_weight) > 0
-    if use_ibot:
-        _check_patch_grid(cfg, backbone, point)
     dim = backbone.embed_dim
     dino = _head_settings(cfg, point, "dino")
     dino_head = DINOHead(dim, dino.pop("out_dim"), use_bn=bool(point.head_config.get("dino.use_bn_in_head",
@@ -111,13 +112,14 @@ def build_distillation_target(cfg: DictConfig):
     return target.eval()
 
 
-def _check_patch_grid(cfg: DictConfig, backbone: nn.Module, point: StartingPoint) -> None:
+def _check_patch_grid(cfg: DictConfig, point: StartingPoint) -> None:
     size, student_patch = int(cfg.crops.global_crops_size), int(cfg.model.patch_size)
-    teacher_patch = int(getattr(backbone, "patch_size", 0) or 0)
+    weight = point.state_dict.get("patch_embed.proj.weight")
+    teacher_patch = int(weight.shape[-1]) if weight is not None else 32  # a ConvNeXt: stride-32 tokens
     if teacher_patch and size // teacher_patch != size // student_patch:
         raise UserError(f"the iBOT term compares patch tokens, but the teacher {point.source} (patch {teacher_patch}) "
                         f"and the student (patch {student_patch}) tile a {size}-px crop into different grids; use a "
-                        "student with patch size {teacher_patch} or set ibot.loss_weight=0")
+                        f"student with patch size {teacher_patch} or set ibot.loss_weight=0")
 
 
 def prepare_distillation_target(target, cfg: DictConfig, ctx, data, output_dir: Path, schedules):
@@ -200,7 +202,7 @@ def fit_teacher_heads(target, cfg: DictConfig, data, ctx, iters: int, schedules)
             with torch.no_grad():
                 for name, head in students.items():
                     torch._foreach_lerp_(list(getattr(target, name).parameters()), list(head.parameters()), 1 - momentum)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if step == 0 or step + 1 == iters:
                 log.info(f"fitting the teacher's heads: step {step + 1}/{iters}, loss {losses[-1]:.4f}")
     finally:

@@ -1,0 +1,182 @@
+"""Continued pretraining from a backbone file, distillation from a frozen teacher, the feature-distillation loss."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dino.config import compose
+from dino.errors import UserError
+from dino.hub import load_backbone, save_backbone
+from dino.losses import feature_distillation_loss
+from dino.models import build_backbone
+from dino.train import loop as loop_module
+from dino.train.loop import train
+from dino.train.pretrained import head_warmup_iters
+from tests.helpers import tiny_overrides, write_image_folder
+
+RELEASED = dict(arch="vit_tiny", patch_size=8, depth=2, embed_dim=48, img_size=32, init_values=1e-5,
+                num_register_tokens=1)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("images") / "train")
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """A tiny "released" backbone on disk (registers and LayerScale the demo config does not have), no heads."""
+    torch.manual_seed(7)
+    kwargs = {k: v for k, v in RELEASED.items() if k not in ("arch", "patch_size")}
+    model = build_backbone("vit_tiny", 8, **kwargs)
+    path = tmp_path_factory.mktemp("released") / "released.safetensors"
+    save_backbone(model, path, RELEASED)
+    return path, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def config(image_folder, output_dir, *extra):
+    return compose("train/demo", tiny_overrides(image_folder, output_dir, 8, "dino.loss_style=v2",
+                                                "ibot.loss_weight=1.0", *extra))
+
+
+def backbone_of(state: dict, prefix: str = "backbone.") -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def heads_of(state: dict) -> dict:
+    return {k: v for k, v in state.items() if k.startswith(("dino_head.", "ibot_head."))}
+
+
+def steps_logged(output_dir: Path) -> list[int]:
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row["step"] for row in rows if "loss" in row]
+
+
+def test_continued_pretraining_warms_up_heads_on_a_frozen_backbone_then_unfreezes(tmp_path, image_folder, released):
+    path, weights = released
+    out = tmp_path / "run"
+    extra = (f"model.pretrained_weights={path}", "train.head_warmup_iters=2", "optim.backbone_lr_mult=0.25",
+             "optim.warmup_epochs=0")
+    cfg = config(image_folder, out, *extra, "train.max_iters=2")
+    train(cfg)
+    assert cfg.model.num_register_tokens == 1 and cfg.model.layerscale == 1e-5  # the architecture followed the file
+    state = torch.load(out / "checkpoint.pth", weights_only=False)
+    for network in ("student", "teacher"):  # bit-identical backbones after 2 warm-up steps (teacher: EMA of equals)
+        got = backbone_of(state[network])
+        assert set(got) == set(weights) and all(torch.equal(got[k], weights[k]) for k in weights), network
+    student_heads, teacher_heads = heads_of(state["student"]), heads_of(state["teacher"])
+    assert any(not torch.equal(v, teacher_heads[k]) for k, v in student_heads.items())  # heads trained
+    # the backbone had no optimiser state during the warm-up; its lr is backbone_lr_mult × the heads' lr
+    groups = state["optimizer"]["param_groups"]
+    backbone_groups = [g for g in groups if all(n.startswith("backbone.") for n in g["names"])]
+    head_groups = [g for g in groups if all(n.startswith(("dino_head.", "ibot_head.")) for n in g["names"])]
+    assert backbone_groups and head_groups
+    assert {g["lr_multiplier"] for g in backbone_groups} == {0.25}
+    head_lr = max(g["lr"] for g in head_groups if not g["is_last_layer"])
+    assert head_lr > 0 and all(g["lr"] == pytest.approx(0.25 * head_lr) for g in backbone_groups)
+    backbone_ids = {i for g in backbone_groups for i in g["params"]}
+    assert not backbone_ids & set(state["optimizer"]["state"])
+
+    train(config(image_folder, out, *extra, "train.max_iters=4"))  # resumes, past the warm-up
+    state = torch.load(out / "checkpoint.pth", weights_only=False)
+    moved = backbone_of(state["student"])
+    assert any(not torch.equal(moved[k], weights[k]) for k in weights)
+    assert steps_logged(out) == [1, 2, 3, 4]
+    # the export is the file's architecture and loads with the one loader
+    exported = load_backbone(str(out / "teacher_backbone.safetensors"))
+    assert exported.num_register_tokens == 1
+
+
+def test_our_training_checkpoint_brings_its_heads_and_head_sizes(tmp_path, image_folder, released):
+    path, _ = released
+    first = tmp_path / "first"
+    train(config(image_folder, first, f"model.pretrained_weights={path}", "train.max_iters=1",
+                 "train.head_warmup_iters=1"))
+    source = torch.load(first / "checkpoint.pth", weights_only=False)["teacher"]
+    # another head size on the command line: the file's wins; lr 0 keeps the start visible after a step
+    cfg = config(image_folder, tmp_path / "second", f"model.pretrained_weights={first / 'checkpoint.pth'}",
+                 "dino.head_n_prototypes=32", "ibot.head_n_prototypes=32", "optim.lr=0", "train.max_iters=1")
+    train(cfg)
+    assert cfg.dino.head_n_prototypes == 64
+    state = torch.load(tmp_path / "second" / "checkpoint.pth", weights_only=False)
+    for network in ("student", "teacher"):
+        assert all(torch.equal(state[network][k], v) for k, v in source.items()), network
+    # heads from the file need no warm-up; fresh ones get 10 % of the run unless train.head_warmup_iters says
+    assert head_warmup_iters(cfg, fresh_heads=False, total_iters=100) == 0
+    assert head_warmup_iters(cfg, fresh_heads=True, total_iters=100) == 10
+
+
+def test_distillation_keeps_the_teacher_fixed_and_the_student_learns(tmp_path, image_folder, monkeypatch):
+    torch.manual_seed(11)  # a wider teacher than the student (96 vs 48), its heads fitted first
+    teacher_kwargs = dict(arch="vit_tiny", patch_size=8, depth=2, embed_dim=96, img_size=32)
+    teacher_model = build_backbone("vit_tiny", 8, depth=2, embed_dim=96, img_size=32)
+    teacher_file = tmp_path / "teacher.safetensors"
+    save_backbone(teacher_model, teacher_file, teacher_kwargs)
+    reference = {k: v.clone() for k, v in teacher_model.state_dict().items()}
+
+    seen, original = [], loop_module.train_step
+
+    def recording_step(batch, student, teacher, *args, **kwargs):
+        seen.append({k: v.detach().clone() for k, v in teacher.state_dict().items()})
+        assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+        return original(batch, student, teacher, *args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "train_step", recording_step)
+    out = tmp_path / "distilled"
+    cfg = config(image_folder, out, f"distill.teacher={teacher_file}", "train.head_warmup_iters=3",
+                 "dino.centering=sinkhorn_knopp", "optim.epochs=3", "optim.warmup_epochs=0", "optim.lr=0.002",
+                 "optim.freeze_last_layer=0", "crops.local_crops_number=0")
+    result = train(cfg)
+    assert result.global_step == 9 and len(seen) == 9
+    assert all(torch.equal(s["backbone." + k], v) for s in seen for k, v in reference.items())
+    assert all(torch.equal(s[k], seen[0][k]) for s in seen for k in seen[0])  # the fitted heads never move
+    assert (out / "distill_teacher_heads.pth").is_file()
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert sum(losses[-3:]) < sum(losses[:3])  # the student learns the teacher's targets
+    exported = load_backbone(str(out / "teacher_backbone.safetensors"))  # the student EMA, the student's size
+    assert exported.embed_dim == 48
+
+
+def test_distillation_refuses_mismatched_prototypes_and_patch_grids(tmp_path, image_folder, released):
+    path, _ = released
+    first = tmp_path / "first"
+    train(config(image_folder, first, f"model.pretrained_weights={path}", "train.max_iters=1",
+                 "train.head_warmup_iters=1"))
+    with pytest.raises(UserError, match="prototypes must match; set dino.head_n_prototypes=64"):
+        train(config(image_folder, tmp_path / "a", f"distill.teacher={first / 'checkpoint.pth'}",
+                     "dino.head_n_prototypes=32"))
+    with pytest.raises(UserError, match="different grids"):
+        train(config(image_folder, tmp_path / "b", f"distill.teacher={path}", "model.patch_size=4"))
+
+
+@pytest.mark.parametrize("kind", ["cosine", "smooth_l1"])
+def test_feature_distillation_loss_matches_a_token_by_token_computation(kind):
+    torch.manual_seed(0)
+    B, N, Ds, Dt = 3, 5, 6, 4
+    s_cls, s_patch = torch.randn(B, Ds), torch.randn(B, N, Ds)
+    t_cls, t_patch = torch.randn(B, Dt), torch.randn(B, N, Dt) * 2
+    weight, bias = torch.randn(Dt, Ds), torch.randn(Dt)
+
+    def token_loss(s, t):
+        p = [sum(float(weight[d, j]) * float(s[j]) for j in range(Ds)) + float(bias[d]) for d in range(Dt)]
+        t = [float(x) for x in t]
+        if kind == "cosine":
+            dot = sum(a * b for a, b in zip(p, t))
+            return 1 - dot / (sum(a * a for a in p) ** 0.5 * sum(b * b for b in t) ** 0.5)
+        return sum(0.5 * (a - b) ** 2 if abs(a - b) < 1 else abs(a - b) - 0.5 for a, b in zip(p, t)) / Dt
+
+    cls = sum(token_loss(s_cls[b], t_cls[b]) for b in range(B)) / B
+    patch = sum(token_loss(s_patch[b, n], t_patch[b, n]) for b in range(B) for n in range(N)) / (B * N)
+    total, terms = feature_distillation_loss(s_cls, s_patch, t_cls, t_patch, weight, bias, kind=kind, patch_weight=0.5)
+    assert float(terms["cls"]) == pytest.approx(cls, rel=1e-5)
+    assert float(terms["patch"]) == pytest.approx(patch, rel=1e-5)
+    assert float(total) == pytest.approx(cls + 0.5 * patch, rel=1e-5)
+    weight.requires_grad_(True)
+    t_cls.requires_grad_(True)
+    feature_distillation_loss(s_cls, None, t_cls, None, weight, kind=kind)[0].backward()
+    assert weight.grad is not None and t_cls.grad is None  # the teacher side carries no gradient
+    with pytest.raises(ValueError, match="token count"):
+        feature_distillation_loss(s_cls, s_patch, t_cls, t_patch[:, :3], weight, bias, kind=kind)
