@@ -90,9 +90,10 @@ EXPORT = ConfigCLI(
         Flag(("--format",), "format", "output format", choices=("onnx", "gguf", "hf")),
         Flag(("--output",), "output", "output file (onnx, gguf) or folder (hf)", metavar="PATH"),
         Flag(("--verify",), "verify", "compare the export with PyTorch", type=bool_flag),
-        Flag(("--image_size",), "onnx.image_size", "ONNX: example size for the export, a multiple of the patch size (batch, height and "
+        Flag(("--image_size",), "image_size", "ONNX: example size for the export, a multiple of the patch size (batch, height and "
              "width stay dynamic; other sizes are cropped to multiples of the patch; verified at this size, the stored "
-             "grid's, a larger, a non-square and a cropped one)", type=int, metavar="PX"),
+             "grid's, a larger, a non-square and a cropped one). HF (v1/v2): the size the position embedding is baked "
+             "for — exact there, transformers resizes it its own way at other sizes (verified at both)", type=int, metavar="PX"),
         Flag(("--ftype",), "gguf.ftype", "GGUF: tensor type of the matrices", choices=("f32", "f16")),
         Flag(("--overwrite",), "overwrite", "replace an existing --output (refused otherwise)", type=bool_flag),
     ],

@@ -125,8 +125,8 @@ def test_gguf_read_back_holds_every_tensor(tmp_path, ftype):
     from dino.inference.export.gguf import export_gguf, read_gguf, verify_gguf
 
     model = tiny_model(num_register_tokens=4)
-    path = export_gguf(model, tmp_path / "m.gguf", ftype=ftype)
-    assert verify_gguf(model, path, ftype=ftype) == 7 + 2 * 20  # 5 embeddings + 2 layernorm; 20 per block (split and fused qkv)
+    path = export_gguf(model, tmp_path / "m.gguf", ftype=ftype, qkv_layout="both")
+    assert verify_gguf(model, path, ftype=ftype, qkv_layout="both") == 7 + 2 * 20  # 5 embeddings + 2 layernorm; 20 per block (split and fused qkv)
     metadata, tensors = read_gguf(path)
     assert metadata == {"hidden_size": 192, "num_hidden_layers": 2, "num_attention_heads": 3, "num_classes": 0,
                         "patch_size": 14, "img_size": 42, "ftype": {"f32": 0, "f16": 1}[ftype], "num_register_tokens": 4}
@@ -163,7 +163,7 @@ def test_hf_export_matches_transformers(tmp_path, kwargs):
 
     model = tiny_model(**kwargs)
     export_hf(model, tmp_path / "hf")
-    assert verify_hf(model, tmp_path / "hf") <= 1e-4
+    assert verify_hf(model, tmp_path / "hf")["max_abs_diff"] <= 1e-4
 
 
 def test_export_cli_gguf_and_hf_state_dict(tmp_path):

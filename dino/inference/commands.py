@@ -250,6 +250,15 @@ def run_duplicates(cfg) -> dict:
                 pairs=[(paths[p.first], paths[p.second], round(p.similarity, 6)) for p in pairs[:20]])
 
 
+def _export_image_size(cfg, fmt: str) -> int | None:
+    """--image_size (top-level `image_size`): for onnx the traced example size (default `onnx.image_size`), for
+    hf the size the position embedding is baked for (None: the stored grid's)."""
+    size = cfg.get("image_size")
+    if fmt == "onnx":
+        return int(size if size is not None else cfg.onnx.image_size)
+    return None if size is None else int(size)
+
+
 def run_export(cfg) -> dict:
     from dino.distributed import DeviceContext
 
@@ -258,18 +267,23 @@ def run_export(cfg) -> dict:
     _check_export_target(cfg, fmt, output)  # before loading the model: a refused export costs nothing
     model = _load_model(cfg.model, DeviceContext.create("cpu")).float().eval()
     result: dict = dict(format=fmt, output=output)
+    image_size = _export_image_size(cfg, fmt)
     if fmt == "onnx":
         p = model.patch_size
-        result["input_sizes"] = (f"any batch; height and width ≥ {p}, cropped at the bottom and right to multiples "
-                                 f"of the patch size {p}")
-        from dino.inference.export.onnx import export_onnx, verify_onnx
+        from dino.inference.export.onnx import export_onnx, uses_rope, verify_onnx
 
-        export_onnx(model, output, image_size=int(cfg.onnx.image_size), opset=int(cfg.onnx.opset))
+        if uses_rope(model) and not hasattr(model, "blocks"):
+            result["input_sizes"] = "any batch, height and width (the ConvNeXt's own graph)"
+        else:
+            result["input_sizes"] = (f"any batch; height and width ≥ {p}, cropped at the bottom and right to multiples "
+                                     f"of the patch size {p}")
+        export_onnx(model, output, image_size=image_size, opset=int(cfg.onnx.opset))
         if cfg.verify:
-            result["max_abs_diff"] = _verify_if_installed("onnxruntime", lambda: verify_onnx(model, output, int(cfg.onnx.image_size)))
+            result["max_abs_diff"] = _verify_if_installed("onnxruntime", lambda: verify_onnx(model, output, image_size))
     elif fmt == "gguf":
-        from dino.inference.export.gguf import export_gguf, verify_gguf
+        from dino.inference.export.gguf import check_gguf_supported, export_gguf, verify_gguf
 
+        check_gguf_supported(model)
         try:
             export_gguf(model, output, ftype=cfg.gguf.ftype, qkv_layout=cfg.gguf.qkv_layout)
         except ImportError:
@@ -279,9 +293,14 @@ def run_export(cfg) -> dict:
     elif fmt == "hf":
         from dino.inference.export.hf import export_hf, verify_hf
 
-        export_hf(model, output)
+        export_hf(model, output, image_size=image_size)
         if cfg.verify:
-            result["max_abs_diff"] = _verify_if_installed("transformers", lambda: verify_hf(model, output))
+            check = _verify_if_installed("transformers", lambda: verify_hf(model, output, image_size=image_size))
+            if check is None:
+                result["max_abs_diff"] = None
+            else:
+                result.update(max_abs_diff=check["max_abs_diff"], max_abs_diff_by_size=check["sizes"], note=check["note"])
+                logger.info(f"hf export: {check['note']}")
     else:
         raise UserError(f"unknown export format {fmt!r}; choose onnx, gguf or hf")
     return result
@@ -307,10 +326,11 @@ def _check_export_target(cfg, fmt: str, output: str) -> None:
         parent_problem = output_dir_problem(str(target.parent), "the folder of --output")
         if parent_problem:
             problems.append(parent_problem)
-    if fmt == "onnx":
+    size = cfg.get("image_size")
+    if fmt == "onnx" and size is None:
         size = cfg.onnx.image_size
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            problems.append(f"--image_size must be a positive integer (a multiple of the patch size), got {size!r}")
+    if fmt in ("onnx", "hf") and size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        problems.append(f"--image_size must be a positive integer (a multiple of the patch size), got {size!r}")
     if problems:
         raise UserError("; ".join(problems))
 

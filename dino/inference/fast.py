@@ -34,7 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dino.log import get_logger
+from dino.models.rope import apply_rope
 from dino.models.vision_transformer import Mlp, VisionTransformer, split_tokens
+
+logger = get_logger(__name__)
 
 # the quint8 creation functions warn that they are deprecated; `_Int8Linear` only uses them as a fast one-pass
 # fp32 → uint8 rounding (the codes are read back as plain uint8), so the warning says nothing to our users
@@ -170,6 +174,18 @@ def _use_mkldnn(x: Tensor, *linears: nn.Module) -> bool:
                for linear in linears)
 
 
+def _plain_qkv(qkv: nn.Linear) -> nn.Linear:
+    """DINOv3's k-masked qkv (`LinearKMaskedBias`: bias × `bias_mask` on every call) as a plain Linear whose bias
+    holds bias × mask once (the mask is 0 or 1, so the product is exact); the weight is shared, not copied."""
+    mask = getattr(qkv, "bias_mask", None)
+    if type(qkv) is nn.Linear or qkv.bias is None or mask is None:
+        return qkv
+    plain = nn.Linear(qkv.in_features, qkv.out_features, bias=True, device="meta")
+    plain.weight = qkv.weight
+    plain.bias = nn.Parameter(qkv.bias.detach() * mask.to(qkv.bias.dtype), requires_grad=False)
+    return plain
+
+
 def _fold_layerscale(linear: nn.Linear, gamma: Tensor) -> None:
     """Scale the output rows of `linear` by γ, so linear(x)·γ needs no separate multiply."""
     with torch.no_grad():
@@ -184,7 +200,7 @@ class InferenceBlock(nn.Module):
     def __init__(self, block: nn.Module):
         super().__init__()
         self.norm1, self.norm2 = block.norm1, block.norm2
-        self.qkv, self.proj = block.attn.qkv, block.attn.proj
+        self.qkv, self.proj = _plain_qkv(block.attn.qkv), block.attn.proj
         self.num_heads = block.attn.num_heads
         self.mlp = block.mlp
         if hasattr(block.ls1, "gamma"):
@@ -194,32 +210,34 @@ class InferenceBlock(nn.Module):
             _fold_layerscale(last, block.ls2.gamma)
         self._packed = _PackedLinears()
 
-    def _attend(self, qkv: Tensor, B: int, N: int, C: int) -> Tensor:
+    def _attend(self, qkv: Tensor, B: int, N: int, C: int, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         # (B, N, 3, heads, hd) → three (B, heads, N, hd) views; SDPA takes strided inputs without a copy
         q, k, v = qkv.view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        if rope is not None:  # DINOv3: rotate the patch rows of q and k (the model's own `apply_rope`)
+            q, k = apply_rope(q, k, rope)
         # CPU flash attention writes (B, N, heads, hd) memory, so transpose + reshape below is free
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
 
-    def attention(self, x: Tensor) -> Tensor:
+    def attention(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         B, N, C = x.shape
-        return self.proj(self._attend(self.qkv(x), B, N, C))
+        return self.proj(self._attend(self.qkv(x), B, N, C, rope))
 
     def quantize_int8_onednn(self) -> None:
         """Run the four Linear layers as int8 oneDNN GEMMs (`_Int8Linear`) from now on (CPU, Mlp blocks)."""
         self._int8 = {name: _Int8Linear(linear) for name, linear in
                       (("qkv", self.qkv), ("proj", self.proj), ("fc1", self.mlp.fc1), ("fc2", self.mlp.fc2))}
 
-    def _forward_int8(self, x: Tensor) -> Tensor:
+    def _forward_int8(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         B, N, C = x.shape
         q = self._int8
         qkv = q["qkv"](self.norm1(x).reshape(B * N, C))
-        attended = self._attend(qkv, B, N, C).reshape(B * N, C)
+        attended = self._attend(qkv, B, N, C, rope).reshape(B * N, C)
         x = q["proj"](attended, residual=x.reshape(B * N, C))  # x + proj(attn)
         # static ranges: fc1 writes GELU's output straight onto fc2's uint8 input grid (no fp32 round trip)
         hidden = q["fc1"](self.norm2(x), gelu=True, output_quantization=q["fc2"].input_quantization)
         return q["fc2"](hidden, residual=x).view(B, N, C)  # x + fc2(GELU(fc1(norm2(x))))
 
-    def forward_cls(self, x: Tensor) -> Tensor:
+    def forward_cls(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """This block's output for the [CLS] token only, (B, 1, C) — what a [CLS] feature needs from the last block.
 
         Every token is still a key and a value, but only [CLS] is a query, and the projection and MLP run on one
@@ -235,6 +253,8 @@ class InferenceBlock(nn.Module):
         else:
             qkv = self.qkv(normed)
         q, k, v = qkv.view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        if rope is not None:  # [CLS] is never rotated: only the keys need the tables
+            q, k = apply_rope(q, k, rope)
         attended = F.scaled_dot_product_attention(q[:, :, :1], k, v).reshape(B, C)  # (B, heads, 1, hd) → (B, C)
         cls = x[:, 0]
         if int8 is not None:  # static ranges hold for any subset of rows; dynamic ones are taken over these rows
@@ -244,23 +264,24 @@ class InferenceBlock(nn.Module):
         cls = cls + self.proj(attended)
         return (cls + self.mlp(self.norm2(cls))).unsqueeze(1)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """`rope`: DINOv3's (sin, cos) tables for the patch grid, None for v1/v2."""
         if getattr(self, "_int8", None) is not None:
-            return self._forward_int8(x)
+            return self._forward_int8(x, rope)
         if isinstance(self.mlp, Mlp) and _use_mkldnn(x, self.qkv, self.proj, self.mlp.fc1, self.mlp.fc2):
-            return self._forward_mkldnn(x)
-        x = x + self.attention(self.norm1(x))  # not in place: x may be a view the caller still needs
+            return self._forward_mkldnn(x, rope)
+        x = x + self.attention(self.norm1(x), rope)  # not in place: x may be a view the caller still needs
         x += self.mlp(self.norm2(x))
         return x
 
-    def _forward_mkldnn(self, x: Tensor) -> Tensor:
+    def _forward_mkldnn(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Same function as `forward`, with bias, GELU and the residual adds fused into oneDNN GEMMs."""
         B, N, C = x.shape
         rows = B * N
         linear = torch.ops.mkldnn._linear_pointwise
         pack = self._packed.get
         qkv = linear(self.norm1(x), pack(self.qkv, rows), self.qkv.bias, "none", [], "")
-        attended = self._attend(qkv, B, N, C)
+        attended = self._attend(qkv, B, N, C, rope)
         x = linear.binary(attended, x, pack(self.proj, rows), self.proj.bias, "add")  # x + proj(attn)
         fc1, fc2 = self.mlp.fc1, self.mlp.fc2
         hidden = linear(self.norm2(x), pack(fc1, rows), fc1.bias, "gelu", [], "none")  # "none": exact erf GELU
@@ -268,18 +289,24 @@ class InferenceBlock(nn.Module):
 
 
 class InferenceViT(nn.Module):
-    """Inference-only copy of a `VisionTransformer`; same `forward_features` / `forward` results.
+    """Inference-only copy of a `VisionTransformer` or a DINOv3 ViT; same `forward_features` / `forward` results.
 
-    Built by `optimize_for_inference`; the source model is not modified.
+    DINOv3 (`rope`): the tokens are [CLS, storage, patches] with no position embedding; the rotary tables of each
+    input size are computed once by the model's own `rope_tables` and cached; the k-masked qkv bias is folded
+    into a plain bias (`_plain_qkv`); the final norm is the model's (`cls_norm` for [CLS] / storage when untied);
+    sizes that are not multiples of the patch are floored, as the model's strided conv does.
+    Built by `optimize_for_inference`; the source model is not modified (unless built with `copy=False`).
     """
 
-    def __init__(self, model: VisionTransformer, matmul_patch_embed: bool = True):
+    def __init__(self, model: VisionTransformer, matmul_patch_embed: bool = True, copy: bool = True):
         super().__init__()
-        model = copy.deepcopy(model).eval().requires_grad_(False)
+        model = (_copy_module(model) if copy else model).eval().requires_grad_(False)
         self.patch_size = model.patch_size
         self.embed_dim = self.num_features = model.embed_dim
         self.num_register_tokens = model.num_register_tokens
         self.matmul_patch_embed = matmul_patch_embed
+        self.rope = hasattr(model, "rope_embed")  # DINOv3: rotary position embedding, storage tokens
+        self.extra_tokens_key = getattr(model, "extra_tokens_key", "x_norm_regtokens")
         self.source = model  # keeps the position-embedding interpolation and the output split of the original
         conv = model.patch_embed.proj
         # the conv weight (D, C, p, p) as a (C·p·p, D) matrix, in the order the unfolded patches use
@@ -288,7 +315,10 @@ class InferenceViT(nn.Module):
         self.blocks = nn.ModuleList(InferenceBlock(block) for block in model.blocks)
         model.blocks = nn.ModuleList()  # the source keeps tokens and embeddings only; the blocks live here
         self.norm = model.norm
-        self._pos_cache: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
+        # the norm of the [CLS] row: v3's untied `cls_norm` where a model has one
+        self.cls_norm = model._cls_norm() if self.rope else model.norm
+        self._pos_cache: dict[tuple, Tensor] = {}
+        self._rope_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def _position_embedding(self, num_tokens: int, height: int, width: int, like: Tensor) -> Tensor:
         key = (height, width, like.dtype, like.device)
@@ -303,18 +333,46 @@ class InferenceViT(nn.Module):
             self._pos_cache[key] = cached
         return cached
 
+    def rope_tables(self, h: int, w: int) -> tuple[Tensor, Tensor] | None:
+        """DINOv3's (sin, cos) for an h×w patch grid, from the model's own `rope_tables`, cached per size.
+
+        Traced (ONNX export) they are recomputed, so the graph computes them from the input's size."""
+        if not self.rope:
+            return None
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return self.source.rope_tables(h, w)
+        key = (h, w, self.source.rope_embed.periods.device)
+        cached = self._rope_cache.get(key)
+        if cached is None:
+            with torch.no_grad():
+                cached = tuple(t.contiguous() for t in self.source.rope_tables(h, w))
+            self._rope_cache[key] = cached
+        return cached
+
+    def _grid(self, x: Tensor) -> tuple[int, int]:
+        return x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+
     def patch_embed(self, x: Tensor) -> Tensor:
         if not self.matmul_patch_embed:
             return self.source.patch_embed.proj(x).flatten(2).transpose(1, 2)
         B, C, H, W = x.shape
         p = self.patch_size
         h, w = H // p, W // p
+        if H % p or W % p:  # v3 floors the size (what the strided conv reads); v1/v2 refuse it in prepare_tokens
+            x = x[:, :, :h * p, :w * p]
         patches = x.reshape(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * p * p)
         return torch.addmm(self.patch_bias.to(x.dtype), patches.reshape(B * h * w, -1), self.patch_weight.to(x.dtype)).view(B, h * w, -1)
 
     def prepare_tokens(self, x: Tensor) -> Tensor:
         B, _, H, W = x.shape
         p = self.patch_size
+        if self.rope:  # [CLS, storage…, patches…]; no position added (RoPE acts inside the attention)
+            patches = self.patch_embed(x)
+            prefix = [self.source.cls_token]
+            if self.source.storage_tokens is not None:
+                prefix.append(self.source.storage_tokens)
+            prefix = torch.cat(prefix, dim=1).to(patches.dtype)
+            return torch.cat((prefix.expand(B, -1, -1), patches), dim=1)
         if H % p or W % p:
             raise ValueError(f"input size {H}x{W} is not a multiple of the patch size {p}")
         patches = self.patch_embed(x)
@@ -325,22 +383,29 @@ class InferenceViT(nn.Module):
             tokens = torch.cat((tokens[:, :1], registers, tokens[:, 1:]), dim=1)
         return tokens
 
+    def _final_norm(self, tokens: Tensor) -> Tensor:
+        if self.cls_norm is self.norm:
+            return self.norm(tokens)
+        first_patch = 1 + self.num_register_tokens
+        return torch.cat((self.cls_norm(tokens[:, :first_patch]), self.norm(tokens[:, first_patch:])), dim=1)
+
     def forward_tokens(self, x: Tensor) -> Tensor:
         """Pixels → final normalised tokens (B, 1 + registers + patches, D)."""
-        return self.norm(self.forward_blocks(x))
+        return self._final_norm(self.forward_blocks(x))
 
     def forward_blocks(self, x: Tensor) -> Tensor:
         """Pixels → tokens after the last block, before the final LayerNorm."""
         tokens = self.prepare_tokens(x)
+        rope = self.rope_tables(*self._grid(x))
         for block in self.blocks:
-            tokens = block(tokens)
+            tokens = block(tokens, rope)
         return tokens
 
     def forward_features(self, x: Tensor) -> dict:
         cls_token, register_tokens, patch_tokens = split_tokens(self.forward_tokens(x), self.num_register_tokens)
         return {
             "x_norm_clstoken": cls_token,
-            "x_norm_regtokens": register_tokens,
+            self.extra_tokens_key: register_tokens,
             "x_norm_patchtokens": patch_tokens,
         }
 
@@ -349,11 +414,40 @@ class InferenceViT(nn.Module):
             return self.forward_tokens(x)[:, 0]
         # only [CLS] leaves the last block, and LayerNorm is per token: the same [CLS] for less work
         tokens = self.prepare_tokens(x)
+        rope = self.rope_tables(*self._grid(x))
         for block in self.blocks[:-1]:
-            tokens = block(tokens)
+            tokens = block(tokens, rope)
         if len(self.blocks):
-            tokens = self.blocks[-1].forward_cls(tokens)
-        return self.norm(tokens[:, 0])
+            tokens = self.blocks[-1].forward_cls(tokens, rope)
+        return self.cls_norm(tokens[:, 0])
+
+
+class EagerInference(nn.Module):
+    """A frozen copy of a backbone that `InferenceViT` does not rebuild (the DINOv3 ConvNeXts): the model's own
+    forward, with the same interface (`forward_features`, `forward`, `input_dtype`)."""
+
+    def __init__(self, model: nn.Module, copy: bool = True):
+        super().__init__()
+        self.model = (_copy_module(model) if copy else model).eval().requires_grad_(False)
+        self.patch_size = model.patch_size
+        self.embed_dim = self.num_features = model.embed_dim
+        self.num_register_tokens = getattr(model, "num_register_tokens", 0)
+
+    def forward_features(self, x: Tensor) -> dict:
+        return self.model.forward_features(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.forward_features(x)["x_norm_clstoken"]
+
+
+def _copy_module(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
+
+
+def supports_fast_path(model: nn.Module) -> bool:
+    """Whether `InferenceViT` rebuilds this backbone (the ViTs of every generation); else `EagerInference`."""
+    return hasattr(model, "blocks") and hasattr(model, "patch_embed") and (
+        hasattr(model, "interpolate_pos_encoding") or hasattr(model, "rope_embed"))
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
@@ -369,7 +463,8 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 def optimize_for_inference(model: VisionTransformer, dtype: torch.dtype | None = None, int8: bool = False,
                            compile: bool = False, matmul_patch_embed: bool = True,
                            device: torch.device | str | None = None,
-                           calibration_images: Tensor | Iterable[Tensor] | None = None) -> InferenceViT:
+                           calibration_images: Tensor | Iterable[Tensor] | None = None,
+                           copy: bool = True) -> InferenceViT | EagerInference:
     """A frozen, faster copy of `model` with the same `forward_features` and `forward`.
 
     dtype: cast the weights (torch.bfloat16 or torch.float16); inputs must then be given in that dtype
@@ -385,10 +480,28 @@ def optimize_for_inference(model: VisionTransformer, dtype: torch.dtype | None =
         None: dynamic ranges (each call's min/max).
     compile: wrap `forward_tokens` in `torch.compile` with inductor's weight freezing (the first call per
         input shape compiles, minutes on a small CPU; call it under `torch.no_grad` / `inference_mode`).
+    copy: False builds the inference model from `model` itself (its blocks move into the copy, LayerScale is
+        folded into its weights): no second copy of the weights in memory, but `model` is no longer usable.
+    A backbone `InferenceViT` does not rebuild (a DINOv3 ConvNeXt) runs its own forward (`EagerInference`).
     """
     if int8 and dtype is not None:
         raise ValueError("int8 quantisation works on fp32 models; do not combine it with dtype")
-    fast = InferenceViT(model, matmul_patch_embed=matmul_patch_embed)
+    if not supports_fast_path(model):
+        logger.info(f"{type(model).__name__}: no fast inference copy for this backbone; its own forward is used")
+        fast = EagerInference(model, copy=copy)
+        if device is not None:
+            fast = fast.to(device)
+        if dtype is not None:
+            fast = fast.to(dtype)
+        if int8:
+            if device is not None and torch.device(device).type != "cpu":
+                raise ValueError("int8 dynamic quantisation runs on the CPU only")
+            fast.model = quantize_int8(fast.model)
+        fast.input_dtype = dtype or torch.float32
+        if compile:
+            fast.forward_features = torch.compile(fast.forward_features, dynamic=False)
+        return fast.eval()
+    fast = InferenceViT(model, matmul_patch_embed=matmul_patch_embed, copy=copy)
     if device is not None:
         fast = fast.to(device)
     if dtype is not None:

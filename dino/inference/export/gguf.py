@@ -10,9 +10,12 @@ What dinov2.cpp reads (facts from its `dinov2.cpp` loader and `scripts/dinov2-to
   broadcast it over the conv output;
 - with ftype 1, matrices are f16 while 1-D tensors, `embeddings.position_embeddings`, `embeddings.cls_token`
   and `embeddings.register_tokens` stay f32 (the runtime reads the position embedding as f32 to interpolate it);
-- attention weights: older versions of the runtime read `attention.attention.{query,key,value}`, newer ones a
-  fused `attention.attention.qkv` (rows q, k, v — our own `attn.qkv` layout).  The loader copies every tensor
-  of the file, so by default both are written and either version runs the file.
+- attention weights: the runtime reads a fused `attention.attention.qkv` (rows q, k, v — our own `attn.qkv`
+  layout; its `attn()` looks up `.attention.attention.qkv.weight/.bias`), which is what is written by default
+  (`qkv_layout="fused"`). Older versions read `attention.attention.{query,key,value}` (`"split"`); `"both"`
+  writes the two, but the loader copies every tensor of the file, so the unused copy costs memory (40 MiB for
+  ViT-S at 518²) for nothing.
+- DINOv3 has no ggml model (the runtime has no RoPE): a v3 backbone is refused with the formats that work.
 - the SwiGLU FFN (`mlp.weights_in` / `mlp.weights_out`) is used by the runtime only for 40-block models (ViT-g).
 
 LayerNorm eps is not stored: dinov2.cpp takes it from its `--epsilon` flag (the DINOv2 value is 1e-6).
@@ -35,8 +38,19 @@ QKV_LAYOUTS = ("both", "split", "fused")
 _ALWAYS_F32 = {"embeddings.position_embeddings", "embeddings.cls_token", "embeddings.register_tokens"}
 
 
-def gguf_tensors(model: VisionTransformer, ftype: str = "f32", qkv_layout: str = "both") -> dict[str, np.ndarray]:
+DEFAULT_QKV_LAYOUT = "fused"  # what dinov2.cpp reads
+
+
+def check_gguf_supported(model) -> None:
+    """A DINOv3 backbone (RoPE ViT or ConvNeXt) has no dinov2.cpp / ggml model: one line naming what works."""
+    if not hasattr(model, "pos_embed"):
+        raise UserError(f"GGUF (dinov2.cpp) cannot run {type(model).__name__}: the ggml runtime has no RoPE / ConvNeXt "
+                        "model for DINOv3; export it with --format onnx or --format hf instead")
+
+
+def gguf_tensors(model: VisionTransformer, ftype: str = "f32", qkv_layout: str = DEFAULT_QKV_LAYOUT) -> dict[str, np.ndarray]:
     """The arrays written to the GGUF file, by name, already in their stored dtype and shape."""
+    check_gguf_supported(model)
     if ftype not in FTYPES:
         raise UserError(f"unknown GGUF ftype {ftype!r}; choose one of {', '.join(FTYPES)}")
     if qkv_layout not in QKV_LAYOUTS:
@@ -75,8 +89,10 @@ def gguf_metadata(model: VisionTransformer, ftype: str = "f32") -> dict[str, int
     }
 
 
-def export_gguf(model: VisionTransformer, path: str | os.PathLike, ftype: str = "f32", qkv_layout: str = "both") -> Path:
+def export_gguf(model: VisionTransformer, path: str | os.PathLike, ftype: str = "f32",
+                qkv_layout: str = DEFAULT_QKV_LAYOUT) -> Path:
     """Write `model` as a dinov2.cpp GGUF file; returns the path."""
+    check_gguf_supported(model)
     import gguf
 
     if model.embed_dim % model.num_heads:
@@ -112,7 +128,8 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, int], dict[str, np.nda
     return metadata, tensors
 
 
-def verify_gguf(model: VisionTransformer, path: str | os.PathLike, ftype: str = "f32", qkv_layout: str = "both") -> int:
+def verify_gguf(model: VisionTransformer, path: str | os.PathLike, ftype: str = "f32",
+                qkv_layout: str = DEFAULT_QKV_LAYOUT) -> int:
     """Read the file back and compare every tensor and the metadata with `model`; returns the tensor count."""
     metadata, tensors = read_gguf(path)
     expected_meta = gguf_metadata(model, ftype)

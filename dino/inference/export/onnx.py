@@ -24,6 +24,10 @@ PyTorch's kernels to float rounding:
 The matrices are tiny (n × M), so the resize costs next to nothing; the products are `Einsum` nodes, which
 `quantize_onnx_int8` (MatMul / Gemm only) leaves in fp32.  `export_onnx(..., dynamic_size=False)` still writes
 the older graph for one fixed image size, with the interpolated embedding stored as a constant.
+
+DINOv3 ViTs have no position embedding to resize: their rotary tables are computed in the graph from the input's
+size (`RopePositionEmbedding`'s arange / sin / cos, traced), through the same `InferenceViT` blocks; sizes that are
+not multiples of 16 are floored, as the model does. The DINOv3 ConvNeXts are traced through their own forward.
 """
 
 from __future__ import annotations
@@ -181,6 +185,32 @@ class OnnxFeatureModel(nn.Module):
         return tokens[:, 0], tokens[:, self.first_patch:]
 
 
+class OnnxRopeFeatureModel(nn.Module):
+    """A DINOv3 ViT (RoPE) or ConvNeXt: images → ([CLS], patch tokens) after the final norm; any batch and size.
+
+    ViT: `InferenceViT`'s tokens and blocks, the rotary tables computed in the graph from the input's size
+    (`InferenceViT.rope_tables` does not cache while tracing). ConvNeXt: the model's own `forward_features`.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.vit = hasattr(model, "rope_embed")
+        self.fast = InferenceViT(model, matmul_patch_embed=False) if self.vit else model
+        self.first_patch = 1 + model.num_register_tokens
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        if not self.vit:
+            out = self.fast.forward_features(images)
+            return out["x_norm_clstoken"], out["x_norm_patchtokens"]
+        tokens = self.fast.forward_tokens(images)
+        return tokens[:, 0], tokens[:, self.first_patch:]
+
+
+def uses_rope(model: nn.Module) -> bool:
+    """A DINOv3 backbone (RoPE ViT or ConvNeXt): no stored position embedding to resize."""
+    return not hasattr(model, "pos_embed")
+
+
 def export_onnx(model: VisionTransformer, path: str | os.PathLike, image_size: int = 224, opset: int = 17,
                 dynamic_size: bool = True) -> Path:
     """Write `model` as ONNX with a dynamic batch and, by default, dynamic height and width; returns the path.
@@ -193,7 +223,11 @@ def export_onnx(model: VisionTransformer, path: str | os.PathLike, image_size: i
                         f"(e.g. {max(1, round(image_size / model.patch_size)) * model.patch_size})")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = OnnxFeatureModel(model.float().eval(), image_size, dynamic_size=dynamic_size).eval()
+    if uses_rope(model):  # the graph computes RoPE from the input size: always dynamic
+        dynamic_size = True
+        wrapper = OnnxRopeFeatureModel(model.float().eval()).eval()
+    else:
+        wrapper = OnnxFeatureModel(model.float().eval(), image_size, dynamic_size=dynamic_size).eval()
     example = torch.randn(2, 3, image_size, image_size)
     images_axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
     patch_axes = {0: "batch", 1: "num_patches"} if dynamic_size else {0: "batch"}
@@ -234,6 +268,11 @@ def onnx_has_dynamic_size(path: str | os.PathLike) -> bool:
 def verification_sizes(model: VisionTransformer, image_size: int) -> list[tuple[int, int]]:
     """(H, W) checked for a dynamic export: the example size, the stored grid's size, larger, non-square."""
     p = model.patch_size
+    if uses_rope(model):  # no stored grid: the example size, smaller, larger and non-square, not multiples of p
+        sizes = [(image_size, image_size), (max(p, image_size - 2 * p), max(p, image_size - 2 * p)),
+                 (image_size + 4 * p, image_size + 4 * p), (max(p, image_size - 2 * p), image_size + 2 * p),
+                 (image_size + p // 2, image_size + p - 1)]
+        return list(dict.fromkeys(sizes))
     side = int(math.isqrt(model.pos_embed.shape[1] - 1))
     sizes = [(image_size, image_size), (side * p, side * p), (image_size + 4 * p, image_size + 4 * p),
              (max(p, image_size - 2 * p), image_size + 2 * p),
@@ -255,8 +294,11 @@ def verify_onnx(model: VisionTransformer, path: str | os.PathLike, image_size: i
     for index, (height, width) in enumerate(sizes):
         images = torch.randn(batch_size if index == 0 else 1, 3, height, width)
         p = model.patch_size
-        with torch.no_grad():  # the graph crops sizes that are not multiples of p; PyTorch gets the same crop
-            expected = model.forward_features(images[:, :, :height // p * p, :width // p * p])
+        # the ViT graphs crop sizes that are not multiples of p (v3: as the model floors them); PyTorch gets the
+        # same crop. A ConvNeXt takes any size as it is, in both.
+        crop = images if not hasattr(model, "blocks") else images[:, :, :height // p * p, :width // p * p]
+        with torch.no_grad():
+            expected = model.forward_features(crop)
         cls, patches = run_onnx(path, images.numpy())
         diff = max(float(np.abs(cls - expected["x_norm_clstoken"].numpy()).max()),
                    float(np.abs(patches - expected["x_norm_patchtokens"].numpy()).max()))
