@@ -146,7 +146,7 @@ def attention_part(device: str) -> dict:
     from dino.models import build_backbone
     from dino.train.throughput import dispatched_ops
 
-    ctx = DeviceContext.create(device, hmp=True)
+    ctx = DeviceContext.create(device, precision="bf16")
     model = build_backbone("vit_small", 14, img_size=224).to(ctx.device).eval()
     x = torch.randn(2, 3, 224, 224, device=ctx.device)
     with torch.no_grad(), ctx.autocast(), dispatched_ops() as seen:

@@ -180,8 +180,10 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu_bench")
-    parser.add_argument("--hmp", action="store_true", help="bf16 autocast")
-    parser.add_argument("--fp16", action="store_true", help="fp16 autocast + GradScaler (CUDA)")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+                        help="fp32, bf16 autocast, or fp16 autocast + GradScaler (CUDA); default fp32")
+    parser.add_argument("--hmp", action="store_true", help="alias of --precision bf16")
+    parser.add_argument("--fp16", action="store_true", help="alias of --precision fp16")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp")
     parser.add_argument("--batch", type=int, default=None, help="per-process batch (default: the preset's)")
@@ -212,7 +214,8 @@ def main(argv=None) -> dict:
         overrides.append(f"train.batch_size_per_device={args.batch}")
     overrides.append(f"train.compile={'true' if args.compile else 'false'}")  # not the preset's auto
     cfg = compose(config_name, overrides)
-    ctx = DeviceContext.create(args.device, hmp=args.hmp, fp16=args.fp16)
+    precision = args.precision or ("bf16" if args.hmp else "fp16" if args.fp16 else "fp32")
+    ctx = DeviceContext.create(args.device, precision=precision)
     init_distributed(ctx.backend)
     ctx.set_cpu_threads(get_local_world_size())
     seed_everything(int(cfg.train.seed))
@@ -227,7 +230,7 @@ def main(argv=None) -> dict:
     compiled = bool(cfg.train.compile)
     if compiled:  # where the training loop does it: before sharding
         compile_blocks(student, teacher)
-    shard_student_and_teacher(student, teacher, ctx, args.parallel, FSDPSettings.from_config(cfg.train.fsdp, args.hmp))
+    shard_student_and_teacher(student, teacher, ctx, args.parallel, FSDPSettings.from_config(cfg.train.fsdp, precision == "bf16"))
     optimizer = build_optimizer(cfg, student)
     apply_schedules(optimizer, lr=1e-4, wd=0.04, last_layer_lr=1e-4)
     scaler = ctx.grad_scaler()
@@ -278,7 +281,7 @@ def main(argv=None) -> dict:
     rate = matmul_flops / statistics.median(matmul_times)
     # every process runs the same work; the counted FLOPs and the rate are per process
     result = {
-        "preset": args.preset, "precision": "bf16 autocast" if args.hmp else ("fp16" if args.fp16 else "fp32"),
+        "preset": args.preset, "precision": {"bf16": "bf16 autocast"}.get(precision, precision),
         "compile": compiled, "activation_checkpointing": str(cfg.train.activation_checkpointing),
         "plain_eager": bool(args.plain_eager), "parallel": args.parallel, "processes": get_world_size(),
         "batch_per_process": int(cfg.train.batch_size_per_device),

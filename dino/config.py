@@ -57,6 +57,88 @@ def find_config(config_name: str) -> Path | None:
     return None
 
 
+# `dino.loss_style` is a shorthand: the three switches it stands for follow it (`${loss_style:...}` in the training
+# _base.yaml) unless a preset or the command line sets one of them itself.
+LOSS_STYLES: dict[str, dict[str, Any]] = {
+    "v1": {"dino.center_update": "immediate", "dino.pair_normalisation": "pair_mean", "teacher.temp_per_iteration": False},
+    "v2": {"dino.center_update": "deferred", "dino.pair_normalisation": "dinov2", "teacher.temp_per_iteration": True},
+}
+
+
+def _loss_style_value(style: Any, key: str) -> Any:
+    if style not in LOSS_STYLES:
+        raise ValueError(f"dino.loss_style must be v1 or v2 (or set {key} itself), got {style!r}")
+    return LOSS_STYLES[style][key]
+
+
+OmegaConf.register_new_resolver("loss_style", _loss_style_value, replace=True)
+
+# Keys of older versions, still understood in a stored config (a checkpoint's, a user's preset) and as overrides:
+# old key → (new key, value when the old key is true). A false old key leaves the new one as it is.
+LEGACY_PRECISION_KEYS: dict[str, tuple[str, str]] = {
+    "train.hmp": ("train.precision", "bf16"), "train.fp16": ("train.precision", "fp16"),
+    "hmp": ("precision", "bf16"),  # the eval presets
+}
+
+
+def upgrade_legacy_keys(cfg: DictConfig) -> DictConfig:
+    """Map the keys of older configs onto today's, in place (struct mode is lifted meanwhile).
+
+    `train.hmp` / `train.fp16` (and the eval presets' `hmp`) become `train.precision` (`precision`); a stored
+    `dino.loss_style` without the three switches it stands for gets them spelled out (`LOSS_STYLES`).
+    """
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        for old, (new, value) in LEGACY_PRECISION_KEYS.items():
+            parent_key, _, leaf = old.rpartition(".")
+            parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+            if not isinstance(parent, DictConfig) or leaf not in parent:
+                continue
+            on = parent[leaf]
+            del parent[leaf]
+            if on is True or OmegaConf.select(cfg, new, default=None) is None:
+                OmegaConf.update(cfg, new, value if on is True else "fp32", merge=False)
+        style = OmegaConf.select(cfg, "dino.loss_style", default=None)
+        if style in LOSS_STYLES:
+            for key, value in LOSS_STYLES[style].items():
+                if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
+                    OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
+def _upgrade_override(override: str, valid: Sequence[str]) -> str:
+    """`train.hmp=true` → `train.precision=bf16` (and the eval `hmp=`, `train.fp16=`) when the old key is gone."""
+    key, _, value = override.partition("=")
+    if key in valid or key not in LEGACY_PRECISION_KEYS:
+        return override
+    new, on_value = LEGACY_PRECISION_KEYS[key]
+    try:
+        on = bool_flag(value)
+    except argparse.ArgumentTypeError:
+        raise UserError(f"{key} is now {new} (fp32 | bf16 | fp16); cannot read {override!r}") from None
+    return f"{new}={on_value if on else 'fp32'}"
+
+
+def precision_flags(key: str, fp16: bool = True) -> list["Flag"]:
+    """--precision and its aliases --hmp/--use_bf16 (bf16) and --fp16/--use_fp16 (fp16); `--hmp false` means fp32."""
+    def alias(on_value: str) -> Callable[[str], str]:
+        def parse(value: str) -> str:
+            return on_value if bool_flag(value) else "fp32"
+        return parse
+
+    bare = dict(nargs="?", const="true", metavar="BOOL")
+    flags = [
+        Flag(("--precision",), key, "fp32, bf16 (autocast) or fp16 (autocast with loss scaling, CUDA)",
+             choices=("fp32", "bf16", "fp16")),
+        Flag(("--hmp", "--use_bf16"), key, "alias of --precision bf16 (--hmp false: fp32)", type=alias("bf16"), extra=bare),
+    ]
+    if fp16:
+        flags.append(Flag(("--fp16", "--use_fp16"), key, "alias of --precision fp16 (--fp16 false: fp32)",
+                          type=alias("fp16"), extra=bare))
+    return flags
+
+
 def bool_flag(value: str | bool) -> bool:
     """Parse true/false/yes/no/1/0 (the DINO scripts' `--flag True|False` style)."""
     if isinstance(value, bool):
@@ -115,6 +197,7 @@ def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
     with initialize_config_dir(version_base=None, config_dir=str(path.parent)):
         base = hydra_compose(config_name=path.stem, overrides=search)
         valid = flatten_keys(base)
+        overrides = [_upgrade_override(override, valid) for override in overrides]
         for override in overrides:
             if "=" not in override:
                 raise UserError(f"cannot read override {override!r}: expected key=value")
@@ -125,6 +208,7 @@ def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
             cfg = hydra_compose(config_name=path.stem, overrides=search + list(overrides))
         except Exception as err:  # hydra's own parse errors: show them as one line
             raise UserError(f"bad override: {str(err).splitlines()[0]}") from None
+    upgrade_legacy_keys(cfg)  # a user's preset written for an older version
     OmegaConf.set_struct(cfg, True)
     return cfg
 

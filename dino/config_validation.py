@@ -168,7 +168,10 @@ def validate_training_config(cfg: DictConfig) -> None:
     c.number("model.num_register_tokens", 0, integer=True)
     c.number("model.interpolate_offset", 0)
     # heads and losses
-    c.choice("dino.loss_style", ("v1", "v2"))
+    c.choice("dino.loss_style", ("v1", "v2", None))  # shorthand for the three switches below
+    c.choice("dino.center_update", ("immediate", "deferred"))
+    c.choice("dino.pair_normalisation", ("pair_mean", "dinov2"))
+    c.boolean("teacher.temp_per_iteration")
     c.number("dino.loss_weight", 0)
     c.number("dino.head_n_prototypes", 1, integer=True, reason=" (--out_dim: prototypes of the DINO head)")
     for key in ("dino.head_hidden_dim", "dino.head_bottleneck_dim", "dino.head_nlayers"):
@@ -180,6 +183,9 @@ def validate_training_config(cfg: DictConfig) -> None:
     ibot = c.number("ibot.loss_weight", 0)
     c.probabilities("ibot.mask_sample_probability")
     c.pair("ibot.mask_ratio_min_max", 0, 1, low_open=False)
+    c.number("ibot.mask_block_min_patches", 1, integer=True)
+    c.number("ibot.mask_block_max_fraction", 0, 1, min_inclusive=False)
+    c.number("ibot.mask_block_min_aspect", 0, 1, min_inclusive=False)
     if _is_number(ibot) and ibot > 0:
         for key in ("ibot.head_n_prototypes", "ibot.head_hidden_dim", "ibot.head_bottleneck_dim", "ibot.head_nlayers"):
             c.number(key, 1, integer=True)
@@ -214,6 +220,7 @@ def validate_training_config(cfg: DictConfig) -> None:
     if betas is not _MISSING and not (isinstance(betas, list) and len(betas) == 2
                                       and all(_is_number(b) and 0 <= b < 1 for b in betas)):
         c.problems.append(f"optim.adamw_betas must be two numbers in [0, 1), got {betas!r}")
+    c.number("optim.sgd_momentum", 0, 1, max_inclusive=False)
     # crops
     c.pair("crops.global_crops_scale", 0, 1, low_open=True)
     c.pair("crops.local_crops_scale", 0, 1, low_open=True)
@@ -239,9 +246,15 @@ def validate_training_config(cfg: DictConfig) -> None:
     c.number("train.max_iters", 1, integer=True, optional=True)
     c.number("train.checkpoint_every_iters", 0, integer=True)
     c.number("train.visualize_freq", 0, integer=True)
-    for key in ("train.resume", "train.hmp", "train.fp16", "model.qkv_bias", "dino.norm_last_layer",
+    for key in ("train.resume", "model.qkv_bias", "model.use_mask_token", "dino.norm_last_layer",
                 "dino.use_bn_in_head", "ibot.separate_head"):
         c.boolean(key)
+    from dino.distributed.device import PRECISIONS
+
+    precision = c.choice("train.precision", PRECISIONS)
+    if precision == "fp16" and c.get("train.device") not in ("auto", "cuda", _MISSING):
+        c.problems.append(f"train.precision fp16 needs a CUDA device (train.device is {c.get('train.device')!r}); "
+                          "use bf16 (--hmp) there")
     c.choice("train.device", ("auto", "cuda", "hpu", "mps", "cpu"))
     c.choice("train.parallel", ("ddp", "fsdp"))
     if not isinstance(c.get("train.compile"), bool) and c.get("train.compile") is not _MISSING:
@@ -371,7 +384,11 @@ def read_checkpoint_config(path: str | os.PathLike) -> tuple[DictConfig, int | N
         saved = OmegaConf.create(text)
     except Exception:
         return None
-    return (saved, world_size) if isinstance(saved, DictConfig) else None
+    if not isinstance(saved, DictConfig):
+        return None
+    from dino.config import upgrade_legacy_keys
+
+    return upgrade_legacy_keys(saved), world_size  # train.hmp / train.fp16 → train.precision, loss_style spelled out
 
 
 def check_resume_against_output_dir(cfg: DictConfig, world_size: int | None = None) -> None:

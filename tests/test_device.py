@@ -12,7 +12,7 @@ from dino.errors import UserError
 
 def test_auto_prefers_hpu_when_habana_imports(fake_habana):
     assert resolve_device_type("auto") == "hpu"
-    ctx = DeviceContext.create("auto", hmp=True)
+    ctx = DeviceContext.create("auto", precision="bf16")
     assert ctx.type == "hpu" and ctx.backend == "hccl"
     assert ctx.autocast_dtype is torch.bfloat16
     ctx.mark_step()
@@ -34,7 +34,7 @@ def test_auto_prefers_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device_type("auto") == "cuda"
     assert DeviceContext(type="cuda").backend == "nccl"
-    assert DeviceContext(type="cuda", fp16=True).autocast_dtype is torch.float16
+    assert DeviceContext(type="cuda", precision="fp16").autocast_dtype is torch.float16
 
 
 def test_bad_device_requests(monkeypatch):
@@ -44,11 +44,11 @@ def test_bad_device_requests(monkeypatch):
     with pytest.raises(UserError, match="no CUDA device"):
         resolve_device_type("cuda")
     with pytest.raises(UserError, match="--fp16 needs a CUDA"):
-        DeviceContext.create("cpu", fp16=True)
+        DeviceContext.create("cpu", precision="fp16")
 
 
 def test_hmp_autocast_runs_in_bf16_on_cpu():
-    ctx = DeviceContext.create("cpu", hmp=True)
+    ctx = DeviceContext.create("cpu", precision="bf16")
     with ctx.autocast():
         y = torch.nn.Linear(4, 4)(torch.randn(2, 4))
     assert y.dtype is torch.bfloat16

@@ -141,7 +141,7 @@ def test_fsdp_two_processes_equal_one_process_and_resume_across_world_sizes(tmp_
 def test_fsdp_with_hmp_ibot_koleo_shard_grad_op_and_per_parameter_clipping(tmp_path, image_folder):
     """The other FSDP2 settings run end to end on 2 CPU processes: bf16 autocast with bf16 parameters and fp32
     reductions, no resharding after forward, iBOT + KoLeo, DINO v1 per-parameter clipping of DTensor grads."""
-    torchrun_two_processes(image_folder, tmp_path / "run", 4, "train.parallel=fsdp", "train.hmp=true",
+    torchrun_two_processes(image_folder, tmp_path / "run", 4, "train.parallel=fsdp", "train.precision=bf16",
                            "train.fsdp.reshard_after_forward=false", "ibot.loss_weight=1.0",
                            "dino.koleo_loss_weight=0.1", "optim.clip_style=per_parameter", "dino.loss_style=v1")
     losses = losses_by_step(tmp_path / "run")

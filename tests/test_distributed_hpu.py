@@ -21,7 +21,7 @@ def test_hpu_step_marks_after_backward_and_after_optimizer_step(tmp_path, fake_h
         make_demo_image(i % 3, seed=i, image_size=32).save(folder / f"{i}.png")
     cfg = compose("train/demo", tiny_overrides(folder, tmp_path / "out", 4, "model.depth=1", "crops.local_crops_number=1",
                                                "dino.head_n_prototypes=32"))
-    ctx = DeviceContext.create("hpu", hmp=False)
+    ctx = DeviceContext.create("hpu")
     assert ctx.type == "hpu" and ctx.backend == "hccl"
     # tensors stay on the CPU: only mark_step is the HPU's
     monkeypatch.setattr(DeviceContext, "device", property(lambda self: torch.device("cpu")))

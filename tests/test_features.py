@@ -161,7 +161,7 @@ def test_two_processes_give_the_single_process_features(tmp_path):
 def test_bf16_autocast_gives_float32_features_close_to_fp32():
     model, dataset = tiny_vit(), IndexedImages(4)
     fp32, _ = F.extract_features(model, dataset, CPU, batch_size=4, num_workers=0)
-    bf16, _ = F.extract_features(model, dataset, DeviceContext(type="cpu", hmp=True), batch_size=4, num_workers=0)
+    bf16, _ = F.extract_features(model, dataset, DeviceContext(type="cpu", precision="bf16"), batch_size=4, num_workers=0)
     assert bf16.dtype == torch.float32
     assert torch.nn.functional.cosine_similarity(bf16, fp32).min() > 0.98
 

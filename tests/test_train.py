@@ -171,7 +171,7 @@ def test_flags_map_onto_config_keys(tmp_path, monkeypatch):
     cfg = captured["cfg"]
     assert cfg.model.arch == "vit_base" and cfg.train.batch_size_per_device == 32
     assert cfg.dino.head_n_prototypes == 4096 and cfg.dino.norm_last_layer is False
-    assert list(cfg.crops.global_crops_scale) == [0.3, 1.0] and cfg.train.hmp is True and cfg.optim.lr == 0.001
+    assert list(cfg.crops.global_crops_scale) == [0.3, 1.0] and cfg.train.precision == "bf16" and cfg.optim.lr == 0.001
 
 
 def test_main_dino_help():

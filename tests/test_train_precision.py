@@ -42,7 +42,7 @@ def one_step_setup(cfg, ctx):
 
 def test_hmp_on_cpu_stays_close_to_fp32(tmp_path, image_folder):
     train(tiny_config(image_folder, tmp_path / "fp32"))
-    train(tiny_config(image_folder, tmp_path / "bf16", "train.hmp=true"))
+    train(tiny_config(image_folder, tmp_path / "bf16", "train.precision=bf16"))
     fp32, bf16 = losses_by_step(tmp_path / "fp32"), losses_by_step(tmp_path / "bf16")
     assert sorted(fp32) == sorted(bf16) == [1, 2, 3]
     for step in fp32:
@@ -51,8 +51,8 @@ def test_hmp_on_cpu_stays_close_to_fp32(tmp_path, image_folder):
 
 
 def test_losses_and_targets_are_fp32_under_bf16_autocast(tmp_path, image_folder):
-    cfg = tiny_config(image_folder, tmp_path, "train.hmp=true")
-    ctx = DeviceContext.create("cpu", hmp=True)
+    cfg = tiny_config(image_folder, tmp_path, "train.precision=bf16")
+    ctx = DeviceContext.create("cpu", precision="bf16")
     batch, student, teacher, objective, _ = one_step_setup(cfg, ctx)
     with ctx.autocast():
         with torch.no_grad():
@@ -120,6 +120,6 @@ def test_fp16_needs_cuda_and_excludes_hmp():
     from dino.errors import UserError
 
     with pytest.raises(UserError, match="CUDA"):
-        DeviceContext.create("cpu", fp16=True)
-    assert DeviceContext(type="cuda", fp16=True).grad_scaler() is not None
-    assert DeviceContext(type="cpu", hmp=True).grad_scaler() is None
+        DeviceContext.create("cpu", precision="fp16")
+    assert DeviceContext(type="cuda", precision="fp16").grad_scaler() is not None
+    assert DeviceContext(type="cpu", precision="bf16").grad_scaler() is None

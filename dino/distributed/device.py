@@ -67,6 +67,12 @@ def resolve_device_type(requested: str = "auto") -> str:
     return requested
 
 
+# The one precision setting of training (`train.precision`), evaluation and feature extraction (`precision`):
+# the dtype the forward pass autocasts to (None: plain fp32).
+_AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS: tuple[str, ...] = tuple(_AUTOCAST_DTYPES)
+
+
 @dataclass
 class DeviceContext:
     """Device, precision and backend decisions for one process.
@@ -74,26 +80,27 @@ class DeviceContext:
     Args:
         type: 'cuda', 'hpu', 'mps' or 'cpu' (already resolved; use `DeviceContext.create` to resolve 'auto').
         local_rank: index of the accelerator this process drives on its node.
-        hmp: bf16 mixed precision (autocast) on every device.
-        fp16: fp16 autocast with a GradScaler (CUDA only).
+        precision: one of `PRECISIONS`: 'fp32' (no autocast), 'bf16' (bf16 autocast on every device) or
+            'fp16' (fp16 autocast with a GradScaler, CUDA only).
     """
 
     type: str = "cpu"
     local_rank: int = 0
-    hmp: bool = False
-    fp16: bool = False
+    precision: str = "fp32"
     _habana: object = field(default=None, repr=False)
 
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
     @classmethod
-    def create(cls, requested: str = "auto", local_rank: int | None = None, hmp: bool = False, fp16: bool = False) -> "DeviceContext":
+    def create(cls, requested: str = "auto", local_rank: int | None = None, precision: str = "fp32") -> "DeviceContext":
         dev_type = resolve_device_type(requested)
         if local_rank is None:
             local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if fp16 and dev_type != "cuda":
-            raise UserError("--fp16 needs a CUDA device; use --hmp (bf16) on other devices")
-        if fp16 and hmp:
-            raise UserError("choose one of --hmp (bf16) and --fp16")
-        ctx = cls(type=dev_type, local_rank=local_rank, hmp=hmp, fp16=fp16)
+        if precision == "fp16" and dev_type != "cuda":
+            raise UserError("--fp16 needs a CUDA device (precision fp16); use --hmp (precision bf16) on other devices")
+        ctx = cls(type=dev_type, local_rank=local_rank, precision=precision)
         if dev_type == "hpu":
             ctx._habana = _habana_module()
         if dev_type == "cuda":
@@ -115,14 +122,10 @@ class DeviceContext:
     # --- precision ------------------------------------------------------------------------------
     @property
     def autocast_dtype(self) -> torch.dtype | None:
-        if self.hmp:
-            return torch.bfloat16
-        if self.fp16:
-            return torch.float16
-        return None
+        return _AUTOCAST_DTYPES[self.precision]
 
     def autocast(self):
-        """Context manager for the forward pass: bf16 (--hmp) / fp16 (--fp16) autocast, or nothing."""
+        """Context manager for the forward pass: bf16 / fp16 autocast, or nothing (fp32)."""
         dtype = self.autocast_dtype
         if dtype is None:
             return contextlib.nullcontext()
@@ -130,7 +133,7 @@ class DeviceContext:
 
     def grad_scaler(self):
         """A GradScaler for fp16 on CUDA; None otherwise (bf16 needs no loss scaling)."""
-        if self.fp16:
+        if self.precision == "fp16":
             return torch.amp.GradScaler("cuda")
         return None
 

@@ -1,7 +1,7 @@
 """Command-line flags shared by the evaluation scripts.
 
 They set the config keys the eval code reads (`model.*` for the backbone, `data.*` for images, `device`,
-`hmp`, feature dumps), so every script spells them alike: the DINO v1 names, with the DINO v1 aliases.
+`precision`, feature dumps), so every script spells them alike: the DINO v1 names, with the DINO v1 aliases.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import warnings
 
-from dino.config import Flag, bool_flag
+from dino.config import Flag, bool_flag, precision_flags
 from dino.distributed import DEVICE_CHOICES
 
 
@@ -49,12 +49,12 @@ def image_flags() -> list[Flag]:
 
 
 def device_flags(use_cuda_alias: bool = True) -> list[Flag]:
-    """--device, the deprecated --use_cuda (optional), --hmp."""
+    """--device, the deprecated --use_cuda (optional), --precision (and its aliases --hmp, --fp16)."""
     flags = [
         Flag(("--device",), "device", "where to run", choices=DEVICE_CHOICES),
         Flag(("--use_cuda",), "device", "deprecated: --use_cuda true|false means --device cuda|cpu", type=use_cuda_device,
              extra=dict(nargs="?", const="true", metavar="BOOL")),
-        Flag(("--hmp",), "hmp", "bf16 autocast for the backbone", type=bool_flag),
+        *precision_flags("precision"),  # --precision fp32|bf16|fp16, --hmp / --use_bf16, --fp16 / --use_fp16
     ]
     return flags if use_cuda_alias else [f for f in flags if "--use_cuda" not in f.names]
 

@@ -238,7 +238,7 @@ def run_copy_detection(cfg: Any) -> dict:
     distractor_paths = extra_sets.get("distractors_path", [])
     whitening_paths = extra_sets.get("whitening_path", [])
 
-    device_ctx = DeviceContext.create(cfg.device, hmp=bool(cfg.hmp))
+    device_ctx = DeviceContext.create(cfg.device, precision=str(cfg.precision))
     init_distributed(device_ctx.backend)
     model = load_eval_backbone(_model_config_with_default(cfg.model), device_ctx)
     transform = make_copydays_transform(int(cfg.imsize))

@@ -202,7 +202,7 @@ def run_depth(cfg) -> dict:
     files_train = depth_files(cfg.dataset, cfg.data_path, "train")
     files_val = depth_files(cfg.dataset, cfg.data_path, "val")
     training = common.training_from_config(cfg.train)
-    device_ctx = DeviceContext.create(cfg.device, hmp=bool(cfg.hmp))
+    device_ctx = DeviceContext.create(cfg.device, precision=str(cfg.precision))
     init_distributed(device_ctx.backend)
     model = load_eval_backbone(cfg.model, device_ctx)
     layers = common.select_layers(common.backbone_depth(model), int(cfg.head.layers), str(cfg.head.spacing))

@@ -155,7 +155,7 @@ def run_knn(cfg) -> dict:
             problems.append(problem)
     if problems:
         raise UserError("; ".join(problems))
-    device_ctx = DeviceContext.create(cfg.device, hmp=bool(cfg.hmp))
+    device_ctx = DeviceContext.create(cfg.device, precision=str(cfg.precision))
     init_distributed(device_ctx.backend)
     if is_main_process():
         logger.info(f"k-NN protocol: weighted votes exp(cos/T), T={temperature}, k={k_values}")

@@ -228,7 +228,7 @@ def run_video_segmentation(cfg: Any) -> dict:
     sequences = load_davis(cfg.data_path, cfg.split, need_frames=not cfg.eval_only)
     output_dir = cfg.output_dir
     if not cfg.eval_only:
-        device_ctx = DeviceContext.create(cfg.device, hmp=bool(cfg.hmp))
+        device_ctx = DeviceContext.create(cfg.device, precision=str(cfg.precision))
         init_distributed(device_ctx.backend)
         model = load_eval_backbone(cfg.model, device_ctx)
         logger.info(f"label propagation on DAVIS {cfg.split}: {len(sequences)} sequences; last-block patch features "

@@ -385,7 +385,7 @@ def run_linear(cfg) -> dict:
         weight_decay=float(cfg.linear.weight_decay), val_every_epochs=int(cfg.linear.val_every_epochs),
         seed=int(cfg.linear.seed), resume=bool(cfg.linear.resume),
     )
-    device_ctx = DeviceContext.create(cfg.device, hmp=bool(cfg.hmp))
+    device_ctx = DeviceContext.create(cfg.device, precision=str(cfg.precision))
     init_distributed(device_ctx.backend)
     data_path = feats.resolve_data_path(cfg.data.data_path)
     sizes = feats.resolve_image_sizes(cfg.data.resize_size, cfg.data.crop_size, feats.demo_image_size(data_path))

@@ -161,7 +161,7 @@ def run_logreg(cfg) -> dict:
     a table on stdout and `<output_dir>/logreg_results.json`."""
     settings = cfg.logreg
     c_values = c_grid(float(settings.c_log10_min), float(settings.c_log10_max), int(settings.num_c))
-    device_ctx = DeviceContext.create(cfg.device, hmp=bool(cfg.hmp))
+    device_ctx = DeviceContext.create(cfg.device, precision=str(cfg.precision))
     init_distributed(device_ctx.backend)
     if is_main_process():
         logger.info(f"log-reg protocol: L2-normalised features, L-BFGS (max {settings.max_iter} iterations), "

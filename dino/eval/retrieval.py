@@ -403,7 +403,7 @@ def run_retrieval(cfg: Any) -> dict:
         if not distractor_paths:
             raise UserError(f"--distractors folder {distractors_dir} holds no images")
 
-    device_ctx = DeviceContext.create(cfg.device, hmp=bool(cfg.hmp))
+    device_ctx = DeviceContext.create(cfg.device, precision=str(cfg.precision))
     init_distributed(device_ctx.backend)
     model = load_eval_backbone(cfg.model, device_ctx)
     kappas = [int(k) for k in cfg.kappas]

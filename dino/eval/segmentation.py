@@ -191,7 +191,7 @@ def run_segmentation(cfg) -> dict:
     _pairs(cfg.test.crop_size, "test.crop_size")
     _pairs(cfg.test.stride, "test.stride")
     training = common.training_from_config(cfg.train)
-    device_ctx = DeviceContext.create(cfg.device, hmp=bool(cfg.hmp))
+    device_ctx = DeviceContext.create(cfg.device, precision=str(cfg.precision))
     init_distributed(device_ctx.backend)
     model = load_eval_backbone(cfg.model, device_ctx)
     layers = common.select_layers(common.backbone_depth(model), int(cfg.head.layers), str(cfg.head.get("spacing", "last")))

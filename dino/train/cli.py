@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from dino.config import ConfigCLI, Flag, bool_flag
+from dino.config import ConfigCLI, Flag, bool_flag, precision_flags
 from dino.errors import run_cli
-
 
 FLAGS = [
     Flag(("--arch",), "model.arch", "backbone size: vit_tiny, vit_small, vit_base, vit_large, vit_giant2"),
@@ -40,8 +39,7 @@ FLAGS = [
     Flag(("--saveckp_freq",), "train.saveckp_freq", "keep a checkpoint copy every N epochs", type=int),
     Flag(("--seed",), "train.seed", "random seed", type=int),
     Flag(("--num_workers",), "train.num_workers", "data-loading workers per process", type=int),
-    Flag(("--hmp", "--use_bf16"), "train.hmp", "bf16 mixed precision on CUDA, HPU and CPU", type=bool_flag),
-    Flag(("--fp16", "--use_fp16"), "train.fp16", "fp16 mixed precision with loss scaling (CUDA)", type=bool_flag),
+    *precision_flags("train.precision"),
     Flag(("--device",), "train.device", "auto, cuda, hpu, mps or cpu", choices=("auto", "cuda", "hpu", "mps", "cpu")),
     Flag(("--parallel",), "train.parallel", "data parallelism across processes: ddp, or fsdp (FSDP2, sharded checkpoints)",
          choices=("ddp", "fsdp")),
@@ -108,8 +106,8 @@ def main(argv: Sequence[str] | None = None):
     # Everything the user can get wrong is reported before the device, the data or config.yaml are touched.
     validate_training_config(cfg)
     check_resume_against_output_dir(cfg)
-    from dino.train.loop import train
     from dino.train.knn_check import report_knn_if_requested
+    from dino.train.loop import train
 
     result = train(cfg)
     if not result.stopped_early:

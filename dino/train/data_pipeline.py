@@ -79,7 +79,9 @@ def build_training_data(cfg: DictConfig, ctx: DeviceContext) -> TrainingData:
         mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
         mask_probability=float(cfg.ibot.mask_sample_probability) if use_ibot else 0.0,
         n_tokens=grid * grid,
-        mask_generator=MaskingGenerator((grid, grid), max_num_patches=int(0.5 * grid * grid)) if use_ibot else None,
+        mask_generator=MaskingGenerator((grid, grid), max_num_patches=int(float(cfg.ibot.mask_block_max_fraction) * grid * grid),
+                                        min_num_patches=int(cfg.ibot.mask_block_min_patches),
+                                        min_aspect=float(cfg.ibot.mask_block_min_aspect)) if use_ibot else None,
     )
     batch_size = int(cfg.train.batch_size_per_device)
     sampler = ShardedEpochSampler(len(dataset), shuffle=True, seed=int(cfg.train.seed), drop_last=True)

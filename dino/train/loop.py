@@ -122,7 +122,7 @@ def build_schedules(cfg: DictConfig, iters_per_epoch: int, total_batch_size: int
     warmup = min(int(optim.warmup_epochs) * iters_per_epoch, total)
     lr = Schedule.cosine(peak_lr, float(optim.min_lr), total, warmup_iters=warmup)
     wd = Schedule.cosine(float(optim.weight_decay), float(optim.weight_decay_end), total)
-    per_iteration = str(cfg.dino.loss_style) == "v2"
+    per_iteration = bool(teacher.temp_per_iteration)
     return TrainingSchedules(
         lr=lr,
         last_layer_lr=last_layer_lr_schedule(lr, min(int(optim.freeze_last_layer) * iters_per_epoch, total)),
@@ -149,7 +149,7 @@ def build_optimizer(cfg: DictConfig, student: torch.nn.Module) -> torch.optim.Op
         fused = all(p.device.type in ("cpu", "cuda") and not is_sharded_tensor(p) for p in params)
         return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.optim.adamw_betas), fused=fused or None)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
+        return torch.optim.SGD(groups, lr=0.0, momentum=float(cfg.optim.sgd_momentum))
     raise UserError(f"unknown optimizer {cfg.optim.optimizer!r}; choose adamw or sgd")
 
 
@@ -668,7 +668,7 @@ class _Run:
             kept = f"{where} holds step {saved}{before}"
         lr = float(self.cfg.optim.lr)
         return (f"{err} at step {step}; {kept}. To resume from it, run the same command again (it resumes "
-                f"automatically) with a lower learning rate, e.g. optim.lr={lr / 4:.3g}; without --hmp/--fp16, "
+                f"automatically) with a lower learning rate, e.g. optim.lr={lr / 4:.3g}; in fp32 (no --hmp/--fp16), "
                 "a smaller out_dim or a stronger clip_grad may also help")
 
 
@@ -690,7 +690,7 @@ def train(cfg: DictConfig) -> TrainResult:
     fresh_heads = None if starting_point is None else not starting_point.has_heads
     prepare_distillation(cfg)  # --distill_from: the teacher file is read and checked against the student
     validate_training_config(cfg)  # also for callers of train() that skip the command line's checks
-    ctx = DeviceContext.create(str(cfg.train.device), hmp=bool(cfg.train.hmp), fp16=bool(cfg.train.fp16))
+    ctx = DeviceContext.create(str(cfg.train.device), precision=str(cfg.train.precision))
     timeout = cfg.train.get("dist_timeout", None)
     owns_group = init_distributed(ctx.backend, float(timeout) if timeout else None)
     lock = logger = run = None
@@ -723,7 +723,7 @@ def train(cfg: DictConfig) -> TrainResult:
             compile_blocks(student, teacher)  # before FSDP2, which then wraps the compiled blocks
         # FSDP2 swaps the parameters for DTensors, so it comes before the optimiser is built.
         shard_student_and_teacher(student, teacher, ctx, parallel,
-                                  FSDPSettings.from_config(cfg.train.get("fsdp", {}), bool(cfg.train.hmp)))
+                                  FSDPSettings.from_config(cfg.train.get("fsdp", {}), ctx.precision == "bf16"))
         state = TrainState(cfg, student, teacher, objective, build_optimizer(cfg, student), ctx.grad_scaler(),
                            backbone_kwargs, data.batch_size, sharded=parallel == "fsdp")
         schedules = build_schedules(cfg, iters_per_epoch, data.batch_size * get_world_size())

@@ -37,7 +37,7 @@ def backbone_kwargs_from_config(model_cfg: DictConfig) -> dict[str, Any]:
         qkv_bias=bool(model_cfg.qkv_bias),
         interpolate_offset=float(model_cfg.interpolate_offset),
         interpolate_antialias=bool(model_cfg.interpolate_antialias),
-        use_mask_token=bool(model_cfg.get("use_mask_token", True)),
+        use_mask_token=bool(model_cfg.use_mask_token),
     )
     if model_cfg.depth is not None:
         kwargs["depth"] = int(model_cfg.depth)
@@ -185,21 +185,25 @@ def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> N
 class SelfDistillationObjective(nn.Module):
     """DINO [CLS] loss (+ iBOT masked-patch loss, + KoLeo) with the teacher centers as state.
 
-    `dino.loss_style`:
-      - 'v1' (DINO v1): mean of H(t_i, s_j) over pairs j ≠ i, center EMA right after the loss;
-      - 'v2' (DINOv2): separately normalised global/local terms, deferred center EMA.
+    `dino.pair_normalisation`: 'pair_mean' (DINO v1: one term, the mean of H(t_i, s_j) over pairs j ≠ i) or
+    'dinov2' (separately normalised global and local terms).
+    `dino.center_update`: 'immediate' (DINO v1: center EMA right after the loss) or 'deferred' (DINOv2).
+    (`dino.loss_style` v1 / v2 is the shorthand that sets both, and `teacher.temp_per_iteration`.)
     `dino.centering`: 'softmax' (centering + sharpening) or 'sinkhorn_knopp' (3 iterations).
     """
 
     def __init__(self, cfg: DictConfig, n_local_crops: int):
         super().__init__()
-        self.style = str(cfg.dino.loss_style)
-        if self.style not in ("v1", "v2"):
-            raise ValueError(f"dino.loss_style must be v1 or v2, got {self.style!r}")
+        self.pair_normalisation = str(cfg.dino.pair_normalisation)
+        if self.pair_normalisation not in ("pair_mean", "dinov2"):
+            raise ValueError(f"dino.pair_normalisation must be pair_mean or dinov2, got {self.pair_normalisation!r}")
+        center_update = str(cfg.dino.center_update)
+        if center_update not in ("immediate", "deferred"):
+            raise ValueError(f"dino.center_update must be immediate or deferred, got {center_update!r}")
         self.centering = str(cfg.dino.centering)
         if self.centering not in ("softmax", "sinkhorn_knopp"):
             raise ValueError(f"dino.centering must be softmax or sinkhorn_knopp, got {self.centering!r}")
-        deferred = self.style == "v2"
+        deferred = center_update == "deferred"
         self.n_local_crops = n_local_crops
         self.dino_weight = float(cfg.dino.loss_weight)
         self.koleo_weight = float(cfg.dino.koleo_loss_weight)
@@ -238,7 +242,7 @@ class SelfDistillationObjective(nn.Module):
         s_local = s_local.float() if s_local is not None else None
         t_cls = targets["cls_probs"]
         terms: dict[str, Tensor] = {}
-        if self.style == "v1":
+        if self.pair_normalisation == "pair_mean":
             all_student = torch.cat([s_global] + ([s_local] if s_local is not None else []))
             terms["dino"] = dino_v1_loss(all_student, t_cls, 2 + self.n_local_crops, self.dino_loss.student_temp)
             total = self.dino_weight * terms["dino"]
