@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,11 @@ from dino.models import DINOHead
 from dino.train.pretrained import StartingPoint, load_heads, read_starting_point
 
 log = get_logger(__name__)
+
+
+def _info(message: str) -> None:
+    if is_main_process() and os.environ.get("RANK", "0") == "0":  # every rank reads the same file: say it once
+        log.info(message)
 
 HEADS_FILE = "distill_teacher_heads.pth"
 _CACHE: dict[str, StartingPoint] = {}
@@ -106,7 +112,7 @@ def build_distillation_target(cfg: DictConfig):
         load_heads(target, point.heads, point.source)
     for param in target.parameters():
         param.requires_grad_(False)
-    log.info(f"distillation teacher from {point.source}: {point.summary}; heads "
+    _info(f"distillation teacher from {point.source}: {point.summary}; heads "
              + ("from the file" if point.has_heads else f"fresh (fitted for {cfg.train.head_warmup_iters or 'auto'} "
                                                         "iterations before distillation)"))
     return target.eval()
@@ -132,7 +138,7 @@ def prepare_distillation_target(target, cfg: DictConfig, ctx, data, output_dir: 
     if bool(cfg.train.resume) and heads_file.is_file():
         state = torch.load(heads_file, map_location="cpu", weights_only=True)
         target.load_state_dict(state, strict=False)
-        log.info(f"distillation teacher heads read from {heads_file}")
+        _info(f"distillation teacher heads read from {heads_file}")
     else:
         iters = OmegaConf.select(cfg, "train.head_warmup_iters")
         iters = max(1, len(schedules.lr) // 10) if iters is None else int(iters)
@@ -204,7 +210,7 @@ def fit_teacher_heads(target, cfg: DictConfig, data, ctx, iters: int, schedules)
                     torch._foreach_lerp_(list(getattr(target, name).parameters()), list(head.parameters()), 1 - momentum)
             losses.append(float(loss.detach()))
             if step == 0 or step + 1 == iters:
-                log.info(f"fitting the teacher's heads: step {step + 1}/{iters}, loss {losses[-1]:.4f}")
+                _info(f"fitting the teacher's heads: step {step + 1}/{iters}, loss {losses[-1]:.4f}")
     finally:
         close = getattr(stream, "close", None)
         if close is not None:

@@ -25,6 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+from dino.distributed import is_main_process
 from dino.errors import UserError
 from dino.hub import (
     OFFICIAL_MODELS,
@@ -37,6 +38,11 @@ from dino.log import get_logger
 from dino.models import DINOV3_RELEASES, is_dinov3_state_dict
 
 log = get_logger(__name__)
+
+
+def _info(message: str) -> None:
+    if is_main_process() and os.environ.get("RANK", "0") == "0":  # every rank reads the same file: say it once
+        log.info(message)
 
 HEAD_NAMES = ("dino_head", "ibot_head")
 # the training config's head keys, read from a training checkpoint's saved config
@@ -136,7 +142,7 @@ def derive_config(cfg: DictConfig, point: StartingPoint, *, model_key: str = "mo
                 OmegaConf.update(cfg, key, value, merge=False, force_add=True)
                 changes.append(f"{key}: {old} → {value}")
     if changes:
-        log.info(f"from {point.source}: " + ", ".join(changes))
+        _info(f"from {point.source}: " + ", ".join(changes))
     return changes
 
 
@@ -222,7 +228,7 @@ def build_pretrained_networks(cfg: DictConfig, point: StartingPoint):
         loaded.append("heads (" + ", ".join(n for n in HEAD_NAMES if getattr(student, n, None) is not None) + ")")
     else:
         fresh.extend(n for n in HEAD_NAMES if getattr(student, n, None) is not None)
-    log.info(f"loaded from {point.source}: {'; '.join(loaded)}; initialised fresh: {', '.join(fresh) or 'nothing'}")
+    _info(f"loaded from {point.source}: {'; '.join(loaded)}; initialised fresh: {', '.join(fresh) or 'nothing'}")
     return student, teacher, kwargs
 
 
@@ -231,6 +237,9 @@ def head_warmup_iters(cfg: DictConfig, fresh_heads: bool | None, total_iters: in
     0 otherwise (`fresh_heads` None: no --pretrained_weights)."""
     value = OmegaConf.select(cfg, "train.head_warmup_iters")
     if value is not None:
+        if int(value) == 0 and fresh_heads:
+            log.warning("fresh heads on a pretrained backbone without a head warm-up (train.head_warmup_iters=0): "
+                        "their first gradients can wipe the backbone's features (dinov2 #204)")
         return int(value)
     if not fresh_heads:
         return 0
@@ -260,9 +269,9 @@ class HeadWarmup:
             param.requires_grad_(not frozen)
         self.objective.centering = "sinkhorn_knopp" if frozen else self.centering
         if self.frozen is not None or step:
-            log.info(f"step {step}: backbone {'frozen (head warm-up)' if frozen else 'unfrozen'}")
+            _info(f"step {step}: backbone {'frozen (head warm-up)' if frozen else 'unfrozen'}")
         elif frozen:
-            log.info(f"head warm-up: backbone frozen for {self.iters} iterations, heads fitted with Sinkhorn-Knopp targets")
+            _info(f"head warm-up: backbone frozen for {self.iters} iterations, heads fitted with Sinkhorn-Knopp targets")
         self.frozen = frozen
 
     def release(self) -> None:
