@@ -306,7 +306,9 @@ class ConfigCLI:
 
     def _expand_bare_bool_flags(self, argv: list[str]) -> list[str]:
         """`--hmp` alone means `--hmp true`; `--hmp false` / `--hmp=0` keep their value."""
-        bool_names = {name for flag in self.flags if flag.type is bool_flag for name in flag.names}
+        # also the aliases taking an optional boolean (`--hmp` → --precision bf16, `--use_cuda`): const "true"
+        bool_names = {name for flag in self.flags if flag.type is bool_flag or flag.extra.get("const") == "true"
+                      for name in flag.names}
         expanded: list[str] = []
         for i, token in enumerate(argv):
             expanded.append(token)
