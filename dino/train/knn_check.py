@@ -187,7 +187,7 @@ class KnnMonitor:
     """
 
     def __init__(self, cfg: DictConfig, every: int | None = None, log: Callable[[dict[str, float]], None] | None = None):
-        self.every = int(every if every is not None else cfg.train.get("knn_every_epochs", 0) or 0)
+        self.every = int(every if every is not None else cfg.train.knn_every_epochs)
         self.cfg = cfg
         self.log = log
         self.probe: KnnProbe | None = None

@@ -139,7 +139,7 @@ def build_optimizer(cfg: DictConfig, student: torch.nn.Module) -> torch.optim.Op
     groups = build_param_groups(student, layerwise_decay=float(cfg.optim.layerwise_decay),
                                 patch_embed_lr_mult=float(cfg.optim.patch_embed_lr_mult),
                                 exclude_tokens_from_weight_decay=bool(cfg.optim.exclude_tokens_from_weight_decay),
-                                backbone_lr_mult=float(cfg.optim.get("backbone_lr_mult", 1.0)))
+                                backbone_lr_mult=float(cfg.optim.backbone_lr_mult))
     name = str(cfg.optim.optimizer).lower()
     if name == "adamw":
         # The fused kernel updates each parameter in one pass instead of ~10 foreach passes: the optimiser
@@ -225,7 +225,7 @@ def train_step(batch: dict, student, teacher, objective: SelfDistillationObjecti
         del teacher_out  # its (masked patches × prototypes) logits would otherwise live through the backward pass
     # train.grad_accumulation_steps: the student runs on image slices of the batch, the teacher targets of
     # the whole batch split alongside; losses scaled by 1/parts add up to the whole batch's gradient
-    parts = int(cfg.train.get("grad_accumulation_steps", 1) or 1)
+    parts = int(cfg.train.grad_accumulation_steps)
     pieces = split_batch_and_targets(batch, targets, parts) if parts > 1 else [(batch, targets)]
     optimizer.zero_grad(set_to_none=True)
     loss_sum, terms_sum = 0.0, {}
@@ -691,7 +691,7 @@ def train(cfg: DictConfig) -> TrainResult:
     prepare_distillation(cfg)  # --distill_from: the teacher file is read and checked against the student
     validate_training_config(cfg)  # also for callers of train() that skip the command line's checks
     ctx = DeviceContext.create(str(cfg.train.device), precision=str(cfg.train.precision))
-    timeout = cfg.train.get("dist_timeout", None)
+    timeout = cfg.train.dist_timeout
     owns_group = init_distributed(ctx.backend, float(timeout) if timeout else None)
     lock = logger = run = None
     try:
@@ -718,12 +718,12 @@ def train(cfg: DictConfig) -> TrainResult:
         student.to(ctx.device)
         teacher.to(ctx.device)
         objective = SelfDistillationObjective(cfg, int(cfg.crops.local_crops_number)).to(ctx.device)
-        apply_activation_checkpointing(student.backbone.blocks, str(cfg.train.get("activation_checkpointing", "none")))
+        apply_activation_checkpointing(student.backbone.blocks, str(cfg.train.activation_checkpointing))
         if compile_enabled(cfg, ctx.type):
             compile_blocks(student, teacher)  # before FSDP2, which then wraps the compiled blocks
         # FSDP2 swaps the parameters for DTensors, so it comes before the optimiser is built.
         shard_student_and_teacher(student, teacher, ctx, parallel,
-                                  FSDPSettings.from_config(cfg.train.get("fsdp", {}), ctx.precision == "bf16"))
+                                  FSDPSettings.from_config(cfg.train.fsdp, ctx.precision == "bf16"))
         state = TrainState(cfg, student, teacher, objective, build_optimizer(cfg, student), ctx.grad_scaler(),
                            backbone_kwargs, data.batch_size, sharded=parallel == "fsdp")
         schedules = build_schedules(cfg, iters_per_epoch, data.batch_size * get_world_size())

@@ -136,7 +136,7 @@ def compile_enabled(cfg: DictConfig, device_type: str) -> bool:
     """`train.compile`: true | false | auto — auto compiles on CUDA, where the one-GPU check measured +12 %
     (ViT-S/14) to +21 % (ViT-L/14) images/s and 13 % less memory (BENCHMARKS.md), and not elsewhere (on a
     small CPU the first step's compilation outweighs the gain for short runs)."""
-    value = cfg.train.get("compile", "auto")
+    value = cfg.train.compile
     if isinstance(value, str) and value.lower() == "auto":
         return device_type == "cuda"
     return bool(value)
