@@ -212,6 +212,11 @@ def validate_training_config(cfg: DictConfig) -> None:
     c.number("optim.patch_embed_lr_mult", 0)
     c.number("optim.backbone_lr_mult", 0)
     c.number("train.head_warmup_iters", 0, integer=True, optional=True)
+    lora = c.number("model.lora_rank", 0, integer=True)
+    c.number("model.lora_alpha", 0, min_inclusive=False, optional=True)
+    if _is_int(lora) and lora > 0 and c.get("train.parallel") == "fsdp":
+        c.problems.append("model.lora_rank > 0 runs with --parallel ddp (LoRA saves the backbone's optimiser state; "
+                          "FSDP is not needed for it)")
     for key in ("model.pretrained_weights", "distill.teacher"):
         source = c.get(key)
         if source is not _MISSING and source is not None and not isinstance(source, str):

@@ -187,3 +187,50 @@ def test_feature_distillation_loss_matches_a_token_by_token_computation(kind):
     assert weight.grad is not None and t_cls.grad is None  # the teacher side carries no gradient
     with pytest.raises(ValueError, match="token count"):
         feature_distillation_loss(s_cls, s_patch, t_cls, t_patch[:, :3], weight, bias, kind=kind)
+
+
+def test_lora_trains_adapters_on_a_frozen_backbone_and_exports_them_merged(tmp_path, image_folder, released):
+    path, weights = released
+    out = tmp_path / "lora"
+    train(config(image_folder, out, f"model.pretrained_weights={path}", "model.lora_rank=2",
+                 "train.head_warmup_iters=1", "optim.warmup_epochs=0", "train.max_iters=3"))
+    state = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert all(torch.equal(backbone_of(state["student"])[k], v) for k, v in weights.items())  # frozen for good
+    adapters = {k: v for k, v in state["student"].items() if k.startswith("lora.")}
+    assert set(adapters) == {f"lora.{b}_{t}.{m}" for b in (0, 1) for t in ("qkv", "proj") for m in ("A", "B")}
+    assert any(v.abs().sum() > 0 for k, v in adapters.items() if k.endswith(".B"))  # B starts at 0: it trained
+    names = [n for g in state["optimizer"]["param_groups"] for n in g["names"]]
+    assert not any(n.startswith("backbone.") for n in names)  # no optimiser state for the backbone
+    exported = load_backbone(str(out / "teacher_backbone.safetensors")).state_dict()
+    teacher = state["teacher"]
+    for block in (0, 1):
+        for layer in ("qkv", "proj"):
+            delta = teacher[f"lora.{block}_{layer}.B"] @ teacher[f"lora.{block}_{layer}.A"]  # alpha = rank: scale 1
+            base = teacher[f"backbone.blocks.{block}.attn.{layer}.weight"]
+            assert torch.allclose(exported[f"blocks.{block}.attn.{layer}.weight"], base + delta, atol=1e-6)
+
+
+def test_lora_merged_export_computes_what_the_adapted_network_computes():
+    from dino.models import DINOHead
+    from dino.train.lora import add_lora, export_backbone
+    from dino.train.meta_arch import MultiCropNetwork
+
+    torch.manual_seed(0)
+    backbone = build_backbone("vit_tiny", 8, depth=2, embed_dim=48, img_size=32)
+    network = MultiCropNetwork(backbone, DINOHead(48, 16, nlayers=1, hidden_dim=16, bottleneck_dim=8)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    plain = backbone(x)
+    adapters = add_lora(network, rank=3, alpha=6.0, targets=("qkv", "proj", "fc1"))
+    assert torch.allclose(backbone(x), plain)  # B = 0: the adapters start as the identity
+    for adapter in adapters.values():
+        torch.nn.init.normal_(adapter.B, std=0.1)
+    adapted = backbone(x)
+    assert not torch.allclose(adapted, plain, atol=1e-4)
+    merged = export_backbone(network)
+    assert set(merged.state_dict()) == set(backbone.state_dict())  # the official layout, no adapter keys
+    assert torch.allclose(merged(x), adapted, atol=1e-5)
+    assert not any(p.requires_grad for p in backbone.parameters())
+    assert all(p.requires_grad for p in adapters.parameters())
+    with pytest.raises(UserError, match="fc2 runs fused"):
+        add_lora(MultiCropNetwork(build_backbone("vit_tiny", 8, depth=1, embed_dim=48), network.dino_head), 2,
+                 targets=("fc2",))

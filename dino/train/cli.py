@@ -61,6 +61,10 @@ FLAGS = [
          "lr factor of the student backbone after the warm-up (with optim.layerwise_decay; e.g. 0.2)", type=float),
     Flag(("--layerwise_decay",), "optim.layerwise_decay",
          "layer-wise lr decay: block i of n gets lr × decay^(n-i), the patch embedding decay^(n+1)", type=float),
+    Flag(("--lora_rank",), "model.lora_rank",
+         "freeze the backbone and train rank-r LoRA adapters on its qkv/proj layers (model.lora_targets) and the heads: "
+         "no gradients or AdamW state for the backbone (ViT-L/14, r=8: 1.2 M trained values instead of 304 M); "
+         "merged into the exported backbone", type=int),
     Flag(("--distill_from",), "distill.teacher",
          "distillation: this frozen backbone (file or hub name, any size/generation) is the teacher instead of the "
          "EMA; the student is model.*, its EMA is exported; teacher heads from the file or fitted first"),

@@ -80,6 +80,7 @@ from dino.train.distill import (
     prepare_distillation_target,
 )
 from dino.train.grad_accumulation import split_batch_and_targets
+from dino.train.lora import add_lora_to_networks, export_backbone
 from dino.train.meta_arch import (
     SelfDistillationObjective,
     build_networks,
@@ -364,7 +365,7 @@ class TrainState:
         atomic_save(state, output_dir / CHECKPOINT_NAME)
         if extra_copy:
             atomic_save(state, output_dir / extra_copy)
-        save_backbone(self.teacher.backbone, output_dir / TEACHER_BACKBONE_NAME, self.backbone_kwargs, safetensors_copy=True)
+        save_backbone(export_backbone(self.teacher), output_dir / TEACHER_BACKBONE_NAME, self.backbone_kwargs, safetensors_copy=True)
 
     def resume(self, output_dir: Path) -> Path | None:
         """Load the run's checkpoint when there is one; returns its path (None: a fresh start)."""
@@ -715,6 +716,9 @@ def train(cfg: DictConfig) -> TrainResult:
                 student, teacher, backbone_kwargs = build_networks(cfg)
             distill_target = build_distillation_target(cfg) if distilling(cfg) else None
         starting_point = None  # its tensors are in the networks now
+        if int(cfg.model.lora_rank):  # frozen backbone, low-rank adapters train (dino.train.lora)
+            add_lora_to_networks(student, teacher, int(cfg.model.lora_rank), cfg.model.lora_alpha,
+                                 list(cfg.model.lora_targets))
         student.to(ctx.device)
         teacher.to(ctx.device)
         objective = SelfDistillationObjective(cfg, int(cfg.crops.local_crops_number)).to(ctx.device)

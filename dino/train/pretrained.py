@@ -258,6 +258,9 @@ class HeadWarmup:
 
     def __init__(self, student: nn.Module, objective, iters: int):
         self.student, self.objective, self.iters = student, objective, int(iters)
+        # with LoRA (dino.train.lora) the backbone stays frozen for good: the warm-up holds the adapters back
+        adapters = getattr(student, "lora", None)
+        self.params = list((adapters if adapters is not None else student.backbone).parameters())
         self.centering = objective.centering
         self.frozen: bool | None = None
 
@@ -265,7 +268,7 @@ class HeadWarmup:
         frozen = step < self.iters
         if frozen == self.frozen:
             return
-        for param in self.student.backbone.parameters():
+        for param in self.params:
             param.requires_grad_(not frozen)
         self.objective.centering = "sinkhorn_knopp" if frozen else self.centering
         if self.frozen is not None or step:
@@ -276,7 +279,7 @@ class HeadWarmup:
 
     def release(self) -> None:
         """Everything trainable again (before wrapping for DDP, and at the end)."""
-        for param in self.student.backbone.parameters():
+        for param in self.params:
             param.requires_grad_(True)
         self.objective.centering = self.centering
         self.frozen = None
