@@ -85,6 +85,9 @@ def read_starting_point(source: str) -> StartingPoint:
     else:
         checkpoint = load_checkpoint_file(os.path.expanduser(source), network="teacher")
         state_dict = extract_backbone_state_dict(checkpoint, "teacher")
+    if any(key.startswith("lora.") for key in state_dict):
+        raise UserError(f"{source} was trained with LoRA adapters (model.lora_rank); start from the run's "
+                        "teacher_backbone.safetensors instead, which has them merged into the weights")
     heads: dict[str, torch.Tensor] = {}
     teacher = checkpoint.get("teacher") if isinstance(checkpoint, dict) else None
     if isinstance(teacher, dict):
