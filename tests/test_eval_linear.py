@@ -12,6 +12,7 @@ from torch import nn
 
 import dino.eval.linear as linear
 import dino.eval.logreg as logreg
+from dino.config import compose
 from dino.distributed import DeviceContext
 from dino.errors import UserError
 from test_eval_knn import load_script
@@ -47,7 +48,10 @@ def separable_tokens(num_per_class: int, num_classes: int = 3, seed: int = 0):
 
 
 def training(epochs: int, **overrides) -> linear.LinearTrainingSettings:
-    return linear.LinearTrainingSettings(epochs=epochs, batch_size_per_device=16, num_workers=0, **overrides)
+    protocol = compose("eval/linear").linear  # the protocol's defaults live in the YAML only
+    values = dict(momentum=float(protocol.momentum), weight_decay=float(protocol.weight_decay),
+                  val_every_epochs=int(protocol.val_every_epochs), seed=int(protocol.seed), resume=bool(protocol.resume))
+    return linear.LinearTrainingSettings(epochs=epochs, batch_size_per_device=16, num_workers=0, **{**values, **overrides})
 
 
 # -------------------------------------------------------------------------------------------- the grid

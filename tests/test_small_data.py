@@ -150,7 +150,8 @@ def _class_folders(root, per_class, size, seed):
 def test_raw_pixels_baseline_and_monitor(tmp_path, capsys):
     _class_folders(tmp_path / "data" / "train", 6, 16, seed=0)
     _class_folders(tmp_path / "data" / "val", 3, 16, seed=1)
-    probe = KnnProbe.from_folders(str(tmp_path / "data" / "train"), str(tmp_path / "data" / "val"), 16, k=3)
+    probe = KnnProbe.from_folders(str(tmp_path / "data" / "train"), str(tmp_path / "data" / "val"), 16, k=3,
+                                  temperature=0.07, batch_size=64, num_workers=0)
     assert probe.raw_pixels_top1() == pytest.approx(100.0)
 
     cfg = compose("train/small_data", [f"train.data_path={tmp_path / 'data' / 'train'}", "train.device=cpu",

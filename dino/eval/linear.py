@@ -138,16 +138,17 @@ def best_classifier(val_results: Sequence[dict]) -> int:
 
 @dataclass
 class LinearTrainingSettings:
-    """How the grid is trained (configs/eval/linear.yaml, section `linear`, plus the data loader)."""
+    """How the grid is trained (configs/eval/linear.yaml, section `linear`, plus the data loader; the defaults live
+    there only)."""
 
-    epochs: int = 10
-    batch_size_per_device: int = 128
-    num_workers: int = 8
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    val_every_epochs: int = 1
-    seed: int = 0
-    resume: bool = True
+    epochs: int
+    batch_size_per_device: int
+    num_workers: int
+    momentum: float
+    weight_decay: float
+    val_every_epochs: int
+    seed: int
+    resume: bool
 
 
 @torch.no_grad()

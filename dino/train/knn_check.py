@@ -52,14 +52,15 @@ def raw_pixel_features(dataset: torch.utils.data.Dataset, batch_size: int = 256,
 
 @dataclass
 class KnnProbe:
-    """A labelled train/val pair at one resolution, and the kNN protocol to score features on it."""
+    """A labelled train/val pair at one resolution, and the kNN protocol to score features on it (k and the
+    temperature: `train.knn_k` / `train.knn_temperature`, their defaults in the YAML only)."""
 
     train_set: ImageFolderDataset
     val_set: ImageFolderDataset
-    k: int = 20
-    temperature: float = 0.07
-    batch_size: int = 64
-    num_workers: int = 0
+    k: int
+    temperature: float
+    batch_size: int
+    num_workers: int
 
     @classmethod
     def from_folders(cls, train_path: str, val_path: str, image_size: int, **kwargs) -> "KnnProbe":
