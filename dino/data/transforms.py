@@ -7,18 +7,31 @@ These follow the DINO v1 / DINOv2 evaluation protocol: bicubic resize of the sho
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from PIL import Image
-from torchvision import transforms
+
+if TYPE_CHECKING:
+    from torchvision import transforms
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-BICUBIC = transforms.InterpolationMode.BICUBIC
+
+# torchvision is imported where a transform is built, not with this module: importing it pulls in torch._dynamo
+# (~170 MB of resident memory), which `dino extract` (image loading through `load_image_for`) does without
+def __getattr__(name: str):
+    if name == "BICUBIC":
+        from torchvision import transforms
+
+        return transforms.InterpolationMode.BICUBIC
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def make_normalize() -> transforms.Compose:
     """PIL image → float tensor (C, H, W) normalised with the ImageNet mean and std."""
+    from torchvision import transforms
+
     return transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
@@ -28,10 +41,12 @@ def make_eval_transform(resize_size: int = 256, crop_size: int = 224) -> transfo
     The transform carries `min_decode_side = resize_size`: what `load_image_for` may reduce a large image to
     while decoding (see there).
     """
+    from torchvision import transforms
+
     if crop_size > resize_size:
         raise ValueError(f"crop_size {crop_size} is larger than resize_size {resize_size}")
     transform = transforms.Compose([
-        transforms.Resize(resize_size, interpolation=BICUBIC),
+        transforms.Resize(resize_size, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(crop_size),
         make_normalize(),
     ])
@@ -130,8 +145,10 @@ def load_image_for(path: str | os.PathLike, min_side: int | None) -> Image.Image
 
 def make_linear_train_transform(crop_size: int = 224) -> transforms.Compose:
     """Training transform of linear probes: RandomResizedCrop (bicubic), horizontal flip, normalise."""
+    from torchvision import transforms
+
     return transforms.Compose([
-        transforms.RandomResizedCrop(crop_size, interpolation=BICUBIC),
+        transforms.RandomResizedCrop(crop_size, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
         make_normalize(),
     ])

@@ -31,11 +31,12 @@ def _image_sizes(resize_size, crop_size: int) -> tuple[int, int]:
 PRECISIONS = ("fp32", "bf16", "int8", "int8_static")
 
 
-def prepare_fast_model(model, precision: str, compile_model: bool, device_ctx, calibration=None):
+def prepare_fast_model(model, precision: str, compile_model: bool, device_ctx, calibration=None, copy: bool = True):
     """The inference copy for a precision; returns (model, input dtype).
 
     fp32 | bf16 (weights) | int8 (dynamic activation ranges, CPU) | int8_static (CPU; activation ranges fixed
     by `calibration`: a batch of images, or the ranges stored by an earlier run as `fast.int8_ranges` gives them).
+    `copy=False`: build it from `model` itself (no second copy of the weights; `model` is not usable afterwards).
     """
     from dino.inference.fast import load_int8_ranges, optimize_for_inference
 
@@ -49,7 +50,8 @@ def prepare_fast_model(model, precision: str, compile_model: bool, device_ctx, c
     dtype = torch.bfloat16 if precision == "bf16" else None
     images = calibration if isinstance(calibration, torch.Tensor) else None
     fast = optimize_for_inference(model.cpu() if int8 else model, dtype=dtype, int8=int8, compile=compile_model,
-                                  device=device_ctx.device, calibration_images=images if precision == "int8_static" else None)
+                                  device=device_ctx.device, calibration_images=images if precision == "int8_static" else None,
+                                  copy=copy)
     if precision == "int8_static" and images is None:
         try:
             load_int8_ranges(fast, calibration)
@@ -77,9 +79,8 @@ def _calibration_batch(paths: list[str], transform, count: int) -> torch.Tensor:
 
 
 def run_extract(cfg) -> dict:
-    from dino.data.transforms import make_eval_transform
     from dino.distributed import DeviceContext
-    from dino.inference.extract import ExtractionSettings, extract_features_to_folder, list_input_images
+    from dino.inference.extract import EvalTransform, ExtractionSettings, extract_features_to_folder, list_input_images
 
     if not cfg.data.source:
         raise UserError("no images given: pass --source FOLDER_OR_LIST")
@@ -89,7 +90,7 @@ def run_extract(cfg) -> dict:
     resize, crop = _image_sizes(cfg.data.resize_size, cfg.data.crop_size)
     if crop % model.patch_size:
         raise UserError(f"--crop_size {crop} is not a multiple of the patch size {model.patch_size}")
-    transform = make_eval_transform(resize, crop)
+    transform = EvalTransform(resize, crop)  # make_eval_transform's tensors without importing torchvision
     from dino.inference.extract import weights_fingerprint
 
     # `dino search` embeds new queries with the weights named in meta.json: the fingerprint lets it notice
@@ -100,7 +101,13 @@ def run_extract(cfg) -> dict:
     if cfg.precision == "int8_static":
         stored = _stored_int8_ranges(cfg.output_dir)  # resuming: keep the grids the finished chunks were made with
         calibration = stored if stored is not None else _calibration_batch(paths, transform, int(cfg.calibration_images))
-    fast, input_dtype = prepare_fast_model(model, cfg.precision, bool(cfg.compile), device_ctx, calibration)
+    # the inference copy is built from the loaded model itself (no second copy of the weights in memory), except
+    # where int8_static compares it with the fp32 model below
+    keep_source = cfg.precision == "int8_static" and isinstance(calibration, torch.Tensor)
+    fast, input_dtype = prepare_fast_model(model, cfg.precision, bool(cfg.compile), device_ctx, calibration,
+                                           copy=keep_source)
+    if not keep_source:
+        del model
     if cfg.precision == "int8_static":
         from dino.inference.fast import feature_cosine, int8_ranges
 
@@ -153,9 +160,8 @@ def _embed_new_queries(paths: list[str], meta: dict, cfg) -> np.ndarray:
     """Features of query images that are not in the index, computed like the indexed ones (settings in meta.json)."""
     import tempfile
 
-    from dino.data.transforms import make_eval_transform
     from dino.distributed import DeviceContext
-    from dino.inference.extract import ExtractionSettings, extract_features_to_folder, load_extracted
+    from dino.inference.extract import EvalTransform, ExtractionSettings, extract_features_to_folder, load_extracted
 
     if "model" not in meta:
         raise UserError("the features folder has no meta.json with the model; only images already in it can be queried")
@@ -170,12 +176,13 @@ def _embed_new_queries(paths: list[str], meta: dict, cfg) -> np.ndarray:
                         f"(fingerprint {weights_fingerprint(model)} ≠ {recorded}); put the original file back, or "
                         "extract the features again with these weights")
     # int8_static: the query goes through the grids the indexed images went through
-    fast, input_dtype = prepare_fast_model(model, meta.get("precision", "fp32"), False, device_ctx, meta.get("int8_ranges"))
+    fast, input_dtype = prepare_fast_model(model, meta.get("precision", "fp32"), False, device_ctx, meta.get("int8_ranges"),
+                                           copy=False)
     stored = meta["settings"]
     settings = ExtractionSettings(features=stored["features"], normalize=stored["normalize"], batch_size=int(cfg.batch_size),
                                   num_workers=int(cfg.num_workers), progress=False)
     with tempfile.TemporaryDirectory() as tmp:
-        summary = extract_features_to_folder(fast, paths, tmp, make_eval_transform(meta["resize_size"], meta["crop_size"]),
+        summary = extract_features_to_folder(fast, paths, tmp, EvalTransform(meta["resize_size"], meta["crop_size"]),
                                              meta["crop_size"], settings, device=device_ctx.device, input_dtype=input_dtype)
         if summary["num_skipped"]:
             raise UserError(f"cannot read query image(s): {', '.join(summary['skipped'])}")

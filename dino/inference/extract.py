@@ -61,6 +61,41 @@ class ExtractionSettings:
             raise UserError("batch_size and chunk_size must be positive")
 
 
+class EvalTransform:
+    """`dino.data.transforms.make_eval_transform` without torchvision: the same tensors, bit for bit.
+
+    Resize the shorter side to `resize_size` (PIL bicubic; the longer side int(size · long / short)), centre crop
+    `crop_size` (offsets rounded as torchvision does), /255, ImageNet normalisation. Importing torchvision pulls in
+    torch._dynamo (~170 MB of resident memory) that an extraction process does not otherwise need.
+    """
+
+    def __init__(self, resize_size: int = 256, crop_size: int = 224):
+        if crop_size > resize_size:
+            raise ValueError(f"crop_size {crop_size} is larger than resize_size {resize_size}")
+        from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+        self.resize_size, self.crop_size = int(resize_size), int(crop_size)
+        self.min_decode_side = int(resize_size)  # what `load_image_for` may reduce a large image to
+        self.mean = torch.tensor(IMAGENET_MEAN).view(-1, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(-1, 1, 1)
+
+    def __call__(self, image) -> Tensor:
+        from PIL import Image
+
+        width, height = image.size
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = self.resize_size, int(self.resize_size * long / short)
+        size = (new_short, new_long) if width <= height else (new_long, new_short)
+        if size != (width, height):
+            image = image.resize(size, Image.BICUBIC)
+            width, height = size
+        crop = self.crop_size
+        top, left = int(round((height - crop) / 2.0)), int(round((width - crop) / 2.0))
+        image = image.crop((left, top, left + crop, top + crop))
+        pixels = torch.from_numpy(np.array(image.convert("RGB"), np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+        return pixels.to(torch.float32).div(255).sub_(self.mean).div_(self.std)
+
+
 def list_input_images(source: str | os.PathLike) -> list[str]:
     """The images of a folder (recursive, sorted) or of a `.txt` list (in its order)."""
     from dino.config_validation import text_list_problem
@@ -178,7 +213,8 @@ def weights_fingerprint(model: nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        if tensor.numel():  # hashed through the buffer protocol: no bytes copy of the weights
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
@@ -267,13 +303,38 @@ def extract_features_to_folder(model: nn.Module, paths: Sequence[str], output_di
     return summary
 
 
+def _load_chunk(path: Path) -> np.ndarray:
+    """A chunk's features, memory-mapped (read only when copied out), or loaded when it is empty."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError:  # numpy cannot map a zero-length array
+        return np.load(path, allow_pickle=False)
+
+
+def _stream_npy(path: Path, arrays: Sequence[np.ndarray], rows: int, dim: int) -> None:
+    """Write the concatenation of `arrays` as one float32 .npy, one chunk at a time (atomically): the merged
+    matrix is never held in memory, so merging a million-image extraction costs one chunk of memory, not two
+    copies of every feature."""
+    from dino.io import atomic_write
+
+    with atomic_write(path, needed_bytes=rows * dim * 4 + 128) as handle:
+        np.lib.format.write_array_header_1_0(handle, {"descr": np.dtype(np.float32).str, "fortran_order": False,
+                                                      "shape": (rows, dim)})
+        for array in arrays:
+            if len(array):
+                handle.write(np.ascontiguousarray(array, dtype=np.float32).tobytes())
+
+
 def merge_chunks(output: Path, num_chunks: int, settings: ExtractionSettings) -> dict:
-    """Concatenate the chunk files into features.(npy|safetensors), paths.txt and skipped.txt."""
+    """Concatenate the chunk files into features.(npy|safetensors), paths.txt and skipped.txt.
+
+    The chunks are memory-mapped and the .npy is written chunk by chunk (`_stream_npy`); safetensors needs the
+    whole matrix at once."""
     chunks_dir = output / "chunks"
     arrays, paths, skipped = [], [], []
     for index in range(num_chunks):
         npy, txt, bad = _chunk_files(chunks_dir, index)
-        arrays.append(np.load(npy))
+        arrays.append(_load_chunk(npy))
         paths.extend(read_path_list(txt))
         skipped.extend(read_path_list(bad) if bad.exists() else [])
     dims = {a.shape[1] for a in arrays if len(a)}
@@ -281,16 +342,19 @@ def merge_chunks(output: Path, num_chunks: int, settings: ExtractionSettings) ->
         raise UserError(f"chunks in {chunks_dir} have different feature sizes {sorted(dims)}; they come from different "
                         "settings — delete the folder and extract again")
     dim = dims.pop() if dims else 0
-    features = np.concatenate([a for a in arrays if len(a)]) if dim else np.zeros((0, 0), np.float32)
+    rows = sum(len(a) for a in arrays) if dim else 0
     if settings.output_format == "safetensors":
         from safetensors.numpy import save_file
 
-        save_file({"features": np.ascontiguousarray(features)}, str(output / "features.safetensors"))
+        features = np.concatenate([a for a in arrays if len(a)]) if dim else np.zeros((0, 0), np.float32)
+        save_file({"features": np.ascontiguousarray(features, dtype=np.float32)}, str(output / "features.safetensors"))
+        del features
     else:
-        _atomic_save_npy(output / "features.npy", features)
+        _stream_npy(output / "features.npy", arrays, rows, dim)
+    del arrays
     write_path_list(output / "paths.txt", paths)
     write_path_list(output / "skipped.txt", skipped)
-    return dict(output_dir=str(output), num_features=int(features.shape[0]), dim=int(dim), num_skipped=len(skipped),
+    return dict(output_dir=str(output), num_features=int(rows), dim=int(dim), num_skipped=len(skipped),
                 skipped=skipped)
 
 
