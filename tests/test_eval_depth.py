@@ -167,7 +167,8 @@ def test_nyu_png_reader(tmp_path):
     assert len(val) == 2 and image.shape == (3, *SIZE) and depth.shape == SIZE and box.tolist() == [0, 0, *SIZE]
     assert depth[0, 0] == 0 and 0.8 <= depth[5, 5] <= 10
     train = data.DepthDataset(data.depth_files("nyu", str(root), "train"),
-                              data.DepthTrainAugmentation(crop_size=(32, 40)))
+                              data.DepthTrainAugmentation(crop_size=(32, 40), nyu_crop=False, rotate_degree=2.5,
+                                                          brightness_range=(0.75, 1.25), color_prob=0.5))
     crop, crop_depth = train[1]
     assert crop.shape == (3, 32, 40) and crop_depth.shape == (32, 40)
 

@@ -207,7 +207,8 @@ def test_wrong_layout_is_one_line(tmp_path, dataset, make, message):
 def test_training_augmentation_crops_and_pads():
     rng = np.random.default_rng(0)
     image, label = _scene(rng, 3)
-    aug = data.SegTrainAugmentation(crop_size=(64, 64), scale=(48, 40), ratio_range=(1.0, 1.0))
+    aug = data.SegTrainAugmentation(crop_size=(64, 64), scale=(48, 40), ratio_range=(1.0, 1.0), cat_max_ratio=0.75,
+                                    photometric=True)
     tensor, crop = aug(Image.fromarray(image), label.astype(np.int64), __import__("random").Random(0))
     assert tensor.shape == (3, 64, 64) and crop.shape == (64, 64)
     assert (crop[SIZE[0]:] == 255).all() and (tensor[:, SIZE[0]:] == 0).all()

@@ -132,22 +132,22 @@ class HeadTraining:
     batch_size_per_device: int
     lr: float
     weight_decay: float
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_iters: int = 0
-    warmup_ratio: float = 1e-6
-    power: float = 1.0
-    min_lr: float = 0.0
-    num_workers: int = 4
-    checkpoint_every: int = 1000
-    eval_every: int = 0
-    log_every: int = 10
-    seed: int = 0
-    resume: bool = True
-    schedule: str = "poly"          # poly (with linear warm-up) | one_cycle
-    pct_start: float = 0.3          # one_cycle
-    div_factor: float = 25.0        # one_cycle
-    final_div_factor: float = 1e4   # one_cycle
-    grad_clip: float = 0.0          # max global gradient norm of the head (0: none)
+    betas: tuple[float, float]
+    warmup_iters: int
+    warmup_ratio: float
+    power: float
+    min_lr: float
+    num_workers: int
+    checkpoint_every: int
+    eval_every: int
+    log_every: int
+    seed: int
+    resume: bool
+    schedule: str                   # poly (with linear warm-up) | one_cycle
+    pct_start: float                # one_cycle
+    div_factor: float               # one_cycle
+    final_div_factor: float         # one_cycle
+    grad_clip: float                # max global gradient norm of the head (0: none)
     extra: dict = field(default_factory=dict)
 
     def lr_at(self, iteration: int) -> float:
@@ -159,23 +159,17 @@ class HeadTraining:
 
 
 def training_from_config(train_cfg) -> HeadTraining:
-    """A preset's `train` section as `HeadTraining` (keys a preset leaves out keep their defaults)."""
-    defaults = HeadTraining(iterations=0, batch_size_per_device=1, lr=0.0, weight_decay=0.0)
-    get = train_cfg.get
+    """A preset's `train` section as `HeadTraining` (every key is in the preset: the defaults live in the YAML)."""
     return HeadTraining(
         iterations=int(train_cfg.iterations), batch_size_per_device=int(train_cfg.batch_size_per_device),
         lr=float(train_cfg.lr), weight_decay=float(train_cfg.weight_decay),
-        betas=tuple(float(b) for b in get("betas", defaults.betas)),
-        warmup_iters=int(get("warmup_iters", defaults.warmup_iters)),
-        warmup_ratio=float(get("warmup_ratio", defaults.warmup_ratio)), power=float(get("power", defaults.power)),
-        min_lr=float(get("min_lr", defaults.min_lr)), num_workers=int(get("num_workers", defaults.num_workers)),
-        checkpoint_every=int(get("checkpoint_every", defaults.checkpoint_every)),
-        eval_every=int(get("eval_every", defaults.eval_every)), log_every=int(get("log_every", defaults.log_every)),
-        seed=int(get("seed", defaults.seed)), resume=bool(get("resume", defaults.resume)),
-        schedule=str(get("schedule", defaults.schedule)), pct_start=float(get("pct_start", defaults.pct_start)),
-        div_factor=float(get("div_factor", defaults.div_factor)),
-        final_div_factor=float(get("final_div_factor", defaults.final_div_factor)),
-        grad_clip=float(get("grad_clip", defaults.grad_clip) or 0.0),
+        betas=tuple(float(b) for b in train_cfg.betas), warmup_iters=int(train_cfg.warmup_iters),
+        warmup_ratio=float(train_cfg.warmup_ratio), power=float(train_cfg.power), min_lr=float(train_cfg.min_lr),
+        num_workers=int(train_cfg.num_workers), checkpoint_every=int(train_cfg.checkpoint_every),
+        eval_every=int(train_cfg.eval_every), log_every=int(train_cfg.log_every), seed=int(train_cfg.seed),
+        resume=bool(train_cfg.resume), schedule=str(train_cfg.schedule), pct_start=float(train_cfg.pct_start),
+        div_factor=float(train_cfg.div_factor), final_div_factor=float(train_cfg.final_div_factor),
+        grad_clip=float(train_cfg.grad_clip or 0.0),
     )
 
 

@@ -342,10 +342,10 @@ class SegTrainAugmentation:
     pad to the crop (image 0, label 255)."""
 
     crop_size: tuple[int, int]
-    scale: tuple[int, int] = (2048, 512)
-    ratio_range: tuple[float, float] = (0.5, 2.0)
-    cat_max_ratio: float = 0.75
-    photometric: bool = True
+    scale: tuple[int, int]                 # the values: eval/segmentation.yaml, section `augmentation`
+    ratio_range: tuple[float, float]
+    cat_max_ratio: float
+    photometric: bool
 
     def __call__(self, image: Image.Image, label: np.ndarray, rng: random.Random) -> tuple[Tensor, Tensor]:
         ratio = rng.uniform(*self.ratio_range)
@@ -545,10 +545,10 @@ class DepthTrainAugmentation:
     ±2.5° with probability ½, flip ½, random crop, ColorAug (γ, brightness, per-channel colour) with probability `color_prob`."""
 
     crop_size: tuple[int, int]
-    nyu_crop: bool = False
-    rotate_degree: float = 2.5
-    brightness_range: tuple[float, float] = (0.75, 1.25)
-    color_prob: float = 0.5
+    nyu_crop: bool
+    rotate_degree: float                   # the values: eval/depth.yaml, per dataset
+    brightness_range: tuple[float, float]
+    color_prob: float
 
     def __call__(self, image: np.ndarray, depth: np.ndarray, rng: random.Random) -> tuple[Tensor, Tensor]:
         if self.nyu_crop and image.shape[:2] == (480, 640):
