@@ -217,6 +217,14 @@ def validate_training_config(cfg: DictConfig) -> None:
     if _is_int(lora) and lora > 0 and c.get("train.parallel") == "fsdp":
         c.problems.append("model.lora_rank > 0 runs with --parallel ddp (LoRA saves the backbone's optimiser state; "
                           "FSDP is not needed for it)")
+    feature = c.number("distill.feature_loss_weight", 0)
+    c.choice("distill.feature_loss", ("cosine", "smooth_l1"))
+    c.number("distill.feature_patch_weight", 0)
+    if _is_number(feature) and feature > 0:
+        if not c.get("distill.teacher"):
+            c.problems.append("distill.feature_loss_weight > 0 needs a teacher to regress onto (--distill_from)")
+        if _is_int(parts := c.get("train.grad_accumulation_steps")) and parts > 1:
+            c.problems.append("distill.feature_loss_weight > 0 does not run with train.grad_accumulation_steps > 1 yet")
     for key in ("model.pretrained_weights", "distill.teacher"):
         source = c.get(key)
         if source is not _MISSING and source is not None and not isinstance(source, str):

@@ -234,3 +234,21 @@ def test_lora_merged_export_computes_what_the_adapted_network_computes():
     with pytest.raises(UserError, match="fc2 runs fused"):
         add_lora(MultiCropNetwork(build_backbone("vit_tiny", 8, depth=1, embed_dim=48), network.dino_head), 2,
                  targets=("fc2",))
+
+
+def test_feature_distillation_trains_a_projection_onto_the_teacher_tokens(tmp_path, image_folder):
+    torch.manual_seed(5)
+    teacher_file = tmp_path / "teacher.safetensors"
+    save_backbone(build_backbone("vit_tiny", 8, depth=2, embed_dim=96, img_size=32), teacher_file,
+                  dict(arch="vit_tiny", patch_size=8, depth=2, embed_dim=96, img_size=32))
+    out = tmp_path / "feature"
+    train(config(image_folder, out, f"distill.teacher={teacher_file}", "distill.feature_loss_weight=1.0",
+                 "distill.feature_loss=smooth_l1", "train.head_warmup_iters=0", "optim.warmup_epochs=0",
+                 "crops.local_crops_number=0", "train.max_iters=3"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"feature"' in line]
+    assert len(rows) == 3 and all(row["feature"] > 0 for row in rows)
+    state = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert state["student"]["feature_proj.weight"].shape == (96, 48)  # student width → teacher width
+    assert not torch.equal(state["student"]["feature_proj.weight"], state["teacher"]["feature_proj.weight"])
+    with pytest.raises(UserError, match="needs a teacher"):
+        train(config(image_folder, tmp_path / "no_teacher", "distill.feature_loss_weight=1.0"))

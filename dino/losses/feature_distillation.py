@@ -30,26 +30,29 @@ def _token_loss(projected: Tensor, target: Tensor, kind: str, beta: float, eps: 
 
 
 def feature_distillation_loss(student_cls: Tensor, student_patches: Tensor | None, teacher_cls: Tensor,
-                              teacher_patches: Tensor | None, weight: Tensor, bias: Tensor | None = None,
+                              teacher_patches: Tensor | None, weight: Tensor | None, bias: Tensor | None = None,
                               kind: str = "cosine", patch_weight: float = 1.0, beta: float = 1.0,
                               eps: float = 1e-8) -> tuple[Tensor, dict[str, Tensor]]:
     """L and its terms {'cls', 'patch'} (the formula in the module docstring).
 
     Shapes: student_cls (B, D_s), student_patches (B, N, D_s) or None, teacher_cls (B, D_t), teacher_patches
-    (B, N, D_t) or None; weight (D_t, D_s), bias (D_t,) or None. Computed in fp32.
+    (B, N, D_t) or None; weight (D_t, D_s), bias (D_t,) or None. Computed in fp32. `weight` None: the student
+    tokens are projected already (p = identity; the training loop projects inside the student network).
     """
     if kind not in FEATURE_LOSSES:
         raise ValueError(f"unknown feature loss {kind!r}; choose from {FEATURE_LOSSES}")
-    weight = weight.float()
-    bias = bias.float() if bias is not None else None
-    terms = {"cls": _token_loss(F.linear(student_cls.float(), weight, bias), teacher_cls.detach().float(),
-                                kind, beta, eps).mean()}
+    def project(tokens: Tensor) -> Tensor:
+        if weight is None:
+            return tokens.float()
+        return F.linear(tokens.float(), weight.float(), bias.float() if bias is not None else None)
+
+    terms = {"cls": _token_loss(project(student_cls), teacher_cls.detach().float(), kind, beta, eps).mean()}
     total = terms["cls"]
     if student_patches is not None and teacher_patches is not None and patch_weight:
         if student_patches.shape[:2] != teacher_patches.shape[:2]:
             raise ValueError(f"student patches {tuple(student_patches.shape)} and teacher patches "
                              f"{tuple(teacher_patches.shape)} differ in batch or token count")
-        projected = F.linear(student_patches.float(), weight, bias)
+        projected = project(student_patches)
         terms["patch"] = _token_loss(projected, teacher_patches.detach().float(), kind, beta, eps).mean()
         total = total + patch_weight * terms["patch"]
     return total, terms

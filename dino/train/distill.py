@@ -61,7 +61,7 @@ def prepare_distillation(cfg: DictConfig) -> StartingPoint | None:
             if theirs is not None and theirs != ours:
                 raise UserError(f"the teacher {source} has {key}={theirs}, the student {ours}: the heads' prototypes "
                                 f"must match; set {key}={theirs}")
-    if float(cfg.ibot.loss_weight) > 0:
+    if float(cfg.ibot.loss_weight) > 0 or float(OmegaConf.select(cfg, "distill.feature_loss_weight") or 0) > 0:
         _check_patch_grid(cfg, point)
     return point
 
@@ -89,8 +89,11 @@ def _head_settings(cfg: DictConfig, point: StartingPoint, prefix: str) -> dict[s
                 norm_last_layer=bool(point.head_config.get("dino.norm_last_layer", cfg.dino.norm_last_layer)))
 
 
-def build_distillation_target(cfg: DictConfig):
-    """The frozen teacher network (backbone + heads) the student distils from."""
+def build_distillation_target(cfg: DictConfig, student: nn.Module | None = None, teacher: nn.Module | None = None):
+    """The frozen teacher network (backbone + heads) the student distils from.
+
+    With `distill.feature_loss_weight` > 0, `student` (and its EMA `teacher`, a copy) get the linear projection
+    `feature_proj` (student width → teacher width) that the feature-distillation loss trains."""
     from dino.train.meta_arch import MultiCropNetwork
 
     point = prepare_distillation(cfg)
@@ -106,6 +109,10 @@ def build_distillation_target(cfg: DictConfig):
     if use_ibot and separate:
         ibot = _head_settings(cfg, point, "ibot")
         ibot_head = DINOHead(dim, ibot.pop("out_dim"), **ibot)
+    if float(OmegaConf.select(cfg, "distill.feature_loss_weight", default=0.0) or 0.0) > 0 and student is not None:
+        student.feature_proj = nn.Linear(student.backbone.embed_dim, dim)
+        if teacher is not None:
+            teacher.feature_proj = copy.deepcopy(student.feature_proj).requires_grad_(False)
     target = MultiCropNetwork(backbone, dino_head, ibot_head, use_ibot)
     target.heads_fitted = point.has_heads
     if point.has_heads:
@@ -123,9 +130,10 @@ def _check_patch_grid(cfg: DictConfig, point: StartingPoint) -> None:
     weight = point.state_dict.get("patch_embed.proj.weight")
     teacher_patch = int(weight.shape[-1]) if weight is not None else 32  # a ConvNeXt: stride-32 tokens
     if teacher_patch and size // teacher_patch != size // student_patch:
-        raise UserError(f"the iBOT term compares patch tokens, but the teacher {point.source} (patch {teacher_patch}) "
+        raise UserError(f"the iBOT and feature terms compare patch tokens, but the teacher {point.source} (patch {teacher_patch}) "
                         f"and the student (patch {student_patch}) tile a {size}-px crop into different grids; use a "
-                        f"student with patch size {teacher_patch} or set ibot.loss_weight=0")
+                        f"student with patch size {teacher_patch} or set ibot.loss_weight=0 "
+                        "(and distill.feature_patch_weight=0)")
 
 
 def prepare_distillation_target(target, cfg: DictConfig, ctx, data, output_dir: Path, schedules):
@@ -165,7 +173,8 @@ def fit_teacher_heads(target, cfg: DictConfig, data, ctx, iters: int, schedules)
     Returns the losses."""
     from dino.train.meta_arch import SelfDistillationObjective
 
-    fit_cfg = OmegaConf.merge(cfg, {"dino": {"centering": "sinkhorn_knopp", "koleo_loss_weight": 0.0}})
+    fit_cfg = OmegaConf.merge(cfg, {"dino": {"centering": "sinkhorn_knopp", "koleo_loss_weight": 0.0},
+                                    "distill": {"feature_loss_weight": 0.0}})
     objective = SelfDistillationObjective(fit_cfg, int(cfg.crops.local_crops_number)).to(ctx.device)
     names = [n for n in ("dino_head", "ibot_head") if getattr(target, n) is not None]
     students = {n: copy.deepcopy(getattr(target, n)).train() for n in names}

@@ -714,7 +714,7 @@ def train(cfg: DictConfig) -> TrainResult:
                 student, teacher, backbone_kwargs = build_pretrained_networks(cfg, starting_point)
             else:
                 student, teacher, backbone_kwargs = build_networks(cfg)
-            distill_target = build_distillation_target(cfg) if distilling(cfg) else None
+            distill_target = build_distillation_target(cfg, student, teacher) if distilling(cfg) else None
         starting_point = None  # its tensors are in the networks now
         if int(cfg.model.lora_rank):  # frozen backbone, low-rank adapters train (dino.train.lora)
             add_lora_to_networks(student, teacher, int(cfg.model.lora_rank), cfg.model.lora_alpha,

@@ -17,11 +17,18 @@ import copy
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from dino.distributed.parallel import local_tensor
-from dino.losses import DINOLoss, KoLeoLoss, dino_v1_loss, dinov2_clstoken_loss_terms, iBOTPatchLoss
+from dino.losses import (
+    DINOLoss,
+    KoLeoLoss,
+    dino_v1_loss,
+    dinov2_clstoken_loss_terms,
+    feature_distillation_loss,
+    iBOTPatchLoss,
+)
 from dino.models import DINOHead, VisionTransformer, build_backbone
 
 
@@ -100,6 +107,11 @@ class MultiCropNetwork(nn.Module):
         }
         if masked_patches is not None:
             out["masked_patch_logits"] = patch_logits if self.ibot_head is None else self.ibot_head(masked_patches)
+        out["global_patch_tokens"] = global_out["x_norm_patchtokens"]
+        feature_proj = getattr(self, "feature_proj", None)  # feature distillation (dino.train.distill)
+        if feature_proj is not None:
+            out["projected_cls_tokens"] = feature_proj(cls_global)
+            out["projected_patch_tokens"] = feature_proj(global_out["x_norm_patchtokens"])
         return out
 
 
@@ -208,6 +220,10 @@ class SelfDistillationObjective(nn.Module):
         self.dino_weight = float(cfg.dino.loss_weight)
         self.koleo_weight = float(cfg.dino.koleo_loss_weight)
         self.ibot_weight = float(cfg.ibot.loss_weight)
+        # distill.feature_loss_weight: the student's projected tokens regressed onto the frozen teacher's
+        self.feature_weight = float(OmegaConf.select(cfg, "distill.feature_loss_weight", default=0.0) or 0.0)
+        self.feature_kind = str(OmegaConf.select(cfg, "distill.feature_loss", default="cosine"))
+        self.feature_patch_weight = float(OmegaConf.select(cfg, "distill.feature_patch_weight", default=1.0))
         temp = float(cfg.dino.student_temp)
         momentum = float(cfg.dino.center_momentum)
         self.dino_loss = DINOLoss(int(cfg.dino.head_n_prototypes), temp, momentum, deferred_center_update=deferred)
@@ -232,7 +248,11 @@ class SelfDistillationObjective(nn.Module):
             if self.ibot_loss is not None and patch_logits is not None:
                 patch_probs = self.ibot_loss.softmax_center_teacher(patch_logits.float(), teacher_temp)
                 self.ibot_loss.update_center(patch_logits.float())
-        return {"cls_probs": cls_probs, "patch_probs": patch_probs}
+        targets = {"cls_probs": cls_probs, "patch_probs": patch_probs}
+        if self.feature_weight > 0:
+            targets["feature_cls"] = teacher_out["global_cls_tokens"]
+            targets["feature_patches"] = teacher_out["global_patch_tokens"]
+        return targets
 
     def forward(self, student_out: dict[str, Tensor], targets: dict[str, Tensor | None],
                 masks_weight: Tensor | None = None, n_images: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -260,4 +280,9 @@ class SelfDistillationObjective(nn.Module):
                                                           masks_weight, n_images)
             # DINOv2 scales the patch loss by 2 crops × ½
             total = total + self.ibot_weight * terms["ibot"]
+        if self.feature_weight > 0 and targets.get("feature_cls") is not None:
+            terms["feature"], _ = feature_distillation_loss(
+                student_out["projected_cls_tokens"], student_out["projected_patch_tokens"], targets["feature_cls"],
+                targets["feature_patches"], None, kind=self.feature_kind, patch_weight=self.feature_patch_weight)
+            total = total + self.feature_weight * terms["feature"]
         return total, terms
