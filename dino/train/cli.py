@@ -68,6 +68,9 @@ FLAGS = [
     Flag(("--distill_from",), "distill.teacher",
          "distillation: this frozen backbone (file or hub name, any size/generation) is the teacher instead of the "
          "EMA; the student is model.*, its EMA is exported; teacher heads from the file or fitted first"),
+    Flag(("--feature_distill",), "distill.feature_loss_weight",
+         "with --distill_from: weight of a loss regressing the student's [CLS] and patch tokens, through a trained "
+         "projection, onto the teacher's (distill.feature_loss cosine|smooth_l1)", type=float),
     Flag(("--knn_eval",), "train.knn_eval", "after training, kNN of the teacher vs a random backbone on the val split", type=bool_flag),
 ]
 
