@@ -320,9 +320,10 @@ def test_end_to_end_ms_protocol_on_four_blocks(tmp_path):
     result = load_script("eval_semantic_segmentation").main([
         "--config", "segmentation_ms", "--dataset", "ade20k", "--data_path", str(root), "--pretrained_weights",
         str(weights), "--device", "cpu", "--iterations", "2", "--batch_size_per_device", "2", "--num_workers", "0",
-        "--crop_size", "32", "32", "--test_crop_size", "24", "24", "--test_stride", "16", "16", "--num_pictures", "1",
-        "--output_dir", str(tmp_path / "out"), "augmentation.scale=[48,40]", "test.scale=[48,40]",
-        "test.ratios=[0.5,1.0]", "train.warmup_iters=1"])
+        "--crop_size", "32", "32", "--test_crop_size", "24", "24", "--test_stride", "16", "16",
+        # overrides right after a (height width) flag: the flag takes its two sizes and no more
+        "augmentation.scale=[48,40]", "test.scale=[48,40]", "test.ratios=[0.5,1.0]", "train.warmup_iters=1",
+        "--num_pictures", "1", "--output_dir", str(tmp_path / "out")])
     assert result["protocol"]["head"] == "ms" and result["protocol"]["layers"] == [1, 2, 3, 4]
     assert "flip True" in result["protocol"]["test"] and 0 <= result["mIoU"] <= 100
 
