@@ -13,7 +13,7 @@ pass does less work per image than the training model but computes the same func
   softmax(q kᵀ) path that materialises the attention matrix;
 - the patch embedding (a conv with kernel = stride = p) runs as one matrix product over unfolded patches;
 - fp32 on the CPU: each block's four Linear layers run as oneDNN GEMMs on weights packed once
-  (`mkldnn._linear_pointwise`), with the bias, the exact (erf) GELU and both residual additions fused into
+  (`mkldnn._linear_pointwise`, private: isolated and checked in `dino.inference.onednn`), with the bias, the exact (erf) GELU and both residual additions fused into
   the GEMMs — no bias copy before each GEMM and no separate GELU / add passes over the tokens;
 - `forward` (the [CLS] feature) runs the last block's attention with [CLS] as the only query and its projection,
   MLP and the final LayerNorm on the [CLS] row only (the other tokens' outputs of the last block are never used);
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dino.inference import onednn
 from dino.log import get_logger
 from dino.models.rope import apply_rope
 from dino.models.vision_transformer import Mlp, VisionTransformer, split_tokens
@@ -44,8 +45,9 @@ logger = get_logger(__name__)
 # fp32 → uint8 rounding (the codes are read back as plain uint8), so the warning says nothing to our users
 warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.*deprecated")
 
-_HAS_MKLDNN_LINEAR = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-                      and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+# the private oneDNN operators live in `dino.inference.onednn`, checked (schemas + a tiny run against F.linear)
+# once at import; off when a check fails, and the public path computes the same
+_HAS_MKLDNN_LINEAR = onednn.LINEAR_OK
 
 
 class _PackedLinears:
@@ -72,13 +74,12 @@ class _PackedLinears:
         entry = self._cache.get(id(linear))
         if entry is None or entry[0] != key:
             with torch.no_grad():
-                entry = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows))
+                entry = (key, onednn.reorder_linear_weight(weight.detach(), rows))
             self._cache[id(linear)] = entry
         return entry[1]
 
 
-_HAS_ONEDNN_INT8 = (_HAS_MKLDNN_LINEAR and hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qlinear_pointwise")
-                    and hasattr(torch.ops.onednn, "qlinear_prepack"))
+_HAS_ONEDNN_INT8 = onednn.INT8_OK
 
 
 def _uint8_view(qx: Tensor) -> Tensor:
@@ -110,7 +111,7 @@ class _Int8Linear:
         scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12)
         qweight = torch.clamp(torch.round(weight / scale[:, None]), -128, 127).to(torch.int8)
         self.qweight = qweight  # plain int8 copy: the packed (opaque) tensor can be neither copied nor pickled
-        self.weight = torch.ops.onednn.qlinear_prepack(qweight, None)
+        self.weight = onednn.qlinear_prepack(qweight)
         self.scale = scale
         self.zero_point = torch.zeros(self.out_features, dtype=torch.long)
         self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
@@ -123,7 +124,7 @@ class _Int8Linear:
 
     def __setstate__(self, state: dict) -> None:  # deepcopy / unpickle: pack the int8 weight again
         self.__dict__.update(state)
-        self.weight = torch.ops.onednn.qlinear_prepack(self.qweight, None)
+        self.weight = onednn.qlinear_prepack(self.qweight)
 
     def calibrate(self) -> None:
         """Freeze the input range observed so far into a static scale and zero point."""
@@ -150,15 +151,12 @@ class _Int8Linear:
         """fp32 output, or uint8 codes on `output_quantization`'s grid (for the next layer's static input)."""
         qx, scale, zero_point = self.quantize_input(x)
         if residual is not None:
-            return torch.ops.onednn.qlinear_pointwise.binary(
-                qx, scale, zero_point, self.weight, self.scale, self.zero_point, residual, self.bias, 1.0, 0,
-                torch.float32, 1.0, 0, "add", 1.0, "none", [], "")
+            return onednn.qlinear_add(qx, scale, zero_point, self.weight, self.scale, self.zero_point, residual, self.bias)
         out_scale, out_zero_point, out_dtype = 1.0, 0, torch.float32
         if output_quantization is not None:
             (out_scale, out_zero_point), out_dtype = output_quantization, torch.uint8
-        return torch.ops.onednn.qlinear_pointwise(qx, scale, zero_point, self.weight, self.scale, self.zero_point,
-                                                  self.bias, out_scale, out_zero_point, out_dtype,
-                                                  "gelu" if gelu else "none", [], "none" if gelu else "")
+        return onednn.qlinear(qx, scale, zero_point, self.weight, self.scale, self.zero_point, self.bias, out_scale,
+                              out_zero_point, out_dtype, gelu=gelu)
 
 
 def _use_mkldnn(x: Tensor, *linears: nn.Module) -> bool:
@@ -249,7 +247,7 @@ class InferenceBlock(nn.Module):
         if int8 is not None:
             qkv = int8["qkv"](normed.reshape(B * N, C))
         elif _use_mkldnn(x, self.qkv):
-            qkv = torch.ops.mkldnn._linear_pointwise(normed, self._packed.get(self.qkv, B * N), self.qkv.bias, "none", [], "")
+            qkv = onednn.linear(normed, self._packed.get(self.qkv, B * N), self.qkv.bias)
         else:
             qkv = self.qkv(normed)
         q, k, v = qkv.view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
@@ -278,14 +276,13 @@ class InferenceBlock(nn.Module):
         """Same function as `forward`, with bias, GELU and the residual adds fused into oneDNN GEMMs."""
         B, N, C = x.shape
         rows = B * N
-        linear = torch.ops.mkldnn._linear_pointwise
         pack = self._packed.get
-        qkv = linear(self.norm1(x), pack(self.qkv, rows), self.qkv.bias, "none", [], "")
+        qkv = onednn.linear(self.norm1(x), pack(self.qkv, rows), self.qkv.bias)
         attended = self._attend(qkv, B, N, C, rope)
-        x = linear.binary(attended, x, pack(self.proj, rows), self.proj.bias, "add")  # x + proj(attn)
+        x = onednn.linear_add(attended, x, pack(self.proj, rows), self.proj.bias)  # x + proj(attn)
         fc1, fc2 = self.mlp.fc1, self.mlp.fc2
-        hidden = linear(self.norm2(x), pack(fc1, rows), fc1.bias, "gelu", [], "none")  # "none": exact erf GELU
-        return linear.binary(hidden, x, pack(fc2, rows), fc2.bias, "add")  # x + fc2(GELU(fc1(norm2(x))))
+        hidden = onednn.linear(self.norm2(x), pack(fc1, rows), fc1.bias, gelu=True)  # exact erf GELU
+        return onednn.linear_add(hidden, x, pack(fc2, rows), fc2.bias)  # x + fc2(GELU(fc1(norm2(x))))
 
 
 class InferenceViT(nn.Module):
