@@ -165,9 +165,12 @@ def write_cityscapes(root: Path, label_ids: bool) -> Path:
 
 
 def test_ade20k_reader(tmp_path):
-    write_ade20k(tmp_path)
+    folder = write_ade20k(tmp_path)
+    rows = ["Idx\tRatio\tTrain\tVal\tName"] + [f"{i + 1}\t0.1\t1\t1\tname{i};alias" for i in range(150)]
+    (folder / "objectInfo150.txt").write_text("\n".join(rows) + "\n")
     files = data.segmentation_files("ade20k", str(tmp_path), "train")  # the parent of ADEChallengeData2016 works too
     assert len(files.images) == 6 and files.num_classes == 150 and files.reduce_zero_label
+    assert files.class_names[0] == "name0" and files.class_names[149] == "name149"
     image, label, _ = data.SegmentationDataset(data.segmentation_files("ade20k", str(tmp_path), "val"))[0]
     assert image.shape == (3, *SIZE) and label.shape == SIZE
     assert set(label.unique().tolist()) <= {0, 1, 2, 255} and (label[0, :4] == 255).all()

@@ -126,13 +126,23 @@ def ade20k_files(root: str, split: str) -> SegmentationFiles:
                      if os.path.isfile(os.path.join(image_dir, stem + ext)))
         images.append(image)
         labels.append(label)
-    names = [str(i) for i in range(150)]
-    info = os.path.join(folder, "objectInfo150.txt")
-    if os.path.isfile(info):  # "Idx Ratio Train Val Name" (tab separated), one row per class
-        rows = [line.rstrip("\n").split("\t") for line in _read_list(info)[1:]]
+    return SegmentationFiles("ade20k", images, labels, 150, _ade20k_class_names(folder), reduce_zero_label=True)
+
+
+def _ade20k_class_names(folder: str) -> list[str]:
+    """The first name of each class from the devkit's objectInfo150.txt (tab separated) or .csv
+    ("Idx, Ratio, Train, Val, Name"), when one sits beside images/; class indices otherwise."""
+    import csv
+
+    for file, delimiter in (("objectInfo150.txt", "\t"), ("objectInfo150.csv", ",")):
+        path = os.path.join(folder, file)
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8", newline="") as handle:
+            rows = [row for row in csv.reader(handle, delimiter=delimiter) if row][1:]
         if len(rows) == 150 and all(len(r) >= 5 for r in rows):
-            names = [r[4].split(";")[0].strip() for r in rows]
-    return SegmentationFiles("ade20k", images, labels, 150, names, reduce_zero_label=True)
+            return [r[4].split(";")[0].strip() for r in rows]
+    return [str(i) for i in range(150)]
 
 
 def voc2012_files(root: str, split: str) -> SegmentationFiles:
