@@ -124,6 +124,12 @@ def test_validator_checks_the_switches(tmp_path):
                               ("dino.loss_style=v3", "dino.loss_style must be one of v1, v2")):
         with pytest.raises(UserError, match=message):
             validate_training_config(compose("train/demo", base + [override]))
+    # without the shorthand every switch must be set itself
+    with pytest.raises(UserError, match=r"dino.loss_style must be v1 or v2 \(or set dino.center_update itself\)"):
+        validate_training_config(compose("train/demo", base + ["dino.loss_style=null"]))
+    spelled = base + ["dino.loss_style=null", "dino.center_update=deferred", "dino.pair_normalisation=dinov2",
+                      "teacher.temp_per_iteration=true"]
+    validate_training_config(compose("train/demo", spelled))
 
 
 def _objective_run(cfg, seed=0):
