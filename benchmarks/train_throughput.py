@@ -230,7 +230,7 @@ def main(argv=None) -> dict:
     compiled = bool(cfg.train.compile)
     if compiled:  # where the training loop does it: before sharding
         compile_blocks(student, teacher)
-    shard_student_and_teacher(student, teacher, ctx, args.parallel, FSDPSettings.from_config(cfg.train.fsdp, precision == "bf16"))
+    shard_student_and_teacher(student, teacher, ctx, args.parallel, FSDPSettings.from_config(cfg.train.fsdp, precision))
     optimizer = build_optimizer(cfg, student)
     apply_schedules(optimizer, lr=1e-4, wd=0.04, last_layer_lr=1e-4)
     scaler = ctx.grad_scaler()

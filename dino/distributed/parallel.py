@@ -44,13 +44,14 @@ class FSDPSettings:
         reduce_dtype: dtype of the gradient reduce-scatter (None: same as param_dtype).
     """
 
-    reshard_after_forward: bool = True
-    param_dtype: torch.dtype | None = None
-    reduce_dtype: torch.dtype | None = None
+    reshard_after_forward: bool
+    param_dtype: torch.dtype | None
+    reduce_dtype: torch.dtype | None
 
     @classmethod
-    def from_config(cls, fsdp_cfg, hmp: bool) -> "FSDPSettings":
-        """`train.fsdp` keys; `param_dtype: auto` follows `--hmp` (bf16 parameters, fp32 reductions)."""
+    def from_config(cls, fsdp_cfg, precision: str) -> "FSDPSettings":
+        """`train.fsdp` keys (defaults in the YAML); `param_dtype: auto` follows `train.precision` bf16 (bf16
+        parameters, fp32 reductions)."""
         def dtype(name, auto):
             name = "auto" if name is None else str(name).lower()
             if name == "auto":
@@ -59,9 +60,9 @@ class FSDPSettings:
                 raise UserError(f"unknown FSDP dtype {name!r}; choose auto, {', '.join(sorted(_DTYPES))}")
             return _DTYPES[name]
 
-        param_dtype = dtype(fsdp_cfg.get("param_dtype"), torch.bfloat16 if hmp else None)
-        reduce_dtype = dtype(fsdp_cfg.get("reduce_dtype"), torch.float32 if param_dtype is not None else None)
-        return cls(bool(fsdp_cfg.get("reshard_after_forward", True)), param_dtype, reduce_dtype)
+        param_dtype = dtype(fsdp_cfg.param_dtype, torch.bfloat16 if precision == "bf16" else None)
+        reduce_dtype = dtype(fsdp_cfg.reduce_dtype, torch.float32 if param_dtype is not None else None)
+        return cls(bool(fsdp_cfg.reshard_after_forward), param_dtype, reduce_dtype)
 
 
 def check_parallel_mode(mode: str) -> str:

@@ -727,7 +727,7 @@ def train(cfg: DictConfig) -> TrainResult:
             compile_blocks(student, teacher)  # before FSDP2, which then wraps the compiled blocks
         # FSDP2 swaps the parameters for DTensors, so it comes before the optimiser is built.
         shard_student_and_teacher(student, teacher, ctx, parallel,
-                                  FSDPSettings.from_config(cfg.train.fsdp, ctx.precision == "bf16"))
+                                  FSDPSettings.from_config(cfg.train.fsdp, ctx.precision))
         state = TrainState(cfg, student, teacher, objective, build_optimizer(cfg, student), ctx.grad_scaler(),
                            backbone_kwargs, data.batch_size, sharded=parallel == "fsdp")
         schedules = build_schedules(cfg, iters_per_epoch, data.batch_size * get_world_size())
