@@ -128,8 +128,9 @@ def derive_config(cfg: DictConfig, point: StartingPoint, *, model_key: str = "mo
     changes = []
     updates: dict[str, Any] = {}
     if point.is_v3:
-        updates["model.patch_size"] = int(point.state_dict["patch_embed.proj.weight"].shape[-1]) \
-            if "patch_embed.proj.weight" in point.state_dict else OmegaConf.select(cfg, "model.patch_size")
+        # the token grid the iBOT masks are drawn on: the patch size, or a ConvNeXt's stride-32 output
+        weight = point.state_dict.get("patch_embed.proj.weight")
+        updates["model.patch_size"] = int(weight.shape[-1]) if weight is not None else 32
     else:
         for key, value in point.model_kwargs.items():
             updates[f"model.{key}"] = value
@@ -161,6 +162,9 @@ def prepare_config(cfg: DictConfig) -> StartingPoint | None:
     if source not in _CACHE:
         _CACHE[source] = read_starting_point(source)
     point = _CACHE[source]
+    if point.is_v3 and "patch_embed.proj.weight" not in point.state_dict:
+        raise UserError(f"{source} is a ConvNeXt ({point.summary}); the training loop trains ViT students only — "
+                        "use it as a --distill_from teacher, or start from a ViT")
     derive_config(cfg, point)
     if point.is_v3 and str(cfg.train.parallel) == "fsdp":
         raise UserError("continued pretraining of a DINOv3 file runs with --parallel ddp (the sharded teacher export "
