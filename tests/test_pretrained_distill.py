@@ -252,3 +252,32 @@ def test_feature_distillation_trains_a_projection_onto_the_teacher_tokens(tmp_pa
     assert not torch.equal(state["student"]["feature_proj.weight"], state["teacher"]["feature_proj.weight"])
     with pytest.raises(UserError, match="needs a teacher"):
         train(config(image_folder, tmp_path / "no_teacher", "distill.feature_loss_weight=1.0"))
+
+
+def test_v1_and_v3_files_build_students_that_hold_their_weights(tmp_path, image_folder, caplog):
+    from dino.models import ConvNeXt, DinoV3VisionTransformer, dinov3_vision_transformer
+    from dino.train.pretrained import build_pretrained_networks, prepare_config, take_prepared
+
+    v1 = build_backbone("vit_tiny", 8, depth=2, embed_dim=48, img_size=32, init_values=None, use_mask_token=False)
+    save_backbone(v1, tmp_path / "v1.pth", dict(arch="vit_tiny", patch_size=8, depth=2, embed_dim=48, img_size=32,
+                                               init_values=None, use_mask_token=False))
+    cfg = config(image_folder, tmp_path / "a", f"model.pretrained_weights={tmp_path / 'v1.pth'}")
+    with caplog.at_level("INFO"):
+        student, teacher, _ = build_pretrained_networks(cfg, take_prepared(cfg))
+    assert "initialised fresh: mask_token, dino_head" in caplog.text  # iBOT needs the token DINO v1 never had
+    assert cfg.model.layerscale is None and cfg.model.use_mask_token is True
+    got = student.backbone.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in v1.state_dict().items()) and "mask_token" in got
+
+    v3 = dinov3_vision_transformer("vit_small", depth=2, embed_dim=48, num_heads=3, patch_size=8)
+    save_backbone(v3, tmp_path / "v3.safetensors", None)
+    cfg = config(image_folder, tmp_path / "b", f"model.pretrained_weights={tmp_path / 'v3.safetensors'}",
+                 "model.patch_size=16")
+    student, teacher, _ = build_pretrained_networks(cfg, take_prepared(cfg))
+    assert isinstance(student.backbone, DinoV3VisionTransformer) and cfg.model.patch_size == 8
+    assert all(torch.equal(student.backbone.state_dict()[k], v) for k, v in v3.state_dict().items())
+    assert all(torch.equal(teacher.backbone.state_dict()[k], v) for k, v in v3.state_dict().items())
+
+    save_backbone(ConvNeXt(depths=(1, 1, 1, 1), dims=(16, 24, 32, 48)), tmp_path / "cnx.safetensors", None)
+    with pytest.raises(UserError, match="ConvNeXt .* ViT students only"):
+        prepare_config(config(image_folder, tmp_path / "c", f"model.pretrained_weights={tmp_path / 'cnx.safetensors'}"))
