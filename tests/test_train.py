@@ -207,3 +207,18 @@ def test_main_dino_runs_and_compares_knn_with_random_init(tmp_path):
         assert report[key] * 9 / 100 == pytest.approx(round(report[key] * 9 / 100), abs=1e-6), key
     assert report["improvement"] == pytest.approx(report["trained_top1"] - report["random_init_top1"])
     assert (out / "config.yaml").read_text().count("knn_eval: true") == 1
+
+
+def test_knn_monitor_logs_teacher_beside_raw_pixels_and_random_init(tmp_path):
+    root = tmp_path / "data"
+    write_image_folder(root / "train")
+    write_image_folder(root / "val", per_class=3, split_seed=1)
+    result = train(tiny_config(root / "train", tmp_path / "out", "train.knn_every_epochs=1", "optim.epochs=2"))
+    assert result.global_step == 6
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    knn = [row for row in rows if "knn_teacher" in row]
+    assert [row["epoch"] for row in knn] == [1, 2]
+    for row in knn:
+        for key in ("knn_teacher", "knn_raw_pixels", "knn_random_init"):
+            assert 0.0 <= row[key] <= 100.0
+    assert knn[0]["knn_raw_pixels"] == knn[1]["knn_raw_pixels"]  # the baselines are computed once

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 from dino.config import ConfigCLI, Flag, bool_flag, precision_flags
@@ -103,6 +104,7 @@ CLI = ConfigCLI(
 
 
 def main(argv: Sequence[str] | None = None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     cfg, _ = CLI.parse(argv)
     from dino.config_validation import check_resume_against_output_dir, validate_training_config
     from dino.train.distill import prepare_distillation
@@ -112,6 +114,12 @@ def main(argv: Sequence[str] | None = None):
     prepare_distillation(cfg)
     # Everything the user can get wrong is reported before the device, the data or config.yaml are touched.
     validate_training_config(cfg)
+    # presets with recipe.auto (small_data): crops, patch, epochs and warm-up derived from the images, printed;
+    # keys set on the command line are kept
+    from dino.train.recipe import apply_recipe_for_cli
+
+    if apply_recipe_for_cli(cfg, argv, {name: flag.key for flag in FLAGS for name in flag.names}) is not None:
+        validate_training_config(cfg)
     check_resume_against_output_dir(cfg)
     from dino.train.knn_check import report_knn_if_requested
     from dino.train.loop import train

@@ -80,6 +80,7 @@ from dino.train.distill import (
     prepare_distillation_target,
 )
 from dino.train.grad_accumulation import split_batch_and_targets
+from dino.train.knn_check import KnnMonitor
 from dino.train.lora import add_lora_to_networks, export_backbone
 from dino.train.meta_arch import (
     SelfDistillationObjective,
@@ -515,6 +516,8 @@ class _Run:
         self.last_metrics: dict[str, float] = {}
         self.stopped_early = False
         self.total_batch = data.batch_size * get_world_size()
+        # kNN of the teacher beside raw pixels and random init every train.knn_every_epochs (rank 0; 0: off)
+        self.knn_monitor = KnnMonitor(cfg, log=lambda row: self.logger.log(self.state.progress.global_step, row))
         self.step_flops = StepFlops()
         self.meter = ThroughputMeter(self.total_batch, device_peak(ctx), ctx.max_memory_allocated_mb)
         self.checkpoint_name = SHARDED_CHECKPOINT_NAME if state.sharded else CHECKPOINT_NAME
@@ -649,6 +652,9 @@ class _Run:
                             tensorboard=False)
             if not is_sharded(self.state.teacher):  # rank 0 alone cannot run a sharded teacher
                 _maybe_visualize(self.cfg, self.state.teacher, self.logger, progress.epoch, progress.global_step)
+                # a forked RNG: the monitor's random baseline must not move the training's random streams
+                with torch.random.fork_rng(devices=[self.ctx.device] if self.ctx.type == "cuda" else []):
+                    self.knn_monitor.maybe_run(self.state.teacher.backbone, progress.epoch, self.ctx)
         self.logger.flush()
 
     def _warn_hold(self, loss: float, grad_norm: float) -> None:
