@@ -93,7 +93,8 @@ def build_distillation_target(cfg: DictConfig, student: nn.Module | None = None,
     """The frozen teacher network (backbone + heads) the student distils from.
 
     With `distill.feature_loss_weight` > 0, `student` (and its EMA `teacher`, a copy) get the linear projection
-    `feature_proj` (student width → teacher width) that the feature-distillation loss trains."""
+    `dino_head.feature_proj` (student width → teacher width) that the feature-distillation loss trains. It lives
+    in the head (not used by its forward) so the backbone a checkpoint's `teacher` yields stays plain."""
     from dino.train.meta_arch import MultiCropNetwork
 
     point = prepare_distillation(cfg)
@@ -110,9 +111,9 @@ def build_distillation_target(cfg: DictConfig, student: nn.Module | None = None,
         ibot = _head_settings(cfg, point, "ibot")
         ibot_head = DINOHead(dim, ibot.pop("out_dim"), **ibot)
     if float(OmegaConf.select(cfg, "distill.feature_loss_weight", default=0.0) or 0.0) > 0 and student is not None:
-        student.feature_proj = nn.Linear(student.backbone.embed_dim, dim)
+        student.dino_head.feature_proj = nn.Linear(student.backbone.embed_dim, dim)
         if teacher is not None:
-            teacher.feature_proj = copy.deepcopy(student.feature_proj).requires_grad_(False)
+            teacher.dino_head.feature_proj = copy.deepcopy(student.dino_head.feature_proj).requires_grad_(False)
     target = MultiCropNetwork(backbone, dino_head, ibot_head, use_ibot)
     target.heads_fitted = point.has_heads
     if point.has_heads:

@@ -108,7 +108,7 @@ class MultiCropNetwork(nn.Module):
         if masked_patches is not None:
             out["masked_patch_logits"] = patch_logits if self.ibot_head is None else self.ibot_head(masked_patches)
         out["global_patch_tokens"] = global_out["x_norm_patchtokens"]
-        feature_proj = getattr(self, "feature_proj", None)  # feature distillation (dino.train.distill)
+        feature_proj = getattr(self.dino_head, "feature_proj", None)  # feature distillation (dino.train.distill)
         if feature_proj is not None:
             out["projected_cls_tokens"] = feature_proj(cls_global)
             out["projected_patch_tokens"] = feature_proj(global_out["x_norm_patchtokens"])

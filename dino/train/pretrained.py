@@ -120,7 +120,7 @@ def read_starting_point(source: str) -> StartingPoint:
     return StartingPoint(source, state_dict, model_kwargs, what_file_holds(state_dict), is_v3, heads, head_config)
 
 
-def derive_config(cfg: DictConfig, point: StartingPoint, *, model_key: str = "model", heads: bool = True) -> list[str]:
+def derive_config(cfg: DictConfig, point: StartingPoint, *, heads: bool = True) -> list[str]:
     """Set `cfg.model` (and, when the file brings heads, the head keys) to what the file holds.
 
     Returns the 'key: old → new' changes (also logged), so a run never trains an architecture other than the
@@ -207,18 +207,20 @@ def load_heads(network: nn.Module, heads: dict[str, torch.Tensor], source: str) 
     """Copy a training checkpoint's head tensors into `network` (a `MultiCropNetwork`), strictly per head."""
     for name in HEAD_NAMES:
         module = getattr(network, name, None)
-        wanted = {k[len(name) + 1:]: v for k, v in heads.items() if k.startswith(name + ".")}
+        # a feature-distillation projection (dino_head.feature_proj) belongs to the run that trained it
+        wanted = {k[len(name) + 1:]: v for k, v in heads.items()
+                  if k.startswith(name + ".") and not k.startswith(name + ".feature_proj.")}
         if module is None:
             continue
         if not wanted:
             raise UserError(f"{source} has no {name} weights, but this config uses one (ibot.separate_head)")
-        own = module.state_dict()
+        own = {k: v for k, v in module.state_dict().items() if not k.startswith("feature_proj.")}
         bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in wanted.items()
                if k in own and v.shape != own[k].shape]
         if bad or set(wanted) != set(own):
             raise UserError(f"the {name} of {source} does not fit this config's head ({', '.join(bad[:3]) or 'keys differ'});"
                             " set the dino.head_* / ibot.head_* keys to the file's")
-        module.load_state_dict(wanted)
+        module.load_state_dict(wanted, strict=False)  # the keys were compared above (feature_proj aside)
 
 
 def build_pretrained_networks(cfg: DictConfig, point: StartingPoint):
