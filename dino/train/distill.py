@@ -61,7 +61,9 @@ def prepare_distillation(cfg: DictConfig) -> StartingPoint | None:
             if theirs is not None and theirs != ours:
                 raise UserError(f"the teacher {source} has {key}={theirs}, the student {ours}: the heads' prototypes "
                                 f"must match; set {key}={theirs}")
-    if float(cfg.ibot.loss_weight) > 0 or float(OmegaConf.select(cfg, "distill.feature_loss_weight") or 0) > 0:
+    feature_patches = (float(OmegaConf.select(cfg, "distill.feature_loss_weight") or 0) > 0
+                       and float(OmegaConf.select(cfg, "distill.feature_patch_weight", default=1.0)) > 0)
+    if float(cfg.ibot.loss_weight) > 0 or feature_patches:
         _check_patch_grid(cfg, point)
     return point
 
@@ -131,8 +133,8 @@ def _check_patch_grid(cfg: DictConfig, point: StartingPoint) -> None:
     weight = point.state_dict.get("patch_embed.proj.weight")
     teacher_patch = int(weight.shape[-1]) if weight is not None else 32  # a ConvNeXt: stride-32 tokens
     if teacher_patch and size // teacher_patch != size // student_patch:
-        raise UserError(f"the iBOT and feature terms compare patch tokens, but the teacher {point.source} (patch {teacher_patch}) "
-                        f"and the student (patch {student_patch}) tile a {size}-px crop into different grids; use a "
+        raise UserError(f"the iBOT and feature terms compare patch tokens, but the teacher {point.source} "
+                        f"(patch {teacher_patch}) and the student (patch {student_patch}) tile a {size}-px crop into different grids; use a "
                         f"student with patch size {teacher_patch} or set ibot.loss_weight=0 "
                         "(and distill.feature_patch_weight=0)")
 
