@@ -59,7 +59,7 @@ def build_student_backbone(model_cfg: DictConfig) -> tuple[VisionTransformer, di
                    attn_backend=model_cfg.attn_backend)
     build_kwargs = {k: v for k, v in kwargs.items() if k not in ("arch", "patch_size")}
     backbone = build_backbone(kwargs["arch"], kwargs["patch_size"], **build_kwargs, **runtime)
-    backbone.set_drop_path_mode(str(model_cfg.get("drop_path_mode", "mask")))  # training only: not in kwargs
+    backbone.set_drop_path_mode(str(model_cfg.drop_path_mode))  # training only: not in kwargs
     return backbone, kwargs
 
 
