@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from dino.inference import onednn
 from dino.log import get_logger
 from dino.models.rope import apply_rope
-from dino.models.vision_transformer import Mlp, VisionTransformer, split_tokens
+from dino.models.vision_transformer import Mlp, SwiGLUFFNSplit, VisionTransformer, split_tokens
 
 logger = get_logger(__name__)
 
@@ -268,6 +268,9 @@ class InferenceBlock(nn.Module):
             return self._forward_int8(x, rope)
         if isinstance(self.mlp, Mlp) and _use_mkldnn(x, self.qkv, self.proj, self.mlp.fc1, self.mlp.fc2):
             return self._forward_mkldnn(x, rope)
+        if isinstance(self.mlp, SwiGLUFFNSplit) and _use_mkldnn(x, self.qkv, self.proj, self.mlp.w1, self.mlp.w2,
+                                                                self.mlp.w3):
+            return self._forward_mkldnn(x, rope)
         x = x + self.attention(self.norm1(x), rope)  # not in place: x may be a view the caller still needs
         x += self.mlp(self.norm2(x))
         return x
@@ -280,6 +283,12 @@ class InferenceBlock(nn.Module):
         qkv = onednn.linear(self.norm1(x), pack(self.qkv, rows), self.qkv.bias)
         attended = self._attend(qkv, B, N, C, rope)
         x = onednn.linear_add(attended, x, pack(self.proj, rows), self.proj.bias)  # x + proj(attn)
+        if isinstance(self.mlp, SwiGLUFFNSplit):  # DINOv3 S+/L+/H+: x + w3(SiLU(w1 h) ⊙ w2 h), h = norm2(x)
+            w1, w2, w3 = self.mlp.w1, self.mlp.w2, self.mlp.w3
+            normed = self.norm2(x)
+            gate = onednn.linear(normed, pack(w1, rows), w1.bias)
+            hidden = F.silu(gate, inplace=True).mul_(onednn.linear(normed, pack(w2, rows), w2.bias))
+            return onednn.linear_add(hidden, x, pack(w3, rows), w3.bias)
         fc1, fc2 = self.mlp.fc1, self.mlp.fc2
         hidden = onednn.linear(self.norm2(x), pack(fc1, rows), fc1.bias, gelu=True)  # exact erf GELU
         return onednn.linear_add(hidden, x, pack(fc2, rows), fc2.bias)  # x + fc2(GELU(fc1(norm2(x))))

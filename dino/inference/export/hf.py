@@ -214,7 +214,8 @@ def verify_hf(model: VisionTransformer, folder: str | os.PathLike, batch_size: i
             raise UserError(f"Hugging Face export {folder} differs from PyTorch by {diff:.2e} (> {atol:g}) at {size}x{size}")
     exact, other = sizes
     if is_dinov3(model):
-        note = "DINOv3: RoPE is computed from the input size in both, so outputs agree at every size"
+        note = ("DINOv3: no stored position embedding (RoPE from the input size, or a ConvNeXt), so outputs agree at "
+                "every size")
     else:
         note = (f"outputs equal ours at {exact}x{exact} (the position embedding is stored for that size); at any other "
                 f"size transformers resizes it its own way and features differ (max {diffs[f'{other}x{other}']:.2g} at "
