@@ -194,7 +194,7 @@ def run_segmentation(cfg) -> dict:
     device_ctx = DeviceContext.create(cfg.device, precision=str(cfg.precision))
     init_distributed(device_ctx.backend)
     model = load_eval_backbone(cfg.model, device_ctx)
-    layers = common.select_layers(common.backbone_depth(model), int(cfg.head.layers), str(cfg.head.get("spacing", "last")))
+    layers = common.select_layers(common.backbone_depth(model), int(cfg.head.layers), str(cfg.head.spacing))
     torch.manual_seed(training.seed)
     head = LinearSegmentationHead(model.embed_dim, len(layers), files_train.num_classes)
     if get_world_size() > 1 and device_ctx.type == "cuda":  # SyncBN (as DINOv2's heads) runs on GPUs only
