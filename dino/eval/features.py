@@ -226,7 +226,7 @@ def extract_features(model: nn.Module, dataset: Dataset, device_ctx: DeviceConte
     """Features (N, D) float32 and labels (N,) int64 of a whole dataset, on the CPU, in dataset order.
 
     feature_fn(model, images) → (B, D) tensor; default: the normalised [CLS] token (`model(images)`).  Runs
-    under `torch.no_grad` and the context's autocast (bf16 with --hmp); the model must already sit
+    under `torch.no_grad` and the context's autocast (precision bf16 / fp16); the model must already sit
     on `device_ctx.device`.  Distributed: each rank extracts `shard_indices(N, rank, W)`, then every rank
     receives the full, ordered result.  The progress bar shows on rank 0 only.
     """
