@@ -86,7 +86,7 @@ def test_compiled_blocks_give_the_eager_losses_and_checkpoint_keys(tmp_path, ima
         assert not any("_orig_mod" in key for key in b[part]), part
         for key in a[part]:
             torch.testing.assert_close(comparable(key, b[part][key]), comparable(key, a[part][key]), rtol=1e-4,
-                                       atol=1e-6, msg=lambda m, key=key: f"{part}.{key}: {m}")
+                                       atol=1e-6, msg=lambda m, key=key, part=part: f"{part}.{key}: {m}")
     assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
     assert sorted(a["optimizer"]["state"]) == sorted(b["optimizer"]["state"])
 
