@@ -42,8 +42,9 @@ from dino.models.vision_transformer import Mlp, SwiGLUFFNSplit, VisionTransforme
 logger = get_logger(__name__)
 
 # the quint8 creation functions warn that they are deprecated; `_Int8Linear` only uses them as a fast one-pass
-# fp32 → uint8 rounding (the codes are read back as plain uint8), so the warning says nothing to our users
-warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.*deprecated")
+# fp32 → uint8 rounding (the codes are read back as plain uint8), so the warning says nothing to our users.
+# Scoped to calls made from this module (`module=`): the same warning from the user's own code is left alone.
+warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.*deprecated", module=r"dino\.inference\.fast")
 
 # the private oneDNN operators live in `dino.inference.onednn`, checked (schemas + a tiny run against F.linear)
 # once at import; off when a check fails, and the public path computes the same
