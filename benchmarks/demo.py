@@ -39,7 +39,6 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
     return statistics.median(rates)
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "demo.json"))

@@ -46,8 +46,16 @@ for path in (ROOT, HERE):
 
 PARTS = ("parity", "attention", "train", "inference")
 # (preset, parallel, compile): most informative first, so a short budget still answers the main question
-TRAIN_RUNS = [("vitl14", "fsdp", False), ("vitl14", "ddp", False), ("vitl14", "fsdp", True), ("vits14", "ddp", False),
-              ("vitl14", "ddp", True), ("vits14", "ddp", True), ("vits14", "fsdp", False), ("vits14", "fsdp", True)]
+TRAIN_RUNS = [
+    ("vitl14", "fsdp", False),
+    ("vitl14", "ddp", False),
+    ("vitl14", "fsdp", True),
+    ("vits14", "ddp", False),
+    ("vitl14", "ddp", True),
+    ("vits14", "ddp", True),
+    ("vits14", "fsdp", False),
+    ("vits14", "fsdp", True),
+]
 QUICK_TRAIN_RUNS = [("tiny", "ddp", False), ("tiny", "fsdp", False)]
 JSON_PREFIX = "RESULT_JSON "
 
@@ -60,15 +68,23 @@ def free_port() -> int:
 
 def single_process_group_env() -> dict[str, str]:
     """The environment torchrun gives a world of one: DDP and FSDP2 then run for real on one device."""
-    return dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    return dict(
+        os.environ,
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+    )
 
 
 def run_child(command: list[str], timeout: float, env: dict | None = None) -> tuple[int, str]:
     """Run a benchmark in its own process (its own peak memory, process group and compile caches)."""
     try:
-        child = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
-                               env=env)
+        child = subprocess.run(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout, env=env
+        )
         return child.returncode, child.stdout
     except subprocess.TimeoutExpired as err:
         out = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
@@ -85,15 +101,27 @@ def train_part(args, deadline: float) -> list[dict]:
         if left < needed:
             results.append({"run": name, "skipped": f"budget: {left:.0f} s left, a run may take {needed:.0f} s"})
             continue
-        command = [sys.executable, str(HERE / "train_throughput.py"), "--preset", preset, "--parallel", parallel,
-                   "--device", args.device, "--steps", str(2 if args.quick else args.steps),
-                   "--warmup", str(1 if args.quick else 3), "--json"]
+        command = [
+            sys.executable,
+            str(HERE / "train_throughput.py"),
+            "--preset",
+            preset,
+            "--parallel",
+            parallel,
+            "--device",
+            args.device,
+            "--steps",
+            str(2 if args.quick else args.steps),
+            "--warmup",
+            str(1 if args.quick else 3),
+            "--json",
+        ]
         command += [] if args.quick and args.device == "cpu" else ["--hmp"]
         command += ["--compile"] if compiled else []
         code, output = run_child(command, min(left, args.train_timeout_s), env=single_process_group_env())
         lines = [line for line in output.splitlines() if line.startswith(JSON_PREFIX)]
         if code == 0 and lines:
-            result = json.loads(lines[-1][len(JSON_PREFIX):])
+            result = json.loads(lines[-1][len(JSON_PREFIX) :])
             result["run"] = name
             results.append(result)
         else:
@@ -116,8 +144,10 @@ def fp32_parity(device: str, steps: int, quick: bool) -> dict:
     torch.backends.cudnn.allow_tf32 = False
     config_name, overrides = PRESETS["tiny"]
     batch_size = 8 if quick else 16
-    cfg = compose(config_name, overrides + [f"train.batch_size_per_device={batch_size}", "train.num_workers=0",
-                                            "model.drop_path_rate=0.0"])  # drop path draws from device RNGs
+    cfg = compose(
+        config_name,
+        overrides + [f"train.batch_size_per_device={batch_size}", "train.num_workers=0", "model.drop_path_rate=0.0"],
+    )  # drop path draws from device RNGs
     batch = one_batch(cfg, DeviceContext.create("cpu"), int(cfg.crops.global_crops_size))
     losses = {}
     for target in dict.fromkeys(["cpu", device]):
@@ -136,8 +166,13 @@ def fp32_parity(device: str, steps: int, quick: bool) -> dict:
             losses[target].append(float(loss))
     reference, measured = losses["cpu"], losses[device]
     max_rel = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(reference, measured))
-    return {"device": device, "steps": steps, "losses_cpu": reference, f"losses_{device}": measured,
-            "max_relative_difference": max_rel}
+    return {
+        "device": device,
+        "steps": steps,
+        "losses_cpu": reference,
+        f"losses_{device}": measured,
+        "max_relative_difference": max_rel,
+    }
 
 
 def attention_part(device: str) -> dict:
@@ -160,9 +195,22 @@ def attention_part(device: str) -> dict:
 def inference_part(args, deadline: float) -> dict:
     out = Path(args.out) / "inference.md"
     batch = "4" if args.quick else "256"
-    command = [sys.executable, str(HERE / "inference.py"), "--device", args.device, "--batch", batch,
-               "--arch", "vit_small", *([] if args.quick else ["vit_large"]), "--rounds", "2" if args.quick else "5",
-               "--no_compile", "--out", str(out)]
+    command = [
+        sys.executable,
+        str(HERE / "inference.py"),
+        "--device",
+        args.device,
+        "--batch",
+        batch,
+        "--arch",
+        "vit_small",
+        *([] if args.quick else ["vit_large"]),
+        "--rounds",
+        "2" if args.quick else "5",
+        "--no_compile",
+        "--out",
+        str(out),
+    ]
     code, output = run_child(command, max(deadline - time.monotonic(), 1))
     if code != 0:
         return {"error": f"exit {code}: " + " | ".join(output.strip().splitlines()[-6:])}
@@ -170,21 +218,28 @@ def inference_part(args, deadline: float) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"### One-device check (`benchmarks/gpu_check.py{' --quick' if report['quick'] else ''}`)",
-             f"- date: {report['date']}; device: {report['device_name']}; torch {report['torch']} "
-             f"(CUDA {report['cuda']}); wall time {report['wall_s']:.0f} s", ""]
+    lines = [
+        f"### One-device check (`benchmarks/gpu_check.py{' --quick' if report['quick'] else ''}`)",
+        f"- date: {report['date']}; device: {report['device_name']}; torch {report['torch']} "
+        f"(CUDA {report['cuda']}); wall time {report['wall_s']:.0f} s",
+        "",
+    ]
     train = report.get("train")
     if train:
-        lines += ["| run | img/s | s/step | MFU (data sheet) | MFU (measured matmul) | peak MiB | attention | first step s |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "| run | img/s | s/step | MFU (data sheet) | MFU (measured matmul) | peak MiB | attention | first step s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in train:
             if "images_per_s" not in r:
                 lines.append(f"| {r['run']} | {r.get('skipped') or r.get('error')} |||||||")
                 continue
             sheet = f"{r['mfu_datasheet']:.1%}" if "mfu_datasheet" in r else "–"
-            lines.append(f"| {r['run']} | {r['images_per_s']:.1f} | {r['s_per_step']:.3f} | {sheet} | {r['mfu']:.1%} | "
-                         f"{r['peak_memory_mb']:.0f} | {', '.join(r.get('attention_backend', [])) or '–'} | "
-                         f"{r['warmup_times'][0]:.1f} |")
+            lines.append(
+                f"| {r['run']} | {r['images_per_s']:.1f} | {r['s_per_step']:.3f} | {sheet} | {r['mfu']:.1%} | "
+                f"{r['peak_memory_mb']:.0f} | {', '.join(r.get('attention_backend', [])) or '–'} | "
+                f"{r['warmup_times'][0]:.1f} |"
+            )
         lines.append("")
     parity = report.get("parity")
     if parity:
@@ -193,32 +248,44 @@ def markdown(report: dict) -> str:
         else:
             dev = parity["device"]
             ok = parity["max_relative_difference"] <= report["parity_rtol"]
-            lines.append(f"- fp32 parity ({parity['steps']} steps, TF32 off), {dev} vs cpu: max relative loss difference "
-                         f"{parity['max_relative_difference']:.2e} ({'within' if ok else 'OUTSIDE'} "
-                         f"{report['parity_rtol']:.0e}); losses {dev}: "
-                         f"{', '.join(f'{x:.6f}' for x in parity[f'losses_{dev}'])}; cpu: "
-                         f"{', '.join(f'{x:.6f}' for x in parity['losses_cpu'])}")
+            lines.append(
+                f"- fp32 parity ({parity['steps']} steps, TF32 off), {dev} vs cpu: max relative loss difference "
+                f"{parity['max_relative_difference']:.2e} ({'within' if ok else 'OUTSIDE'} "
+                f"{report['parity_rtol']:.0e}); losses {dev}: "
+                f"{', '.join(f'{x:.6f}' for x in parity[f'losses_{dev}'])}; cpu: "
+                f"{', '.join(f'{x:.6f}' for x in parity['losses_cpu'])}"
+            )
     attention = report.get("attention")
     if attention:
-        lines.append(f"- attention kernel (bf16 ViT-S/14 forward): {', '.join(attention.get('kinds', []))} "
-                     f"({', '.join(attention.get('aten_ops', [])) or attention.get('error', '')})")
+        lines.append(
+            f"- attention kernel (bf16 ViT-S/14 forward): {', '.join(attention.get('kinds', []))} "
+            f"({', '.join(attention.get('aten_ops', [])) or attention.get('error', '')})"
+        )
     inference = report.get("inference")
     if inference:
-        lines += ["", "Feature extraction, side by side:", "",
-                  inference.get("markdown") or f"ERROR {inference.get('error')}"]
+        lines += [
+            "",
+            "Feature extraction, side by side:",
+            "",
+            inference.get("markdown") or f"ERROR {inference.get('error')}",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--device", default="cuda", help="cuda (default) | cpu | hpu — the device to check")
     parser.add_argument("--quick", action="store_true", help="CI-size: a 2-block tiny ViT, few steps, small batches")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which parts to run")
     parser.add_argument("--budget_s", type=float, default=450.0, help="stop starting parts after this many seconds")
     parser.add_argument("--train_timeout_s", type=float, default=120.0, help="limit of one training-speed run")
-    parser.add_argument("--inference_reserve_s", type=float, default=75.0,
-                        help="seconds the training runs leave for the inference part")
+    parser.add_argument(
+        "--inference_reserve_s", type=float, default=75.0, help="seconds the training runs leave for the inference part"
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per run")
     parser.add_argument("--parity_steps", type=int, default=5)
     parser.add_argument("--parity_rtol", type=float, default=1e-4, help="allowed relative loss difference")
@@ -230,9 +297,14 @@ def main(argv=None) -> dict:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     deadline = start + args.budget_s
-    report = {"date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
-              "device_name": ctx.description(), "torch": torch.__version__, "cuda": torch.version.cuda,
-              "quick": args.quick, "parity_rtol": args.parity_rtol}
+    report = {
+        "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+        "device_name": ctx.description(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "quick": args.quick,
+        "parity_rtol": args.parity_rtol,
+    }
     for part in args.parts:
         if time.monotonic() > deadline:
             report[part] = {"skipped": "budget spent"}

@@ -28,7 +28,6 @@ from dino.models import ARCH_SIZES, build_backbone
 warnings.filterwarnings("ignore")
 
 
-
 def vit_flops(arch: str, image: int, patch: int = 14) -> float:
     """Multiply-add FLOPs (×2) of the matmuls of one image: patch embedding, qkv, attention, proj, MLP."""
     dim, depth, _, _ = ARCH_SIZES[arch]
@@ -37,7 +36,9 @@ def vit_flops(arch: str, image: int, patch: int = 14) -> float:
     return depth * block + 2 * (n - 1) * 3 * patch * patch * dim
 
 
-def matmul_rate(device: torch.device, dtype=torch.float32, rows: int = 4096, dim: int = 384, repeats: int = 20) -> float:
+def matmul_rate(
+    device: torch.device, dtype=torch.float32, rows: int = 4096, dim: int = 384, repeats: int = 20
+) -> float:
     """Measured GFLOP/s of a (rows×dim)·(dim×4dim) product, the shape of a ViT-S MLP layer.
 
     The best of 5 measurements: load from other processes only ever lowers the rate, and the floor built
@@ -85,17 +86,28 @@ def build_contenders(arch: str, image: int, device: torch.device, compile_model:
 
         timm_model = timm.create_model(f"{arch}_patch14_dinov2", pretrained=False, img_size=image).eval().to(device)
         contenders["timm fp32"] = (lambda x: timm_model.forward_features(x)[:, 0], torch.float32)
-        contenders["timm bf16 autocast"] = (_autocast(lambda x: timm_model.forward_features(x)[:, 0], device), torch.float32)
+        contenders["timm bf16 autocast"] = (
+            _autocast(lambda x: timm_model.forward_features(x)[:, 0], device),
+            torch.float32,
+        )
         try:
             from transformers import Dinov2Config, Dinov2Model
 
             dim, depth, heads, _ = ARCH_SIZES[arch]
-            config = Dinov2Config(hidden_size=dim, num_hidden_layers=depth, num_attention_heads=heads, image_size=518,
-                                  patch_size=14, attn_implementation="sdpa")
+            config = Dinov2Config(
+                hidden_size=dim,
+                num_hidden_layers=depth,
+                num_attention_heads=heads,
+                image_size=518,
+                patch_size=14,
+                attn_implementation="sdpa",
+            )
             hf = Dinov2Model(config).eval().to(device)
             contenders["transformers fp32 (sdpa)"] = (lambda x: hf(pixel_values=x).pooler_output, torch.float32)
             contenders["transformers bf16 autocast"] = (
-                _autocast(lambda x: hf(pixel_values=x).pooler_output, device), torch.float32)
+                _autocast(lambda x: hf(pixel_values=x).pooler_output, device),
+                torch.float32,
+            )
         except ImportError:
             print("transformers not installed: skipping the Dinov2Model rows")
     return ours, fast_int8 if device.type == "cpu" else None, fast_bf16, contenders
@@ -122,7 +134,10 @@ def onnxruntime_contenders(model, image: int) -> dict:
     rows = {}
     for name, path in (("ours → onnxruntime fp32", fp32_path), ("ours → onnxruntime int8", int8_path)):
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        rows[name] = ((lambda s: lambda x: torch.from_numpy(s.run(["cls"], {"images": x.numpy()})[0]))(session), torch.float32)
+        rows[name] = (
+            (lambda s: lambda x: torch.from_numpy(s.run(["cls"], {"images": x.numpy()})[0]))(session),
+            torch.float32,
+        )
     return rows
 
 
@@ -130,11 +145,14 @@ def _autocast(fn, device):
     def run(x):
         with torch.autocast(device.type, dtype=torch.bfloat16):
             return fn(x)
+
     return run
 
 
 @torch.inference_mode()
-def run(arch: str, image: int, batch: int, rounds: int, device_ctx: DeviceContext, compile_model: bool, peers: bool) -> list[dict]:
+def run(
+    arch: str, image: int, batch: int, rounds: int, device_ctx: DeviceContext, compile_model: bool, peers: bool
+) -> list[dict]:
     device = device_ctx.device
     ours, fast_int8, fast_bf16, contenders = build_contenders(arch, image, device, compile_model, peers)
     x = torch.randn(batch, 3, image, image, device=device)
@@ -160,9 +178,16 @@ def run(arch: str, image: int, batch: int, rounds: int, device_ctx: DeviceContex
     rows = []
     for name, samples in times.items():
         median = statistics.median(samples)
-        rows.append(dict(name=name, ms_per_image=1000 * median / batch, images_per_s=batch / median,
-                         spread=(1000 * min(samples) / batch, 1000 * max(samples) / batch), cosine=cosines.get(name),
-                         peak_mb=peak_mb.get(name)))
+        rows.append(
+            dict(
+                name=name,
+                ms_per_image=1000 * median / batch,
+                images_per_s=batch / median,
+                spread=(1000 * min(samples) / batch, 1000 * max(samples) / batch),
+                cosine=cosines.get(name),
+                peak_mb=peak_mb.get(name),
+            )
+        )
     return rows
 
 
@@ -174,15 +199,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--no_compile", action="store_true", help="skip the torch.compile row (compiling takes minutes on 2 cores)")
+    parser.add_argument(
+        "--no_compile", action="store_true", help="skip the torch.compile row (compiling takes minutes on 2 cores)"
+    )
     parser.add_argument("--no_peers", action="store_true")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device_ctx = DeviceContext.create(args.device)
-    lines = [f"date: {datetime.date.today().isoformat()} · machine: {DeviceContext.create('cpu').description()} · "
-             f"device: {device_ctx.type} · torch {torch.__version__}"]
+    lines = [
+        f"date: {datetime.date.today().isoformat()} · machine: {DeviceContext.create('cpu').description()} · "
+        f"device: {device_ctx.type} · torch {torch.__version__}"
+    ]
     floor_rate = matmul_rate(device_ctx.device)
     lines.append(f"measured fp32 matmul rate: {floor_rate:.0f} GFLOP/s")
     for arch in args.arch:
@@ -193,18 +222,24 @@ def main() -> None:
             peers_fp32 = [r["ms_per_image"] for r in rows if r["name"] in ("timm fp32", "transformers fp32 (sdpa)")]
             fastest_peer = min(peers_fp32) if peers_fp32 else None
             lines.append("")
-            lines.append(f"### {arch}/14, {args.image}², batch {batch} — {flops / 1e9:.1f} GFLOP/image, "
-                         f"compute floor {floor_ms:.1f} ms/image")
+            lines.append(
+                f"### {arch}/14, {args.image}², batch {batch} — {flops / 1e9:.1f} GFLOP/image, "
+                f"compute floor {floor_ms:.1f} ms/image"
+            )
             lines.append("")
-            lines.append("| contender | ms/image (median) | min–max | images/s | vs fastest fp32 peer | cosine vs fp32 | peak MiB |")
+            lines.append(
+                "| contender | ms/image (median) | min–max | images/s | vs fastest fp32 peer | cosine vs fp32 | peak MiB |"
+            )
             lines.append("|---|---|---|---|---|---|---|")
             for r in rows:
                 ratio = f"{fastest_peer / r['ms_per_image']:.2f}×" if fastest_peer else "–"
                 cosine = f"{r['cosine']:.4f}" if r["cosine"] is not None else "–"
                 peak = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "–"
-                lines.append(f"| {r['name']} | {r['ms_per_image']:.1f} | {r['spread'][0]:.0f}–{r['spread'][1]:.0f} | "
-                             f"{r['images_per_s']:.1f} | {ratio} | {cosine} | {peak} |")
-            print("\n".join(lines[-len(rows) - 4:]), flush=True)
+                lines.append(
+                    f"| {r['name']} | {r['ms_per_image']:.1f} | {r['spread'][0]:.0f}–{r['spread'][1]:.0f} | "
+                    f"{r['images_per_s']:.1f} | {ratio} | {cosine} | {peak} |"
+                )
+            print("\n".join(lines[-len(rows) - 4 :]), flush=True)
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -55,8 +55,11 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.inference_mode():
         reference = model(x)
-        cosine = {name: float(torch.nn.functional.cosine_similarity(run(), reference).min())
-                  for name, run in runs.items() if not name.startswith("timm")}  # also the warm-up call
+        cosine = {
+            name: float(torch.nn.functional.cosine_similarity(run(), reference).min())
+            for name, run in runs.items()
+            if not name.startswith("timm")
+        }  # also the warm-up call
         peer(x)
         for _ in range(args.rounds):
             for name, run in runs.items():
@@ -68,8 +71,10 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name in runs:
         median = statistics.median(times[name])
-        print(f"| {name} | {median:.1f} | {min(times[name]):.0f}–{max(times[name]):.0f} | {best_peer / median:.2f}× | "
-              f"{cosine.get(name, float('nan')):.4f} |")
+        print(
+            f"| {name} | {median:.1f} | {min(times[name]):.0f}–{max(times[name]):.0f} | {best_peer / median:.2f}× | "
+            f"{cosine.get(name, float('nan')):.4f} |"
+        )
 
 
 if __name__ == "__main__":

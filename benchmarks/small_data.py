@@ -43,9 +43,18 @@ def run_one(preset: str, data_path: str, output_dir: str, seed: int, overrides: 
     from dino.train.knn_check import report_knn_if_requested
     from dino.train.loop import train
 
-    cfg = compose(f"train/{preset}", [f"train.data_path={data_path}", f"train.output_dir={output_dir}",
-                                      f"train.seed={seed}", f"train.device={device}", "train.resume=false",
-                                      "train.knn_eval=true", *overrides])
+    cfg = compose(
+        f"train/{preset}",
+        [
+            f"train.data_path={data_path}",
+            f"train.output_dir={output_dir}",
+            f"train.seed={seed}",
+            f"train.device={device}",
+            "train.resume=false",
+            "train.knn_eval=true",
+            *overrides,
+        ],
+    )
     explicit = {o.split("=", 1)[0] for o in overrides}
     apply_small_data_recipe(cfg, explicit=explicit)
     start = time.perf_counter()
@@ -54,8 +63,14 @@ def run_one(preset: str, data_path: str, output_dir: str, seed: int, overrides: 
     if result.stopped_early:
         raise SystemExit(f"training stopped early ({result.output_dir}); no kNN report")
     report = report_knn_if_requested(cfg, result) or {}
-    return {"train_s": train_s, "epochs": int(cfg.optim.epochs), "steps": result.global_step,
-            "image_size": int(cfg.crops.global_crops_size), "patch": int(cfg.model.patch_size), **report}
+    return {
+        "train_s": train_s,
+        "epochs": int(cfg.optim.epochs),
+        "steps": result.global_step,
+        "image_size": int(cfg.crops.global_crops_size),
+        "patch": int(cfg.model.patch_size),
+        **report,
+    }
 
 
 def median(values: list[float]) -> float:
@@ -67,13 +82,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", nargs="+", default=["mnist5k", "digits"], choices=sorted(LOADERS))
     parser.add_argument("--preset", default="small_data")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--root", default=os.path.expanduser("~/.cache/dino/small_data"),
-                        help="where the datasets are written as ImageFolders (once)")
+    parser.add_argument(
+        "--root",
+        default=os.path.expanduser("~/.cache/dino/small_data"),
+        help="where the datasets are written as ImageFolders (once)",
+    )
     parser.add_argument("--output_dir", default="output/bench_small_data")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads of training (default: the loop's choice, all cores); 1 is faster on a "
-                             "machine shared with other jobs (OpenMP threads spin-wait when oversubscribed)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads of training (default: the loop's choice, all cores); 1 is faster on a "
+        "machine shared with other jobs (OpenMP threads spin-wait when oversubscribed)",
+    )
     parser.add_argument("--max_train", type=int, default=None, help="stratified subset of the training split")
     parser.add_argument("--out", default=None, help="append the markdown rows to this file")
     parser.add_argument("--json", default=None, help="write every run's numbers to this JSON file")
@@ -106,26 +128,34 @@ def main(argv: list[str] | None = None) -> int:
             row.update(dataset=name, seed=seed, preset=args.preset, overrides=list(args.overrides))
             runs.append(row)
 
-    header = ("| dataset | preset | seed | train images | size/patch | epochs | train time | teacher kNN | raw pixels "
-              "| random init | vs raw | vs random |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    header = (
+        "| dataset | preset | seed | train images | size/patch | epochs | train time | teacher kNN | raw pixels "
+        "| random init | vs raw | vs random |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
     lines = [header]
     for r in runs:
-        lines.append(f"| {r['dataset']} | {r['preset']} | {r['seed']} | {r.get('num_train', '?')} | "
-                     f"{r['image_size']}/{r['patch']} | {r['epochs']} | {r['train_s'] / 60:.1f} min | "
-                     f"{r.get('trained_top1', float('nan')):.1f} | {r.get('raw_pixels_top1', float('nan')):.1f} | "
-                     f"{r.get('random_init_top1', float('nan')):.1f} | {r.get('improvement_over_raw_pixels', float('nan')):+.1f} | "
-                     f"{r.get('improvement', float('nan')):+.1f} |")
+        lines.append(
+            f"| {r['dataset']} | {r['preset']} | {r['seed']} | {r.get('num_train', '?')} | "
+            f"{r['image_size']}/{r['patch']} | {r['epochs']} | {r['train_s'] / 60:.1f} min | "
+            f"{r.get('trained_top1', float('nan')):.1f} | {r.get('raw_pixels_top1', float('nan')):.1f} | "
+            f"{r.get('random_init_top1', float('nan')):.1f} | {r.get('improvement_over_raw_pixels', float('nan')):+.1f} | "
+            f"{r.get('improvement', float('nan')):+.1f} |"
+        )
     for name in dict.fromkeys(r["dataset"] for r in runs):
         rs = [r for r in runs if r["dataset"] == name]
-        lines.append(f"| **{name} median** ({len(rs)} seeds) | {args.preset} | | {rs[0].get('num_train', '?')} | "
-                     f"{rs[0]['image_size']}/{rs[0]['patch']} | {rs[0]['epochs']} | "
-                     f"{median([r['train_s'] for r in rs]) / 60:.1f} min | "
-                     f"**{median([r['trained_top1'] for r in rs]):.1f}** | {median([r['raw_pixels_top1'] for r in rs]):.1f} | "
-                     f"{median([r['random_init_top1'] for r in rs]):.1f} | "
-                     f"{median([r['improvement_over_raw_pixels'] for r in rs]):+.1f} | "
-                     f"{median([r['improvement'] for r in rs]):+.1f} |")
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {__import__('torch').__version__}, "
-               f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+        lines.append(
+            f"| **{name} median** ({len(rs)} seeds) | {args.preset} | | {rs[0].get('num_train', '?')} | "
+            f"{rs[0]['image_size']}/{rs[0]['patch']} | {rs[0]['epochs']} | "
+            f"{median([r['train_s'] for r in rs]) / 60:.1f} min | "
+            f"**{median([r['trained_top1'] for r in rs]):.1f}** | {median([r['raw_pixels_top1'] for r in rs]):.1f} | "
+            f"{median([r['random_init_top1'] for r in rs]):.1f} | "
+            f"{median([r['improvement_over_raw_pixels'] for r in rs]):+.1f} | "
+            f"{median([r['improvement'] for r in rs]):+.1f} |"
+        )
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} cores, torch {__import__('torch').__version__}, "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+    )
     overrides = " ".join(args.overrides) or "(none)"
     text = "\n".join([f"\nsmall-data benchmark — {machine}; overrides: {overrides}", *lines])
     print(text)

@@ -82,14 +82,31 @@ from dino.train.throughput import (  # noqa: E402
 )
 
 PRESETS = {
-    "cpu_bench": ("train/dinov2_vits14", ["train.batch_size_per_device=8", "crops.local_crops_number=8",
-                                          "crops.global_crops_size=224", "crops.local_crops_size=98",
-                                          "dino.head_n_prototypes=65536", "ibot.loss_weight=1.0",
-                                          "dino.koleo_loss_weight=0.1"]),
+    "cpu_bench": (
+        "train/dinov2_vits14",
+        [
+            "train.batch_size_per_device=8",
+            "crops.local_crops_number=8",
+            "crops.global_crops_size=224",
+            "crops.local_crops_size=98",
+            "dino.head_n_prototypes=65536",
+            "ibot.loss_weight=1.0",
+            "dino.koleo_loss_weight=0.1",
+        ],
+    ),
     "vits14": ("train/dinov2_vits14", ["train.batch_size_per_device=64"]),
     "vitl14": ("train/dinov2_vitl14", ["train.batch_size_per_device=32"]),
-    "tiny": ("train/demo", ["train.batch_size_per_device=8", "model.depth=2", "crops.local_crops_number=2",
-                            "dino.head_n_prototypes=256", "ibot.loss_weight=1.0", "dino.koleo_loss_weight=0.1"]),
+    "tiny": (
+        "train/demo",
+        [
+            "train.batch_size_per_device=8",
+            "model.depth=2",
+            "crops.local_crops_number=2",
+            "dino.head_n_prototypes=256",
+            "ibot.loss_weight=1.0",
+            "dino.koleo_loss_weight=0.1",
+        ],
+    ),
 }
 
 
@@ -152,7 +169,9 @@ def profile_step(step, ctx: DeviceContext) -> str:
     lines = [averages.table(sort_by=key, row_limit=25, max_name_column_width=70)]
     if ctx.type == "cuda":
         busy = sum(getattr(e, "self_device_time_total", 0.0) for e in averages) / 1e6
-        lines.append(f"device busy {busy:.3f} s of a {wall:.3f} s profiled step ({busy / wall:.0%}; kernels may overlap)")
+        lines.append(
+            f"device busy {busy:.3f} s of a {wall:.3f} s profiled step ({busy / wall:.0%}; kernels may overlap)"
+        )
     return "\n".join(lines)
 
 
@@ -177,11 +196,16 @@ def one_batch(cfg, ctx: DeviceContext, image_size: int) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu_bench")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
-                        help="fp32, bf16 autocast, or fp16 autocast + GradScaler (CUDA); default fp32")
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default=None,
+        help="fp32, bf16 autocast, or fp16 autocast + GradScaler (CUDA); default fp32",
+    )
     parser.add_argument("--hmp", action="store_true", help="alias of --precision bf16")
     parser.add_argument("--fp16", action="store_true", help="alias of --precision fp16")
     parser.add_argument("--device", default="auto")
@@ -191,14 +215,23 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--matmul_size", type=int, default=2048)
     parser.add_argument("--compile", action="store_true", help="compile the transformer blocks (train.compile=true)")
-    parser.add_argument("--plain_eager", action="store_true",
-                        help="the textbook formulation of the step (reference for memory and speed, see use_plain_eager_step)")
-    parser.add_argument("--compare_eager", action="store_true",
-                        help="run --plain_eager, ours eager and ours --compile, each in its own process, and compare "
-                             "time and peak memory")
-    parser.add_argument("--profile", action="store_true",
-                        help="after the timed steps, profile one step: the top operators by device time and how "
-                             "much of the step's wall time the device was busy (host-bound when it is low)")
+    parser.add_argument(
+        "--plain_eager",
+        action="store_true",
+        help="the textbook formulation of the step (reference for memory and speed, see use_plain_eager_step)",
+    )
+    parser.add_argument(
+        "--compare_eager",
+        action="store_true",
+        help="run --plain_eager, ours eager and ours --compile, each in its own process, and compare "
+        "time and peak memory",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the timed steps, profile one step: the top operators by device time and how "
+        "much of the step's wall time the device was busy (host-bound when it is low)",
+    )
     parser.add_argument("--json", action="store_true", help=f"also print the result as one '{JSON_PREFIX}{{...}}' line")
     parser.add_argument("--out", default=None, help="append the markdown block to this file")
     parser.add_argument("overrides", nargs="*", help="extra config key=value overrides")
@@ -273,22 +306,35 @@ def main(argv=None) -> dict:
     if ctx.type == "cpu" and peak_reset:
         peak_mb, peak_scope = peak_rss_since_reset_mb(), "peak RSS over the timed steps"
     else:
-        peak_mb, peak_scope = ctx.max_memory_allocated_mb(), ("max allocated" if ctx.type != "cpu"
-                                                             else "process peak RSS")
+        peak_mb, peak_scope = (
+            ctx.max_memory_allocated_mb(),
+            ("max allocated" if ctx.type != "cpu" else "process peak RSS"),
+        )
 
     s_per_step = statistics.median(step_times)
-    matmul_flops = 2 * args.matmul_size ** 3
+    matmul_flops = 2 * args.matmul_size**3
     rate = matmul_flops / statistics.median(matmul_times)
     # every process runs the same work; the counted FLOPs and the rate are per process
     result = {
-        "preset": args.preset, "precision": {"bf16": "bf16 autocast"}.get(precision, precision),
-        "compile": compiled, "activation_checkpointing": str(cfg.train.activation_checkpointing),
-        "plain_eager": bool(args.plain_eager), "parallel": args.parallel, "processes": get_world_size(),
+        "preset": args.preset,
+        "precision": {"bf16": "bf16 autocast"}.get(precision, precision),
+        "compile": compiled,
+        "activation_checkpointing": str(cfg.train.activation_checkpointing),
+        "plain_eager": bool(args.plain_eager),
+        "parallel": args.parallel,
+        "processes": get_world_size(),
         "batch_per_process": int(cfg.train.batch_size_per_device),
-        "s_per_step": s_per_step, "images_per_s": global_batch / s_per_step, "gflop_per_step": flops_per_step / 1e9,
-        "matmul_gflops": rate / 1e9, "mfu": flops_per_step / s_per_step / rate, "peak_memory_mb": peak_mb,
-        "peak_memory_scope": peak_scope, "saved_for_backward_mb": saved_bytes() / 2**20, "process_peak_memory_mb": ctx.max_memory_allocated_mb(),
-        "step_times": step_times, "warmup_times": warmup_times,
+        "s_per_step": s_per_step,
+        "images_per_s": global_batch / s_per_step,
+        "gflop_per_step": flops_per_step / 1e9,
+        "matmul_gflops": rate / 1e9,
+        "mfu": flops_per_step / s_per_step / rate,
+        "peak_memory_mb": peak_mb,
+        "peak_memory_scope": peak_scope,
+        "saved_for_backward_mb": saved_bytes() / 2**20,
+        "process_peak_memory_mb": ctx.max_memory_allocated_mb(),
+        "step_times": step_times,
+        "warmup_times": warmup_times,
     }
     if datasheet is not None and ctx.type != "cpu":
         result["datasheet_tflops"] = datasheet / 1e12
@@ -329,17 +375,21 @@ def use_plain_eager_step() -> None:
 
     Mlp.forward = lambda self, x: self.fc2(self.act(self.fc1(x)))
 
-    ibot_module.soft_cross_entropy = (
-        lambda logits, targets, temperature: -(targets * F.log_softmax(logits / temperature, dim=-1)).sum(-1))
+    ibot_module.soft_cross_entropy = lambda logits, targets, temperature: (
+        -(targets * F.log_softmax(logits / temperature, dim=-1)).sum(-1)
+    )
     device_module.retain_freed_memory = lambda: False
 
 
 def compare_eager(argv: list[str], args) -> dict:
     """Run this script as plain eager, eager and `--compile`, one process each, one after the other; compare."""
-    base = [a for a in argv if a not in ("--compare_eager", "--compile", "--plain_eager", "--json")
-            and not a.startswith("--out=")]
+    base = [
+        a
+        for a in argv
+        if a not in ("--compare_eager", "--compile", "--plain_eager", "--json") and not a.startswith("--out=")
+    ]
     if "--out" in base:  # the children only print; the comparison alone is appended to the file
-        del base[base.index("--out"):base.index("--out") + 2]
+        del base[base.index("--out") : base.index("--out") + 2]
     results, load_before = {}, os.getloadavg()
     for name, extra in VARIANTS:
         command = [sys.executable, str(Path(__file__).resolve()), *base, *extra, "--json"]
@@ -349,31 +399,43 @@ def compare_eager(argv: list[str], args) -> dict:
         print("\n".join(line for line in lines if not line.startswith(JSON_PREFIX)), flush=True)
         if child.returncode != 0:
             raise SystemExit(f"the {name} run failed (exit {child.returncode})")
-        results[name] = json.loads([line for line in lines if line.startswith(JSON_PREFIX)][-1][len(JSON_PREFIX):])
+        results[name] = json.loads([line for line in lines if line.startswith(JSON_PREFIX)][-1][len(JSON_PREFIX) :])
     plain = results["plain eager"]
-    rows = [("s/step (median)", "s_per_step", "{:.3f}"), ("images/s", "images_per_s", "{:.2f}"),
-            ("MFU", "mfu", "{:.1%}"), ("matmul GFLOP/s (denominator)", "matmul_gflops", "{:.1f}"),
-            (f"peak memory, MiB ({plain['peak_memory_scope']})", "peak_memory_mb", "{:.0f}"),
-            ("process peak memory since start, MiB", "process_peak_memory_mb", "{:.0f}"),
-            ("first warm-up step, s", "first_step", "{:.1f}")]
+    rows = [
+        ("s/step (median)", "s_per_step", "{:.3f}"),
+        ("images/s", "images_per_s", "{:.2f}"),
+        ("MFU", "mfu", "{:.1%}"),
+        ("matmul GFLOP/s (denominator)", "matmul_gflops", "{:.1f}"),
+        (f"peak memory, MiB ({plain['peak_memory_scope']})", "peak_memory_mb", "{:.0f}"),
+        ("process peak memory since start, MiB", "process_peak_memory_mb", "{:.0f}"),
+        ("first warm-up step, s", "first_step", "{:.1f}"),
+    ]
     for result in results.values():  # the compiled run's includes compiling
         result["first_step"] = result["warmup_times"][0] if result["warmup_times"] else float("nan")
     names = [name for name, _ in VARIANTS]
-    lines = [f"### {plain['preset']}, {plain['precision']}: plain eager vs ours (eager, compiled blocks), "
-             "one process each",
-             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; torch {torch.__version__}; "
-             f"load average (1, 5, 15 min) before {', '.join(f'{x:.2f}' for x in load_before)}, after "
-             f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}",
-             "", "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines = [
+        f"### {plain['preset']}, {plain['precision']}: plain eager vs ours (eager, compiled blocks), one process each",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; torch {torch.__version__}; "
+        f"load average (1, 5, 15 min) before {', '.join(f'{x:.2f}' for x in load_before)}, after "
+        f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        "",
+        "| | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
     for label, key, fmt in rows:
         lines.append(f"| {label} | " + " | ".join(fmt.format(results[name][key]) for name in names) + " |")
     lines.append("")
     for name in names[1:]:
         ratio = results[name]["peak_memory_mb"] / plain["peak_memory_mb"]
-        lines.append(f"- {name}: {plain['s_per_step'] / results[name]['s_per_step']:.3f}× the plain step's speed; "
-                     f"peak memory {ratio:.3f} × plain eager ({'not higher' if ratio <= 1.0 else 'HIGHER'})")
-    lines += [f"- compile time ≈ first compiled warm-up step − eager's: "
-              f"{results['compiled']['first_step'] - results['eager']['first_step']:.1f} s", ""]
+        lines.append(
+            f"- {name}: {plain['s_per_step'] / results[name]['s_per_step']:.3f}× the plain step's speed; "
+            f"peak memory {ratio:.3f} × plain eager ({'not higher' if ratio <= 1.0 else 'HIGHER'})"
+        )
+    lines += [
+        f"- compile time ≈ first compiled warm-up step − eager's: "
+        f"{results['compiled']['first_step'] - results['eager']['first_step']:.1f} s",
+        "",
+    ]
     text = "\n".join(lines)
     print(text)
     if args.out:
@@ -386,8 +448,8 @@ def report(result: dict, args, ctx: DeviceContext, compute_dtype: torch.dtype) -
     dtype_name = str(compute_dtype).replace("torch.", "")
     lines = [
         f"### {result['preset']}, {result['precision']}, {result['parallel']} × {result['processes']} process(es), "
-        f"batch {result['batch_per_process']}/process, " + ("compiled blocks" if result["compile"] else
-                                                        "plain eager" if result.get("plain_eager") else "eager")
+        f"batch {result['batch_per_process']}/process, "
+        + ("compiled blocks" if result["compile"] else "plain eager" if result.get("plain_eager") else "eager")
         + f", activation checkpointing {result['activation_checkpointing']}",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; device: {ctx.description()}; "
         f"torch {torch.__version__}",
@@ -397,11 +459,20 @@ def report(result: dict, args, ctx: DeviceContext, compute_dtype: torch.dtype) -
         f"- counted FLOPs per step (FlopCounterMode): {result['gflop_per_step']:.1f} GFLOP",
         f"- MFU denominator: {args.matmul_size}³ {dtype_name} matmul, median {result['matmul_gflops']:.1f} GFLOP/s "
         "(same run, interleaved with the steps)",
-        f"- MFU: **{100 * result['mfu']:.1f}%**" + (f" (vs the fp32 matmul rate {result['fp32_matmul_gflops']:.1f} "
-                                                    f"GFLOP/s: {100 * result['mfu_vs_fp32']:.1f}%)"
-                                                    if "mfu_vs_fp32" in result else ""),
-        *([f"- MFU against the data-sheet peak ({result['datasheet_tflops']:.0f} TFLOP/s): "
-           f"**{100 * result['mfu_datasheet']:.1f}%**"] if "mfu_datasheet" in result else []),
+        f"- MFU: **{100 * result['mfu']:.1f}%**"
+        + (
+            f" (vs the fp32 matmul rate {result['fp32_matmul_gflops']:.1f} GFLOP/s: {100 * result['mfu_vs_fp32']:.1f}%)"
+            if "mfu_vs_fp32" in result
+            else ""
+        ),
+        *(
+            [
+                f"- MFU against the data-sheet peak ({result['datasheet_tflops']:.0f} TFLOP/s): "
+                f"**{100 * result['mfu_datasheet']:.1f}%**"
+            ]
+            if "mfu_datasheet" in result
+            else []
+        ),
         f"- attention kernels: {', '.join(result['attention_backend']) or 'none seen'}",
         f"- kept for the backward pass (saved tensors, exact): {result['saved_for_backward_mb']:.0f} MiB",
         f"- peak memory: {result['peak_memory_mb']:.0f} MiB ({result['peak_memory_scope']}); process peak since "

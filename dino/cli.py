@@ -24,33 +24,69 @@ from dino.distributed.device import DEVICE_CHOICES
 from dino.errors import UserError, run_cli, suggest
 
 _MODEL_FLAGS = [
-    Flag(("--pretrained_weights",), "model.pretrained_weights", "checkpoint (ours or official), URL or hub name", metavar="PATH"),
+    Flag(
+        ("--pretrained_weights",),
+        "model.pretrained_weights",
+        "checkpoint (ours or official), URL or hub name",
+        metavar="PATH",
+    ),
     Flag(("--arch",), "model.arch", "ViT size; read from the checkpoint when not given", metavar="ARCH"),
-    Flag(("--patch_size",), "model.patch_size", "patch size; read from the checkpoint when not given", type=int, metavar="N"),
-    Flag(("--checkpoint_key",), "model.checkpoint_key", "network of a training checkpoint", choices=("teacher", "student")),
-    Flag(("--allow_pickle",), "model.allow_pickle", "load checkpoints that need pickle (trusted files only)", type=bool_flag),
+    Flag(
+        ("--patch_size",),
+        "model.patch_size",
+        "patch size; read from the checkpoint when not given",
+        type=int,
+        metavar="N",
+    ),
+    Flag(
+        ("--checkpoint_key",),
+        "model.checkpoint_key",
+        "network of a training checkpoint",
+        choices=("teacher", "student"),
+    ),
+    Flag(
+        ("--allow_pickle",),
+        "model.allow_pickle",
+        "load checkpoints that need pickle (trusted files only)",
+        type=bool_flag,
+    ),
 ]
 
 EXTRACT = ConfigCLI(
     description="Extract one feature row per image ([CLS] and/or mean patch token) into a resumable features folder.",
-    group="inference", default_config="extract",
-    flags=_MODEL_FLAGS + [
-        Flag(("--source", "--data_path"), "data.source", "folder of images (recursive) or .txt file list", metavar="PATH"),
+    group="inference",
+    default_config="extract",
+    flags=_MODEL_FLAGS
+    + [
+        Flag(
+            ("--source", "--data_path"), "data.source", "folder of images (recursive) or .txt file list", metavar="PATH"
+        ),
         Flag(("--output_dir",), "output_dir", "features folder (rerun with the same folder to resume)", metavar="DIR"),
         Flag(("--features",), "features", "what each row holds", choices=("cls", "patch_mean", "cls_patch_mean")),
         Flag(("--normalize",), "normalize", "L2-normalise each row", type=bool_flag),
         Flag(("--output_format",), "output_format", "merged feature file format", choices=("npy", "safetensors")),
         Flag(("--batch_size",), "data.batch_size", "images per batch", type=int, metavar="N"),
         Flag(("--num_workers",), "data.num_workers", "image loading processes", type=int, metavar="N"),
-        Flag(("--crop_size",), "data.crop_size", "centre crop size (multiple of the patch size)", type=int, metavar="PX"),
+        Flag(
+            ("--crop_size",), "data.crop_size", "centre crop size (multiple of the patch size)", type=int, metavar="PX"
+        ),
         Flag(("--resize_size",), "data.resize_size", "shorter side before the crop", type=int, metavar="PX"),
         Flag(("--chunk_size",), "chunk_size", "images per resumable chunk", type=int, metavar="N"),
         Flag(("--device",), "device", "where to run", choices=DEVICE_CHOICES),
-        Flag(("--precision",), "precision", "fp32, bf16 weights, int8 with dynamic activation ranges (CPU), or "
-             "int8_static with ranges calibrated on the first images (CPU; fastest, features independent of the batch)",
-             choices=("fp32", "bf16", "int8", "int8_static")),
-        Flag(("--calibration_images",), "calibration_images", "int8_static: images that fix the activation ranges",
-             type=int, metavar="N"),
+        Flag(
+            ("--precision",),
+            "precision",
+            "fp32, bf16 weights, int8 with dynamic activation ranges (CPU), or "
+            "int8_static with ranges calibrated on the first images (CPU; fastest, features independent of the batch)",
+            choices=("fp32", "bf16", "int8", "int8_static"),
+        ),
+        Flag(
+            ("--calibration_images",),
+            "calibration_images",
+            "int8_static: images that fix the activation ranges",
+            type=int,
+            metavar="N",
+        ),
         Flag(("--compile",), "compile", "torch.compile the backbone", type=bool_flag),
         Flag(("--progress",), "progress", "show a progress bar", type=bool_flag),
     ],
@@ -59,7 +95,8 @@ EXTRACT = ConfigCLI(
 
 SEARCH = ConfigCLI(
     description="Top-k nearest neighbours of query images in a features folder, with an HTML/PNG contact sheet.",
-    group="inference", default_config="search",
+    group="inference",
+    default_config="search",
     flags=[
         Flag(("--features_dir",), "features_dir", "folder written by `dino extract`", metavar="DIR"),
         Flag(("--queries",), "queries", "query images, folders or .txt lists", nargs="+", metavar="PATH"),
@@ -74,7 +111,8 @@ SEARCH = ConfigCLI(
 
 DUPLICATES = ConfigCLI(
     description="List near-duplicate image pairs (similarity ≥ threshold) of a features folder, most similar first.",
-    group="inference", default_config="duplicates",
+    group="inference",
+    default_config="duplicates",
     flags=[
         Flag(("--features_dir",), "features_dir", "folder written by `dino extract`", metavar="DIR"),
         Flag(("--threshold",), "threshold", "minimum cosine similarity of a listed pair", type=float, metavar="T"),
@@ -85,15 +123,23 @@ DUPLICATES = ConfigCLI(
 
 EXPORT = ConfigCLI(
     description="Export a backbone to ONNX, GGUF (dinov2.cpp / ggml) or a Hugging Face Dinov2Model folder, and verify it.",
-    group="inference", default_config="export",
-    flags=_MODEL_FLAGS + [
+    group="inference",
+    default_config="export",
+    flags=_MODEL_FLAGS
+    + [
         Flag(("--format",), "format", "output format", choices=("onnx", "gguf", "hf")),
         Flag(("--output",), "output", "output file (onnx, gguf) or folder (hf)", metavar="PATH"),
         Flag(("--verify",), "verify", "compare the export with PyTorch", type=bool_flag),
-        Flag(("--image_size",), "image_size", "ONNX: example size for the export, a multiple of the patch size (batch, height and "
-             "width stay dynamic; other sizes are cropped to multiples of the patch; verified at this size, the stored "
-             "grid's, a larger, a non-square and a cropped one). HF (v1/v2): the size the position embedding is baked "
-             "for — exact there, transformers resizes it its own way at other sizes (verified at both)", type=int, metavar="PX"),
+        Flag(
+            ("--image_size",),
+            "image_size",
+            "ONNX: example size for the export, a multiple of the patch size (batch, height and "
+            "width stay dynamic; other sizes are cropped to multiples of the patch; verified at this size, the stored "
+            "grid's, a larger, a non-square and a cropped one). HF (v1/v2): the size the position embedding is baked "
+            "for — exact there, transformers resizes it its own way at other sizes (verified at both)",
+            type=int,
+            metavar="PX",
+        ),
         Flag(("--ftype",), "gguf.ftype", "GGUF: tensor type of the matrices", choices=("f32", "f16")),
         Flag(("--overwrite",), "overwrite", "replace an existing --output (refused otherwise)", type=bool_flag),
     ],
@@ -115,16 +161,40 @@ COMMANDS: dict[str, tuple[str, ConfigCLI]] = {
 JOBS: dict[str, tuple[str, str]] = {
     "train": ("dino.train.cli", "Self-supervised training of a ViT with DINO / DINOv2 (= main_dino.py)."),
     "eval-knn": ("dino.jobs.eval_knn", "Weighted k-NN classification of frozen [CLS] features (= eval_knn.py)."),
-    "eval-linear": ("dino.jobs.eval_linear", "Linear probes or logistic regression on a frozen backbone (= eval_linear.py)."),
-    "eval-retrieval": ("dino.jobs.eval_retrieval", "Image retrieval on revisited Oxford / Paris (= eval_image_retrieval.py)."),
-    "eval-copy-detection": ("dino.jobs.eval_copy_detection", "Copy detection on Copydays strong (= eval_copy_detection.py)."),
-    "eval-davis": ("dino.jobs.eval_davis", "DAVIS-2017 video segmentation by label propagation (= eval_video_segmentation.py)."),
-    "eval-segmentation": ("dino.jobs.eval_segmentation", "Linear semantic segmentation probe, DINOv2 lin. / +ms (= eval_semantic_segmentation.py)."),
+    "eval-linear": (
+        "dino.jobs.eval_linear",
+        "Linear probes or logistic regression on a frozen backbone (= eval_linear.py).",
+    ),
+    "eval-retrieval": (
+        "dino.jobs.eval_retrieval",
+        "Image retrieval on revisited Oxford / Paris (= eval_image_retrieval.py).",
+    ),
+    "eval-copy-detection": (
+        "dino.jobs.eval_copy_detection",
+        "Copy detection on Copydays strong (= eval_copy_detection.py).",
+    ),
+    "eval-davis": (
+        "dino.jobs.eval_davis",
+        "DAVIS-2017 video segmentation by label propagation (= eval_video_segmentation.py).",
+    ),
+    "eval-segmentation": (
+        "dino.jobs.eval_segmentation",
+        "Linear semantic segmentation probe, DINOv2 lin. / +ms (= eval_semantic_segmentation.py).",
+    ),
     "eval-depth": ("dino.jobs.eval_depth", "Linear monocular depth probe, DINOv2 lin. 1 / lin. 4 (= eval_depth.py)."),
-    "visualize-attention": ("dino.jobs.visualize_attention", "Last-block [CLS] attention maps as pictures (= visualize_attention.py)."),
+    "visualize-attention": (
+        "dino.jobs.visualize_attention",
+        "Last-block [CLS] attention maps as pictures (= visualize_attention.py).",
+    ),
     "visualize-pca": ("dino.jobs.visualize_pca", "Joint PCA pictures of patch features (= visualize_pca.py)."),
-    "video": ("dino.jobs.video", "Attention overlay on every frame of a video or frame folder (= video_generation.py)."),
-    "slurm": ("dino.run.slurm:submit", "Submit `dino train` to SLURM with submitit, requeue on pre-emption (= run_with_submitit.py)."),
+    "video": (
+        "dino.jobs.video",
+        "Attention overlay on every frame of a video or frame folder (= video_generation.py).",
+    ),
+    "slurm": (
+        "dino.run.slurm:submit",
+        "Submit `dino train` to SLURM with submitit, requeue on pre-emption (= run_with_submitit.py).",
+    ),
 }
 
 
@@ -182,8 +252,11 @@ def dispatch(argv: Sequence[str]) -> Any:
         return None
     command, rest = argv[0], argv[1:]
     if command not in JOBS and command not in COMMANDS:
-        raise UserError(f"unknown command {command!r}." + suggest(command, command_names())
-                        + f" Commands: {', '.join(command_names())}")
+        raise UserError(
+            f"unknown command {command!r}."
+            + suggest(command, command_names())
+            + f" Commands: {', '.join(command_names())}"
+        )
     with _program_name(f"dino {command}"):
         if command in JOBS:
             return _run_job(command, rest)

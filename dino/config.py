@@ -42,7 +42,9 @@ def config_dirs() -> list[Path]:
     if override:
         folder = Path(override).expanduser()
         if not folder.is_dir():
-            raise UserError(f"DINO_CONFIG_DIR={override!r} is not a folder (it should hold train/, eval/ or inference/)")
+            raise UserError(
+                f"DINO_CONFIG_DIR={override!r} is not a folder (it should hold train/, eval/ or inference/)"
+            )
         folders.append(folder)
     folders.append(package_config_dir())
     return folders
@@ -60,7 +62,11 @@ def find_config(config_name: str) -> Path | None:
 # `dino.loss_style` is a shorthand: the three switches it stands for follow it (`${loss_style:...}` in the training
 # _base.yaml) unless a preset or the command line sets one of them itself.
 LOSS_STYLES: dict[str, dict[str, Any]] = {
-    "v1": {"dino.center_update": "immediate", "dino.pair_normalisation": "pair_mean", "teacher.temp_per_iteration": False},
+    "v1": {
+        "dino.center_update": "immediate",
+        "dino.pair_normalisation": "pair_mean",
+        "teacher.temp_per_iteration": False,
+    },
     "v2": {"dino.center_update": "deferred", "dino.pair_normalisation": "dinov2", "teacher.temp_per_iteration": True},
 }
 
@@ -76,7 +82,8 @@ OmegaConf.register_new_resolver("loss_style", _loss_style_value, replace=True)
 # Keys of older versions, still understood in a stored config (a checkpoint's, a user's preset) and as overrides:
 # old key → (new key, value when the old key is true). A false old key leaves the new one as it is.
 LEGACY_PRECISION_KEYS: dict[str, tuple[str, str]] = {
-    "train.hmp": ("train.precision", "bf16"), "train.fp16": ("train.precision", "fp16"),
+    "train.hmp": ("train.precision", "bf16"),
+    "train.fp16": ("train.precision", "fp16"),
     "hmp": ("precision", "bf16"),  # the eval presets
 }
 
@@ -122,20 +129,39 @@ def _upgrade_override(override: str, valid: Sequence[str]) -> str:
 
 def precision_flags(key: str, fp16: bool = True) -> list["Flag"]:
     """--precision and its aliases --hmp/--use_bf16 (bf16) and --fp16/--use_fp16 (fp16); `--hmp false` means fp32."""
+
     def alias(on_value: str) -> Callable[[str], str]:
         def parse(value: str) -> str:
             return on_value if bool_flag(value) else "fp32"
+
         return parse
 
     bare = dict(nargs="?", const="true", metavar="BOOL")
     flags = [
-        Flag(("--precision",), key, "fp32, bf16 (autocast) or fp16 (autocast with loss scaling, CUDA)",
-             choices=("fp32", "bf16", "fp16")),
-        Flag(("--hmp", "--use_bf16"), key, "alias of --precision bf16 (--hmp false: fp32)", type=alias("bf16"), extra=bare),
+        Flag(
+            ("--precision",),
+            key,
+            "fp32, bf16 (autocast) or fp16 (autocast with loss scaling, CUDA)",
+            choices=("fp32", "bf16", "fp16"),
+        ),
+        Flag(
+            ("--hmp", "--use_bf16"),
+            key,
+            "alias of --precision bf16 (--hmp false: fp32)",
+            type=alias("bf16"),
+            extra=bare,
+        ),
     ]
     if fp16:
-        flags.append(Flag(("--fp16", "--use_fp16"), key, "alias of --precision fp16 (--fp16 false: fp32)",
-                          type=alias("fp16"), extra=bare))
+        flags.append(
+            Flag(
+                ("--fp16", "--use_fp16"),
+                key,
+                "alias of --precision fp16 (--fp16 false: fp32)",
+                type=alias("fp16"),
+                extra=bare,
+            )
+        )
     return flags
 
 
@@ -253,8 +279,15 @@ class ConfigCLI:
         epilog: text at the end of --help (examples).
     """
 
-    def __init__(self, description: str, group: str, default_config: str, flags: Sequence[Flag], epilog: str = "",
-                 extra_arguments: Callable[[argparse.ArgumentParser], None] | None = None):
+    def __init__(
+        self,
+        description: str,
+        group: str,
+        default_config: str,
+        flags: Sequence[Flag],
+        epilog: str = "",
+        extra_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    ):
         self.group = group
         self.default_config = default_config
         self.flags = list(flags)
@@ -278,7 +311,8 @@ class ConfigCLI:
         )
         presets = list_presets(self.group)
         parser.add_argument(
-            "--config", metavar="NAME",
+            "--config",
+            metavar="NAME",
             help=f"preset in dino/configs/{self.group}/ or $DINO_CONFIG_DIR/{self.group}/ (default: {self.default_config}; available: {', '.join(presets)})",
         )
         for flag in self.flags:
@@ -300,15 +334,23 @@ class ConfigCLI:
             parser.add_argument(*flag.names, **kwargs)
         if self.extra_arguments is not None:
             self.extra_arguments(parser)
-        parser.add_argument("overrides", nargs="*", metavar="key=value",
-                            help="hydra-style overrides of any config key, applied before the flags (e.g. optim.lr=1e-3)")
+        parser.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="key=value",
+            help="hydra-style overrides of any config key, applied before the flags (e.g. optim.lr=1e-3)",
+        )
         return parser
 
     def _expand_bare_bool_flags(self, argv: list[str]) -> list[str]:
         """`--hmp` alone means `--hmp true`; `--hmp false` / `--hmp=0` keep their value."""
         # also the aliases taking an optional boolean (`--hmp` → --precision bf16, `--use_cuda`): const "true"
-        bool_names = {name for flag in self.flags if flag.type is bool_flag or flag.extra.get("const") == "true"
-                      for name in flag.names}
+        bool_names = {
+            name
+            for flag in self.flags
+            if flag.type is bool_flag or flag.extra.get("const") == "true"
+            for name in flag.names
+        }
         expanded: list[str] = []
         for i, token in enumerate(argv):
             expanded.append(token)

@@ -52,9 +52,18 @@ class _Checker:
             value = OmegaConf.to_container(value, resolve=True)
         return value
 
-    def number(self, key: str, minimum: float | None = None, maximum: float | None = None, *, integer: bool = False,
-               min_inclusive: bool = True, max_inclusive: bool = True, optional: bool = False,
-               reason: str = "") -> Any:
+    def number(
+        self,
+        key: str,
+        minimum: float | None = None,
+        maximum: float | None = None,
+        *,
+        integer: bool = False,
+        min_inclusive: bool = True,
+        max_inclusive: bool = True,
+        optional: bool = False,
+        reason: str = "",
+    ) -> Any:
         value = self.get(key)
         if value is _MISSING or (optional and value is None):
             return None if value is None else _MISSING
@@ -77,8 +86,10 @@ class _Checker:
         value = self.get(key)
         if value is not _MISSING and value not in choices:
             hint = suggest(str(value), choices)
-            self.problems.append(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}"
-                                 + (f" ({hint.strip()})" if hint else ""))
+            self.problems.append(
+                f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}"
+                + (f" ({hint.strip()})" if hint else "")
+            )
         return value
 
     def boolean(self, key: str) -> None:
@@ -128,8 +139,11 @@ def output_dir_problem(path: str | os.PathLike, what: str = "output directory") 
     if not probe.is_dir():
         return f"{what} {target} cannot be created: {probe} is a file, not a directory"
     if not os.access(probe, os.W_OK | os.X_OK):
-        return f"{what} {target} is not writable ({probe} does not allow writing)" if probe != target else \
-            f"{what} {target} is not writable"
+        return (
+            f"{what} {target} is not writable ({probe} does not allow writing)"
+            if probe != target
+            else f"{what} {target} is not writable"
+        )
     return None
 
 
@@ -143,8 +157,10 @@ def text_list_problem(path: str | os.PathLike) -> str | None:
         data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
-        return (f"the image list {path} is not UTF-8 text (byte {data[err.start:err.start + 1]!r} on line {line}); "
-                "save it as UTF-8")
+        return (
+            f"the image list {path} is not UTF-8 text (byte {data[err.start : err.start + 1]!r} on line {line}); "
+            "save it as UTF-8"
+        )
     return None
 
 
@@ -215,8 +231,10 @@ def validate_training_config(cfg: DictConfig) -> None:
     lora = c.number("model.lora_rank", 0, integer=True)
     c.number("model.lora_alpha", 0, min_inclusive=False, optional=True)
     if _is_int(lora) and lora > 0 and c.get("train.parallel") == "fsdp":
-        c.problems.append("model.lora_rank > 0 runs with --parallel ddp (LoRA saves the backbone's optimiser state; "
-                          "FSDP is not needed for it)")
+        c.problems.append(
+            "model.lora_rank > 0 runs with --parallel ddp (LoRA saves the backbone's optimiser state; "
+            "FSDP is not needed for it)"
+        )
     feature = c.number("distill.feature_loss_weight", 0)
     c.choice("distill.feature_loss", ("cosine", "smooth_l1"))
     c.number("distill.feature_patch_weight", 0)
@@ -230,8 +248,9 @@ def validate_training_config(cfg: DictConfig) -> None:
         if source is not _MISSING and source is not None and not isinstance(source, str):
             c.problems.append(f"{key} must be a file or a hub name, got {source!r}")
     betas = c.get("optim.adamw_betas")
-    if betas is not _MISSING and not (isinstance(betas, list) and len(betas) == 2
-                                      and all(_is_number(b) and 0 <= b < 1 for b in betas)):
+    if betas is not _MISSING and not (
+        isinstance(betas, list) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)
+    ):
         c.problems.append(f"optim.adamw_betas must be two numbers in [0, 1), got {betas!r}")
     c.number("optim.sgd_momentum", 0, 1, max_inclusive=False)
     # crops
@@ -250,8 +269,10 @@ def validate_training_config(cfg: DictConfig) -> None:
     # training run
     batch = c.number("train.batch_size_per_device", 1, integer=True)
     if _is_int(batch) and batch == 1 and _is_number(koleo) and koleo > 0:
-        c.problems.append("train.batch_size_per_device must be at least 2 with KoLeo (dino.koleo_loss_weight > 0): "
-                          "its nearest-neighbour term needs two images per device")
+        c.problems.append(
+            "train.batch_size_per_device must be at least 2 with KoLeo (dino.koleo_loss_weight > 0): "
+            "its nearest-neighbour term needs two images per device"
+        )
     c.number("train.num_workers", 0, integer=True)
     c.number("train.seed", 0, integer=True)
     c.number("train.saveckp_freq", 0, integer=True)
@@ -259,15 +280,23 @@ def validate_training_config(cfg: DictConfig) -> None:
     c.number("train.max_iters", 1, integer=True, optional=True)
     c.number("train.checkpoint_every_iters", 0, integer=True)
     c.number("train.visualize_freq", 0, integer=True)
-    for key in ("train.resume", "model.qkv_bias", "model.use_mask_token", "dino.norm_last_layer",
-                "dino.use_bn_in_head", "ibot.separate_head"):
+    for key in (
+        "train.resume",
+        "model.qkv_bias",
+        "model.use_mask_token",
+        "dino.norm_last_layer",
+        "dino.use_bn_in_head",
+        "ibot.separate_head",
+    ):
         c.boolean(key)
     from dino.distributed.device import PRECISIONS
 
     precision = c.choice("train.precision", PRECISIONS)
     if precision == "fp16" and c.get("train.device") not in ("auto", "cuda", _MISSING):
-        c.problems.append(f"train.precision fp16 needs a CUDA device (train.device is {c.get('train.device')!r}); "
-                          "use bf16 (--hmp) there")
+        c.problems.append(
+            f"train.precision fp16 needs a CUDA device (train.device is {c.get('train.device')!r}); "
+            "use bf16 (--hmp) there"
+        )
     c.choice("train.device", ("auto", "cuda", "hpu", "mps", "cpu"))
     c.choice("train.parallel", ("ddp", "fsdp"))
     if not isinstance(c.get("train.compile"), bool) and c.get("train.compile") is not _MISSING:
@@ -275,8 +304,10 @@ def validate_training_config(cfg: DictConfig) -> None:
     c.choice("train.activation_checkpointing", ("none", "full", "selective"))
     parts = c.number("train.grad_accumulation_steps", 1, integer=True)
     if _is_int(parts) and _is_int(batch) and parts > 1 and batch % parts:
-        c.problems.append(f"train.batch_size_per_device {batch} must be a multiple of train.grad_accumulation_steps "
-                          f"{parts} (the batch is split into equal parts)")
+        c.problems.append(
+            f"train.batch_size_per_device {batch} must be a multiple of train.grad_accumulation_steps "
+            f"{parts} (the batch is split into equal parts)"
+        )
     if OmegaConf.select(cfg, "train.knn_eval", default=False) is True:
         c.number("train.knn_k", 1, integer=True)
         c.number("train.knn_temperature", 0, min_inclusive=False)
@@ -285,7 +316,9 @@ def validate_training_config(cfg: DictConfig) -> None:
         expanded = os.path.expanduser(data_path)
         if not os.path.exists(expanded):
             c.problems.append(f"train.data_path does not exist: {data_path}")
-        elif os.path.isfile(expanded) and expanded.lower().endswith(".txt") and (problem := text_list_problem(expanded)):
+        elif (
+            os.path.isfile(expanded) and expanded.lower().endswith(".txt") and (problem := text_list_problem(expanded))
+        ):
             c.problems.append(problem)
     output_dir = c.get("train.output_dir")
     if output_dir is not _MISSING:
@@ -293,8 +326,10 @@ def validate_training_config(cfg: DictConfig) -> None:
         if problem:
             c.problems.append(problem)
     if c.problems:
-        raise UserError(f"invalid training config ({len(c.problems)} problem{'s' if len(c.problems) > 1 else ''}): "
-                        + "; ".join(c.problems))
+        raise UserError(
+            f"invalid training config ({len(c.problems)} problem{'s' if len(c.problems) > 1 else ''}): "
+            + "; ".join(c.problems)
+        )
 
 
 # ------------------------------------------------------------------------------------------------ resume
@@ -302,13 +337,27 @@ def validate_training_config(cfg: DictConfig) -> None:
 # Keys a resumed run must share with its checkpoint: they fix the shapes *and meanings* of the saved weights
 # and optimiser state (a changed arch can keep every shape while changing the number of attention heads).
 RESUME_KEYS: tuple[str, ...] = (
-    "model.arch", "model.patch_size", "model.depth", "model.embed_dim", "model.num_register_tokens",
-    "model.ffn_layer", "model.layerscale", "model.qkv_bias",
-    "dino.head_n_prototypes", "dino.head_hidden_dim", "dino.head_bottleneck_dim", "dino.head_nlayers",
-    "dino.use_bn_in_head", "dino.centering",
-    "ibot.separate_head", "ibot.head_n_prototypes", "ibot.head_hidden_dim", "ibot.head_bottleneck_dim",
+    "model.arch",
+    "model.patch_size",
+    "model.depth",
+    "model.embed_dim",
+    "model.num_register_tokens",
+    "model.ffn_layer",
+    "model.layerscale",
+    "model.qkv_bias",
+    "dino.head_n_prototypes",
+    "dino.head_hidden_dim",
+    "dino.head_bottleneck_dim",
+    "dino.head_nlayers",
+    "dino.use_bn_in_head",
+    "dino.centering",
+    "ibot.separate_head",
+    "ibot.head_n_prototypes",
+    "ibot.head_hidden_dim",
+    "ibot.head_bottleneck_dim",
     "ibot.head_nlayers",
-    "optim.optimizer", "optim.iters_per_epoch",
+    "optim.optimizer",
+    "optim.iters_per_epoch",
 )
 # The data position and the schedules of a checkpoint count global batches; per device × processes.
 BATCH_KEY = "train.batch_size_per_device"
@@ -322,12 +371,16 @@ def _value(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, (ListConfig, DictConfig)) else value
 
 
-def resume_differences(saved_cfg: DictConfig, cfg: DictConfig, saved_world_size: int | None = None,
-                       world_size: int | None = None) -> list[str]:
+def resume_differences(
+    saved_cfg: DictConfig, cfg: DictConfig, saved_world_size: int | None = None, world_size: int | None = None
+) -> list[str]:
     """'key saved → now' for every key in `RESUME_KEYS` (and the global batch) that differs."""
     differences = []
-    ibot_on = [(_value(c, "ibot.loss_weight") or 0) > 0 for c in (saved_cfg, cfg)
-               if _is_number(_value(c, "ibot.loss_weight") or 0)]
+    ibot_on = [
+        (_value(c, "ibot.loss_weight") or 0) > 0
+        for c in (saved_cfg, cfg)
+        if _is_number(_value(c, "ibot.loss_weight") or 0)
+    ]
     for key in RESUME_KEYS:
         if key.startswith("ibot.") and not any(ibot_on):
             continue  # no iBOT head in either run: its settings mean nothing
@@ -337,21 +390,30 @@ def resume_differences(saved_cfg: DictConfig, cfg: DictConfig, saved_world_size:
         if saved != now:
             differences.append(f"{key} {saved!r} → {now!r}")
     if len(set(ibot_on)) > 1:
-        differences.append(f"ibot.loss_weight {_value(saved_cfg, 'ibot.loss_weight')!r} → "
-                           f"{_value(cfg, 'ibot.loss_weight')!r} (iBOT head on/off)")
+        differences.append(
+            f"ibot.loss_weight {_value(saved_cfg, 'ibot.loss_weight')!r} → "
+            f"{_value(cfg, 'ibot.loss_weight')!r} (iBOT head on/off)"
+        )
     saved_batch, batch = _value(saved_cfg, BATCH_KEY), _value(cfg, BATCH_KEY)
     if _is_int(saved_batch) and _is_int(batch):
         if saved_world_size and world_size:
             if saved_batch * saved_world_size != batch * world_size:
-                differences.append(f"global batch {saved_batch * saved_world_size} ({saved_world_size} × {saved_batch}) → "
-                                   f"{batch * world_size} ({world_size} × {batch})")
+                differences.append(
+                    f"global batch {saved_batch * saved_world_size} ({saved_world_size} × {saved_batch}) → "
+                    f"{batch * world_size} ({world_size} × {batch})"
+                )
         elif saved_batch != batch:
             differences.append(f"{BATCH_KEY} {saved_batch!r} → {batch!r}")
     return differences
 
 
-def check_resume_compatible(saved_cfg: DictConfig, cfg: DictConfig, source: str = "the checkpoint",
-                            saved_world_size: int | None = None, world_size: int | None = None) -> None:
+def check_resume_compatible(
+    saved_cfg: DictConfig,
+    cfg: DictConfig,
+    source: str = "the checkpoint",
+    saved_world_size: int | None = None,
+    world_size: int | None = None,
+) -> None:
     """UserError naming what differs between a checkpoint's config and this run's, when anything that matters does.
 
     Pure: reads nothing but the two configs. With both world sizes known the global batch is compared (what
@@ -359,9 +421,11 @@ def check_resume_compatible(saved_cfg: DictConfig, cfg: DictConfig, source: str 
     """
     differences = resume_differences(saved_cfg, cfg, saved_world_size, world_size)
     if differences:
-        raise UserError(f"cannot resume from {source}: this run's config differs from the one it was trained with "
-                        f"({'; '.join(differences)}); restore those values, choose another --output_dir, "
-                        "or pass --resume false to start over")
+        raise UserError(
+            f"cannot resume from {source}: this run's config differs from the one it was trained with "
+            f"({'; '.join(differences)}); restore those values, choose another --output_dir, "
+            "or pass --resume false to start over"
+        )
 
 
 def read_checkpoint_config(path: str | os.PathLike) -> tuple[DictConfig, int | None] | None:
@@ -432,4 +496,3 @@ def check_resume_against_output_dir(cfg: DictConfig, world_size: int | None = No
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)  # what torchrun / the SLURM launcher set
     check_resume_compatible(saved_cfg, cfg, str(checkpoint), saved_world_size, world_size)
-

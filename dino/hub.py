@@ -41,7 +41,9 @@ _DINO_URL = "https://dl.fbaipublicfiles.com/dino/{file}/{file}_pretrain.pth"
 
 # hub name → (url, model kwargs) for the official releases
 _V2_COMMON = dict(img_size=518, patch_size=14, init_values=1.0, use_mask_token=True)
-_V1_COMMON = dict(img_size=224, init_values=None, use_mask_token=False, interpolate_offset=0.1, interpolate_antialias=False)
+_V1_COMMON = dict(
+    img_size=224, init_values=None, use_mask_token=False, interpolate_offset=0.1, interpolate_antialias=False
+)
 OFFICIAL_MODELS: dict[str, tuple[str, dict[str, Any]]] = {}
 for _size, _arch in (("s", "vit_small"), ("b", "vit_base"), ("l", "vit_large"), ("g", "vit_giant2")):
     _name = f"dinov2_vit{_size}14"
@@ -78,7 +80,9 @@ def load_checkpoint_file(path_or_url: str, allow_pickle: bool = False, network: 
     path_or_url = str(path_or_url)
     if path_or_url.startswith(("http://", "https://")):
         try:
-            return torch.hub.load_state_dict_from_url(path_or_url, map_location="cpu", weights_only=not allow_pickle, progress=True)
+            return torch.hub.load_state_dict_from_url(
+                path_or_url, map_location="cpu", weights_only=not allow_pickle, progress=True
+            )
         except pickle.UnpicklingError:
             raise UserError(f"{path_or_url} needs pickle to load; if you trust it, pass --allow_pickle") from None
         except (OSError, RuntimeError) as err:
@@ -91,20 +95,26 @@ def load_checkpoint_file(path_or_url: str, allow_pickle: bool = False, network: 
         if os.path.isfile(os.path.join(path, ".metadata")):
             return load_sharded_network(path, network)
         hf_weights = _hf_folder_weights(path)
-        if hf_weights is not None:  # a Hugging Face Dinov2Model folder (ours from `dino export --format hf`, or the hub's)
+        if (
+            hf_weights is not None
+        ):  # a Hugging Face Dinov2Model folder (ours from `dino export --format hf`, or the hub's)
             weights = load_checkpoint_file(str(hf_weights), allow_pickle=allow_pickle, network=network)
             state = weights.get("backbone", weights)
             return {"backbone": state, "backbone_kwargs": hf_config_kwargs(Path(path) / "config.json")}
-        raise UserError(f"checkpoint {path} is a folder but not a sharded (DCP) checkpoint (no .metadata file) "
-                        f"and not a Hugging Face model folder (no config.json with {' or '.join(HF_WEIGHT_FILES)})")
+        raise UserError(
+            f"checkpoint {path} is a folder but not a sharded (DCP) checkpoint (no .metadata file) "
+            f"and not a Hugging Face model folder (no config.json with {' or '.join(HF_WEIGHT_FILES)})"
+        )
     if path.endswith(".safetensors"):
         return load_safetensors_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as err:
         if not _is_zip_or_pickle(path):  # random bytes also end here: not "pickled objects"
-            raise UserError(f"cannot read checkpoint {path}: not a PyTorch checkpoint (neither a torch.save zip archive "
-                            "nor a pickle: another kind of file, or damaged)") from None
+            raise UserError(
+                f"cannot read checkpoint {path}: not a PyTorch checkpoint (neither a torch.save zip archive "
+                "nor a pickle: another kind of file, or damaged)"
+            ) from None
         if allow_pickle:
             raise UserError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
         raise UserError(
@@ -133,9 +143,13 @@ def hf_config_kwargs(config_file: Path) -> dict[str, Any]:
         config = json.loads(Path(config_file).read_text())
         embed_dim = int(config["hidden_size"])
         kwargs: dict[str, Any] = dict(
-            embed_dim=embed_dim, depth=int(config["num_hidden_layers"]), num_heads=int(config["num_attention_heads"]),
-            patch_size=int(config.get("patch_size", 14)), img_size=int(config.get("image_size", 518)),
-            mlp_ratio=float(config.get("mlp_ratio", 4)), qkv_bias=bool(config.get("qkv_bias", True)),
+            embed_dim=embed_dim,
+            depth=int(config["num_hidden_layers"]),
+            num_heads=int(config["num_attention_heads"]),
+            patch_size=int(config.get("patch_size", 14)),
+            img_size=int(config.get("image_size", 518)),
+            mlp_ratio=float(config.get("mlp_ratio", 4)),
+            qkv_bias=bool(config.get("qkv_bias", True)),
             ffn_layer="swiglu" if config.get("use_swiglu_ffn") else "mlp",
             num_register_tokens=int(config.get("num_register_tokens", 0)),
         )
@@ -165,7 +179,9 @@ def load_safetensors_file(path: str) -> dict:
         try:
             checkpoint["backbone_kwargs"] = dict(json.loads(metadata[SAFETENSORS_KWARGS_KEY]))
         except (ValueError, TypeError):
-            raise UserError(f"{path}: unreadable model kwargs in the file's metadata ({SAFETENSORS_KWARGS_KEY})") from None
+            raise UserError(
+                f"{path}: unreadable model kwargs in the file's metadata ({SAFETENSORS_KWARGS_KEY})"
+            ) from None
     return checkpoint
 
 
@@ -195,11 +211,16 @@ def load_sharded_network(directory: str, network: str = "teacher") -> dict:
     # never DCP's own reader: it unpickles `.metadata` with plain pickle (code execution from a crafted folder)
     metadata = read_metadata_safely(directory).state_dict_metadata
     prefix = network + "."
-    tensors = {key[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype)
-               for key, meta in metadata.items() if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
+    tensors = {
+        key[len(prefix) :]: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.items()
+        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+    }
     if not tensors:
         networks = sorted({key.split(".", 1)[0] for key in metadata})
-        raise UserError(f"the sharded checkpoint {directory} holds no {network!r} weights (it holds: {', '.join(networks)})")
+        raise UserError(
+            f"the sharded checkpoint {directory} holds no {network!r} weights (it holds: {', '.join(networks)})"
+        )
     state = {network: tensors}
     with warnings.catch_warnings():  # reading in one process is the point here, not a mistake
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
@@ -251,7 +272,7 @@ def extract_backbone_state_dict(checkpoint: dict, checkpoint_key: str | None = "
             changed = False
             for prefix in _STRIP_PREFIXES:
                 if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
+                    key, changed = key[len(prefix) :], True
         if key.startswith(HEAD_PREFIXES):
             continue
         key = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key)
@@ -263,16 +284,25 @@ def extract_backbone_state_dict(checkpoint: dict, checkpoint_key: str | None = "
 
 # Hugging Face `Dinov2Model` tensor names (the hub layout, see dino/inference/export/hf.py) → ours, per block
 _HF_BLOCK_NAMES = {
-    "norm1": "norm1", "norm2": "norm2", "attention.output.dense": "attn.proj",
-    "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
-    "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2", "mlp.weights_in": "mlp.w12", "mlp.weights_out": "mlp.w3",
+    "norm1": "norm1",
+    "norm2": "norm2",
+    "attention.output.dense": "attn.proj",
+    "layer_scale1.lambda1": "ls1.gamma",
+    "layer_scale2.lambda1": "ls2.gamma",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    "mlp.weights_in": "mlp.w12",
+    "mlp.weights_out": "mlp.w3",
 }
 _HF_EMBEDDINGS = {
-    "embeddings.cls_token": "cls_token", "embeddings.mask_token": "mask_token",
-    "embeddings.register_tokens": "register_tokens", "embeddings.position_embeddings": "pos_embed",
+    "embeddings.cls_token": "cls_token",
+    "embeddings.mask_token": "mask_token",
+    "embeddings.register_tokens": "register_tokens",
+    "embeddings.position_embeddings": "pos_embed",
     "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
     "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-    "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
 }
 
 
@@ -284,15 +314,20 @@ def from_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     """A Hugging Face `Dinov2Model` / `Dinov2WithRegistersModel` state dict (also under a `dinov2.` prefix, as in
     the classification models) in our official key layout: query/key/value fused back into qkv, LayerScale
     λ → ``ls*.gamma``. Heads (``classifier.*``) are dropped."""
-    state = {key.split("dinov2.", 1)[-1] if key.startswith("dinov2.") else key: value for key, value in state.items()
-             if isinstance(value, torch.Tensor)}
+    state = {
+        key.split("dinov2.", 1)[-1] if key.startswith("dinov2.") else key: value
+        for key, value in state.items()
+        if isinstance(value, torch.Tensor)
+    }
     out = {ours: state[theirs] for theirs, ours in _HF_EMBEDDINGS.items() if theirs in state}
     layers = sorted({int(m.group(1)) for key in state if (m := re.match(r"encoder\.layer\.(\d+)\.", key))})
     for i in layers:
         theirs, ours = f"encoder.layer.{i}.", f"blocks.{i}."
         attention = theirs + "attention.attention."
         try:
-            out[ours + "attn.qkv.weight"] = torch.cat([state[f"{attention}{n}.weight"] for n in ("query", "key", "value")])
+            out[ours + "attn.qkv.weight"] = torch.cat(
+                [state[f"{attention}{n}.weight"] for n in ("query", "key", "value")]
+            )
         except KeyError as err:
             raise UserError(f"Hugging Face checkpoint: block {i} lacks {err.args[0]!r}") from None
         if f"{attention}query.bias" in state:
@@ -324,9 +359,13 @@ def describe_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     if arch is None:
         arch = next((name for name, (dim, _, _, _) in ARCH_SIZES.items() if dim == embed_dim), None)
     registers = state_dict["register_tokens"].shape[1] if "register_tokens" in state_dict else 0
-    side = int(round(num_pos ** 0.5))
+    side = int(round(num_pos**0.5))
     info = dict(
-        arch=arch, embed_dim=embed_dim, depth=depth, patch_size=patch_size, img_size=side * patch_size,
+        arch=arch,
+        embed_dim=embed_dim,
+        depth=depth,
+        patch_size=patch_size,
+        img_size=side * patch_size,
         num_register_tokens=registers,
         init_values=1.0 if "blocks.0.ls1.gamma" in state_dict else None,
         ffn_layer="swiglu" if "blocks.0.mlp.w12.weight" in state_dict else "mlp",
@@ -335,7 +374,8 @@ def describe_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     )
     # the official register models interpolate with offset 0 + antialias; everything else with offset 0.1
     info.update(interpolate_offset=0.0, interpolate_antialias=True) if registers else info.update(
-        interpolate_offset=0.1, interpolate_antialias=False)
+        interpolate_offset=0.1, interpolate_antialias=False
+    )
     return info
 
 
@@ -354,7 +394,8 @@ def _format_mismatch(missing: list[str], unexpected: list[str], info: dict, requ
         parts.append(
             f"the checkpoint holds a ViT of a custom size (embed_dim {info['embed_dim']}, depth {info['depth']}, "
             f"patch size {info['patch_size']}) that no --arch names; its architecture is in the .json file written "
-            "next to it (e.g. teacher_backbone.json beside teacher_backbone.pth): put that file back beside the weights")
+            "next to it (e.g. teacher_backbone.json beside teacher_backbone.pth): put that file back beside the weights"
+        )
     else:
         parts.append(
             f"the checkpoint holds {info['arch']} (embed_dim {info['embed_dim']}, depth {info['depth']}), "
@@ -390,13 +431,19 @@ def _check_stored_kwargs(stored: dict) -> None:
     if unknown:
         from dino.errors import suggest
 
-        raise UserError(f"the model settings saved with this checkpoint (backbone_kwargs, or its .json file) hold "
-                        f"unknown key(s) {', '.join(map(repr, unknown))}.{suggest(unknown[0], valid)} "
-                        "Remove or correct them")
+        raise UserError(
+            f"the model settings saved with this checkpoint (backbone_kwargs, or its .json file) hold "
+            f"unknown key(s) {', '.join(map(repr, unknown))}.{suggest(unknown[0], valid)} "
+            "Remove or correct them"
+        )
 
 
-def build_backbone_from_state_dict(state_dict: dict[str, torch.Tensor], requested: dict | None = None,
-                                   stored_kwargs: dict | None = None, **model_kwargs) -> VisionTransformer:
+def build_backbone_from_state_dict(
+    state_dict: dict[str, torch.Tensor],
+    requested: dict | None = None,
+    stored_kwargs: dict | None = None,
+    **model_kwargs,
+) -> VisionTransformer:
     """Build the ViT the tensors describe and load them strictly.
 
     `requested`: what the user asked for (arch, patch_size, num_register_tokens); a disagreement with the
@@ -410,8 +457,20 @@ def build_backbone_from_state_dict(state_dict: dict[str, torch.Tensor], requeste
     for key in ("arch", "patch_size", "num_register_tokens"):
         if key in requested and info.get(key) is not None and requested[key] != info[key]:
             raise UserError(_format_mismatch([], [], info, requested))
-    kwargs = {k: info[k] for k in ("depth", "img_size", "num_register_tokens", "init_values", "ffn_layer", "use_mask_token",
-                                   "qkv_bias", "interpolate_offset", "interpolate_antialias")}
+    kwargs = {
+        k: info[k]
+        for k in (
+            "depth",
+            "img_size",
+            "num_register_tokens",
+            "init_values",
+            "ffn_layer",
+            "use_mask_token",
+            "qkv_bias",
+            "interpolate_offset",
+            "interpolate_antialias",
+        )
+    }
     kwargs.update(stored_kwargs or {})
     kwargs.update(model_kwargs)
     arch = kwargs.pop("arch", None) or info["arch"]
@@ -437,9 +496,11 @@ def what_file_holds(state_dict: dict[str, torch.Tensor]) -> str:
         return f"no known backbone (first keys: {', '.join(sorted(state_dict)[:6])})"
     generation = "DINOv2" if info["init_values"] else "DINO v1"
     name = official_name(info["arch"], info["patch_size"], info["num_register_tokens"]) if info["arch"] else None
-    return (f"a {generation} ViT {info['arch'] or '(unknown size)'} (embed_dim {info['embed_dim']}, depth {info['depth']}), "
-            f"patch {info['patch_size']}, {info['num_register_tokens']} register tokens"
-            + (f", the layout of {name}" if name else ""))
+    return (
+        f"a {generation} ViT {info['arch'] or '(unknown size)'} (embed_dim {info['embed_dim']}, depth {info['depth']}), "
+        f"patch {info['patch_size']}, {info['num_register_tokens']} register tokens"
+        + (f", the layout of {name}" if name else "")
+    )
 
 
 def _assign_strictly(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], where: str, expected: str) -> None:
@@ -449,31 +510,51 @@ def _assign_strictly(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
-    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    shapes = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
+    ]
     if missing or unexpected or shapes:
+
         def short(items: list[str]) -> str:
             return ", ".join(items[:6]) + (f" … (+{len(items) - 6} more)" if len(items) > 6 else "")
 
         parts = [f"{where} does not fit {expected}: it holds {what_file_holds(state_dict)}"]
-        parts += [f"{label}: {short(items)}" for label, items in
-                  (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if items]
+        parts += [
+            f"{label}: {short(items)}"
+            for label, items in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches", shapes),
+            )
+            if items
+        ]
         raise UserError("; ".join(parts) + _hub_remedy(state_dict))
-    cast = {k: v.to(own[k].dtype) if v.is_floating_point() and own[k].is_floating_point() else v
-            for k, v in state_dict.items()}
+    cast = {
+        k: v.to(own[k].dtype) if v.is_floating_point() and own[k].is_floating_point() else v
+        for k, v in state_dict.items()
+    }
     model.load_state_dict(cast, strict=True, assign=True)
 
 
-def _build_dinov3_from_state_dict(state_dict: dict[str, torch.Tensor], requested: dict, stored_kwargs: dict | None,
-                                  **model_kwargs) -> torch.nn.Module:
+def _build_dinov3_from_state_dict(
+    state_dict: dict[str, torch.Tensor], requested: dict, stored_kwargs: dict | None, **model_kwargs
+) -> torch.nn.Module:
     info = describe_dinov3_state_dict(state_dict)
-    wrong = {k: v for k, v in requested.items()
-             if (k == "patch_size" and v != info["patch_size"])
-             or (k == "num_register_tokens" and v != info["num_register_tokens"])
-             or (k == "arch" and v not in (info["arch"], info["name"]))}
+    wrong = {
+        k: v
+        for k, v in requested.items()
+        if (k == "patch_size" and v != info["patch_size"])
+        or (k == "num_register_tokens" and v != info["num_register_tokens"])
+        or (k == "arch" and v not in (info["arch"], info["name"]))
+    }
     if wrong:
-        raise UserError(f"the checkpoint holds {info['summary']}; requested " + ", ".join(f"{k}={v}" for k, v in wrong.items())
-                        + " — leave these out, they are read from the file")
+        raise UserError(
+            f"the checkpoint holds {info['summary']}; requested "
+            + ", ".join(f"{k}={v}" for k, v in wrong.items())
+            + " — leave these out, they are read from the file"
+        )
     model = build_dinov3_for_state_dict(state_dict, stored_kwargs, **model_kwargs)
     _assign_strictly(model, state_dict, "checkpoint", info["name"] or info["summary"])
     return model
@@ -486,8 +567,9 @@ def _read_dinov3_file(source: str, check_hash: bool = False) -> dict:
     return load_checkpoint_file(source)
 
 
-def load_dinov3(name: str, pretrained: bool = True, weights: Any = None, check_hash: bool = False,
-                **kwargs) -> torch.nn.Module:
+def load_dinov3(
+    name: str, pretrained: bool = True, weights: Any = None, check_hash: bool = False, **kwargs
+) -> torch.nn.Module:
     """A DINOv3 release (`DINOV3_RELEASES`), as the official hub builds it, loaded strictly.
 
     weights: None or 'LVD1689M' / 'SAT493M' (the official files, also the official `Weights` enum), or a local
@@ -532,14 +614,22 @@ def _dinov3_entry_point(name: str):
         return load_dinov3(name, pretrained=pretrained, weights=weights, check_hash=check_hash, **kwargs)
 
     entry.__name__ = name
-    entry.__doc__ = (f"Official {name} backbone; pretrained=True downloads {dinov3_url(name)}; weights= takes "
-                     f"'LVD1689M' / 'SAT493M' (where released), a path or a URL. See `load_dinov3`.")
+    entry.__doc__ = (
+        f"Official {name} backbone; pretrained=True downloads {dinov3_url(name)}; weights= takes "
+        f"'LVD1689M' / 'SAT493M' (where released), a path or a URL. See `load_dinov3`."
+    )
     return entry
 
 
-def load_backbone(pretrained_weights: str, arch: str | None = None, patch_size: int | None = None,
-                  checkpoint_key: str | None = "teacher", num_register_tokens: int | None = None,
-                  allow_pickle: bool = False, **model_kwargs) -> VisionTransformer:
+def load_backbone(
+    pretrained_weights: str,
+    arch: str | None = None,
+    patch_size: int | None = None,
+    checkpoint_key: str | None = "teacher",
+    num_register_tokens: int | None = None,
+    allow_pickle: bool = False,
+    **model_kwargs,
+) -> VisionTransformer:
     """Load any DINO / DINOv2 backbone file (ours or official) strictly; returns the model in eval mode on CPU.
 
     `arch`, `patch_size` and `num_register_tokens` are checked against the file when given (None: read
@@ -562,14 +652,18 @@ def load_backbone(pretrained_weights: str, arch: str | None = None, patch_size: 
 def official_name(arch: str, patch_size: int, num_register_tokens: int = 0) -> str | None:
     """The official release matching an arch / patch size, e.g. ('vit_small', 14) → 'dinov2_vits14'."""
     for name, (_, kwargs) in OFFICIAL_MODELS.items():
-        if (kwargs["arch"] == arch and kwargs["patch_size"] == patch_size
-                and kwargs.get("num_register_tokens", 0) == num_register_tokens):
+        if (
+            kwargs["arch"] == arch
+            and kwargs["patch_size"] == patch_size
+            and kwargs.get("num_register_tokens", 0) == num_register_tokens
+        ):
             return name
     return None
 
 
-def load_official(name: str, pretrained: bool = True, weights: str | None = None, allow_pickle: bool = False,
-                  **kwargs) -> VisionTransformer:
+def load_official(
+    name: str, pretrained: bool = True, weights: str | None = None, allow_pickle: bool = False, **kwargs
+) -> VisionTransformer:
     """Build an official model; `pretrained` downloads its released weights, `weights` takes a path or URL instead
     (`allow_pickle=True` for a trusted file that needs pickle)."""
     if name in DINOV3_RELEASES:
@@ -592,8 +686,9 @@ def load_official(name: str, pretrained: bool = True, weights: str | None = None
         wrong_shape = [k for k, v in state_dict.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
         if wrong_shape or set(state_dict) != set(expected):
             # through torch.hub there are no --arch flags to suggest: name the entry point that fits the file
-            raise UserError(f"{source} does not fit {name}: the file holds {what_file_holds(state_dict)}"
-                            + _hub_remedy(state_dict))
+            raise UserError(
+                f"{source} does not fit {name}: the file holds {what_file_holds(state_dict)}" + _hub_remedy(state_dict)
+            )
         model.load_state_dict(state_dict, strict=True)
     return model
 
@@ -615,8 +710,9 @@ def _hub_remedy(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 def _entry_point(name: str):
-    def entry(pretrained: bool = True, weights: str | None = None, allow_pickle: bool = False,
-              **kwargs) -> VisionTransformer:
+    def entry(
+        pretrained: bool = True, weights: str | None = None, allow_pickle: bool = False, **kwargs
+    ) -> VisionTransformer:
         return load_official(name, pretrained=pretrained, weights=weights, allow_pickle=allow_pickle, **kwargs)
 
     entry.__name__ = name
@@ -649,8 +745,9 @@ dinov3_convnext_base = _dinov3_entry_point("dinov3_convnext_base")
 dinov3_convnext_large = _dinov3_entry_point("dinov3_convnext_large")
 
 
-def save_backbone(model: VisionTransformer, path: str | os.PathLike, model_kwargs: dict | None = None,
-                  safetensors_copy: bool = False) -> None:
+def save_backbone(
+    model: VisionTransformer, path: str | os.PathLike, model_kwargs: dict | None = None, safetensors_copy: bool = False
+) -> None:
     """Write a backbone in the official key layout, atomically, in the format the suffix names.
 
     * ``.safetensors``: the tensors, with `model_kwargs` (the architecture) as JSON in the file's metadata —
@@ -685,14 +782,27 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path, model_kwarg
         save_file(tensors, tmp, metadata=metadata)
 
 
-def resolve_backbone(pretrained_weights: str | None, arch: str | None = None, patch_size: int | None = None,
-                     checkpoint_key: str | None = "teacher", num_register_tokens: int | None = None,
-                     allow_pickle: bool = False, **model_kwargs) -> VisionTransformer:
+def resolve_backbone(
+    pretrained_weights: str | None,
+    arch: str | None = None,
+    patch_size: int | None = None,
+    checkpoint_key: str | None = "teacher",
+    num_register_tokens: int | None = None,
+    allow_pickle: bool = False,
+    **model_kwargs,
+) -> VisionTransformer:
     """What the eval and visualisation scripts call: a file/URL/hub name, or (when empty) the official
     release for `arch` + `patch_size` (downloaded, as the original DINO scripts do)."""
     if pretrained_weights:
-        return load_backbone(pretrained_weights, arch, patch_size, checkpoint_key, num_register_tokens,
-                             allow_pickle=allow_pickle, **model_kwargs)
+        return load_backbone(
+            pretrained_weights,
+            arch,
+            patch_size,
+            checkpoint_key,
+            num_register_tokens,
+            allow_pickle=allow_pickle,
+            **model_kwargs,
+        )
     if arch in DINOV3_RELEASES:  # --arch dinov3_vits16: the release itself
         print(f"no --pretrained_weights given: using the official {arch} weights ({dinov3_url(arch)})")
         return load_dinov3(arch, pretrained=True, **model_kwargs).eval()

@@ -275,16 +275,23 @@ class DirectoryLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise DirectoryInUseError(f"{self.what} {self.path.parent} is in use by {self._holder()}; wait for that "
-                                      f"run to finish, stop it, or choose another output directory") from None
+            raise DirectoryInUseError(
+                f"{self.what} {self.path.parent} is in use by {self._holder()}; wait for that "
+                f"run to finish, stop it, or choose another output directory"
+            ) from None
         except (ImportError, OSError):  # no flock here: fall back to the PID written in the file
             holder = self._pid_in_file()
             if holder is not None and holder != os.getpid() and _pid_alive(holder):
                 os.close(fd)
-                raise DirectoryInUseError(f"{self.what} {self.path.parent} is in use by {self._holder()}; wait for "
-                                          "that run to finish, stop it, or choose another output directory") from None
-        record = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "since": datetime.datetime.now().isoformat(timespec="seconds")}
+                raise DirectoryInUseError(
+                    f"{self.what} {self.path.parent} is in use by {self._holder()}; wait for "
+                    "that run to finish, stop it, or choose another output directory"
+                ) from None
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": datetime.datetime.now().isoformat(timespec="seconds"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         self._fd = fd
@@ -313,6 +320,18 @@ class DirectoryLock:
 
 
 __all__ = [
-    "DirectoryInUseError", "DirectoryLock", "DiskFullError", "atomic_copy", "atomic_output_path", "atomic_save_npy", "atomic_torch_save", "atomic_write", "atomic_write_bytes",
-    "atomic_write_json", "atomic_write_text", "disk_full_message", "format_bytes", "is_disk_full",
+    "DirectoryInUseError",
+    "DirectoryLock",
+    "DiskFullError",
+    "atomic_copy",
+    "atomic_output_path",
+    "atomic_save_npy",
+    "atomic_torch_save",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "disk_full_message",
+    "format_bytes",
+    "is_disk_full",
 ]

@@ -12,8 +12,9 @@ from dino.train.throughput import saved_for_backward
 
 def tiny_vit():
     torch.manual_seed(0)
-    return VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=4, drop_path_rate=0.3,
-                             init_values=0.1)
+    return VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=4, drop_path_rate=0.3, init_values=0.1
+    )
 
 
 def gradients_and_saved_bytes(model, x):

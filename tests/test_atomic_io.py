@@ -79,7 +79,9 @@ def test_disk_full_is_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch
     atomic_torch_save({"w": torch.zeros(4)}, path)
     before = path.read_bytes()
     real_open = dio._open_temporary
-    monkeypatch.setattr(dio, "_open_temporary", lambda p, binary: (lambda h, t: (_FullDisk(h, 1000), t))(*real_open(p, binary)))
+    monkeypatch.setattr(
+        dio, "_open_temporary", lambda p, binary: (lambda h, t: (_FullDisk(h, 1000), t))(*real_open(p, binary))
+    )
     with pytest.raises(DiskFullError) as info:
         atomic_save({"w": torch.zeros(1 << 16)}, path)
     message = str(info.value)
@@ -98,7 +100,7 @@ def test_a_real_write_limit_in_torch_save_is_caught(tmp_path):
         from dino.train.checkpoint import atomic_save
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-        run_cli(lambda: atomic_save({{"w": torch.zeros(1 << 20)}}, {str(tmp_path / 'ckpt.pth')!r}))
+        run_cli(lambda: atomic_save({{"w": torch.zeros(1 << 20)}}, {str(tmp_path / "ckpt.pth")!r}))
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
@@ -128,7 +130,7 @@ def test_a_full_disk_during_a_sharded_save_is_one_line_and_keeps_the_previous_ch
         from pathlib import Path
         from dino.errors import run_cli
         from dino.distributed.checkpoint import save_sharded
-        target = Path({str(tmp_path / 'ckpt')!r})
+        target = Path({str(tmp_path / "ckpt")!r})
         save_sharded({{"w": torch.zeros(16)}}, target)  # a first, small checkpoint
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))

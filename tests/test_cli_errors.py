@@ -33,16 +33,30 @@ def assert_clean_error(result, *fragments):
 
 
 def test_missing_image(tmp_path, tiny_checkpoint):
-    result = run("visualize_attention.py", "--image_path", str(tmp_path / "nope.jpg"),
-                 "--pretrained_weights", str(tiny_checkpoint), "--output_dir", str(tmp_path))
+    result = run(
+        "visualize_attention.py",
+        "--image_path",
+        str(tmp_path / "nope.jpg"),
+        "--pretrained_weights",
+        str(tiny_checkpoint),
+        "--output_dir",
+        str(tmp_path),
+    )
     assert_clean_error(result, "nope.jpg")
 
 
 def test_corrupt_image(tmp_path, tiny_checkpoint):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8 definitely not a jpeg")
-    result = run("visualize_attention.py", "--image_path", str(bad), "--pretrained_weights", str(tiny_checkpoint),
-                 "--output_dir", str(tmp_path))
+    result = run(
+        "visualize_attention.py",
+        "--image_path",
+        str(bad),
+        "--pretrained_weights",
+        str(tiny_checkpoint),
+        "--output_dir",
+        str(tmp_path),
+    )
     assert_clean_error(result, "bad.jpg")
 
 

@@ -28,9 +28,11 @@ def image_folder(tmp_path_factory):
 
 
 def same_schedules(a, b, names=("lr", "last_layer_lr", "weight_decay", "momentum", "teacher_temp")) -> bool:
-    return all(np.array_equal(getattr(a, n).values, getattr(b, n).values)
-               and getattr(a, n).final_value == getattr(b, n).final_value for n in names) \
-        and ("teacher_temp" not in names or a.teacher_temp_per_iteration == b.teacher_temp_per_iteration)
+    return all(
+        np.array_equal(getattr(a, n).values, getattr(b, n).values)
+        and getattr(a, n).final_value == getattr(b, n).final_value
+        for n in names
+    ) and ("teacher_temp" not in names or a.teacher_temp_per_iteration == b.teacher_temp_per_iteration)
 
 
 def switches(cfg) -> dict:
@@ -39,11 +41,20 @@ def switches(cfg) -> dict:
 
 # ------------------------------------------------------------------------------------------------ precision
 
-@pytest.mark.parametrize("argv, expected", [
-    ([], "fp32"), (["--hmp"], "bf16"), (["--use_bf16", "true"], "bf16"), (["--fp16"], "fp16"),
-    (["--use_fp16"], "fp16"), (["--hmp", "false"], "fp32"), (["--precision", "bf16"], "bf16"),
-    (["--precision", "fp16", "--data_path", ""], "fp16"),
-])
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], "fp32"),
+        (["--hmp"], "bf16"),
+        (["--use_bf16", "true"], "bf16"),
+        (["--fp16"], "fp16"),
+        (["--use_fp16"], "fp16"),
+        (["--hmp", "false"], "fp32"),
+        (["--precision", "bf16"], "bf16"),
+        (["--precision", "fp16", "--data_path", ""], "fp16"),
+    ],
+)
 def test_training_precision_flag_and_its_aliases_set_train_precision(argv, expected):
     from dino.train.cli import CLI
 
@@ -52,8 +63,9 @@ def test_training_precision_flag_and_its_aliases_set_train_precision(argv, expec
     assert "hmp" not in cfg.train and "fp16" not in cfg.train
 
 
-@pytest.mark.parametrize("argv, expected", [([], "fp32"), (["--hmp"], "bf16"), (["--precision", "bf16"], "bf16"),
-                                            (["--use_fp16"], "fp16")])
+@pytest.mark.parametrize(
+    "argv, expected", [([], "fp32"), (["--hmp"], "bf16"), (["--precision", "bf16"], "bf16"), (["--use_fp16"], "fp16")]
+)
 def test_eval_precision_flag_and_its_aliases_set_precision(argv, expected):
     from dino.jobs.eval_knn import CLI
 
@@ -62,8 +74,16 @@ def test_eval_precision_flag_and_its_aliases_set_precision(argv, expected):
 
 
 def test_every_eval_preset_with_a_device_has_one_precision_key():
-    for name in ("knn", "linear", "logreg", "retrieval", "copy_detection", "segmentation", "depth",
-                 "video_segmentation"):
+    for name in (
+        "knn",
+        "linear",
+        "logreg",
+        "retrieval",
+        "copy_detection",
+        "segmentation",
+        "depth",
+        "video_segmentation",
+    ):
         cfg = compose(f"eval/{name}")
         assert cfg.precision == "fp32" and "hmp" not in cfg, name
 
@@ -96,16 +116,32 @@ def test_device_context_takes_the_precision():
 
 # ------------------------------------------------------------------------------------------ loss switches
 
-@pytest.mark.parametrize("preset, style", [("dino_vits16", "v1"), ("dinov2_vits14", "v2"), ("dinov2_vitb14", "v2"),
-                                           ("dinov2_vitl14", "v2"), ("dinov2_vitg14", "v2"), ("demo", "v2"),
-                                           ("small_data", "v2")])
+
+@pytest.mark.parametrize(
+    "preset, style",
+    [
+        ("dino_vits16", "v1"),
+        ("dinov2_vits14", "v2"),
+        ("dinov2_vitb14", "v2"),
+        ("dinov2_vitl14", "v2"),
+        ("dinov2_vitg14", "v2"),
+        ("demo", "v2"),
+        ("small_data", "v2"),
+    ],
+)
 def test_presets_keep_their_published_switches(preset, style):
     cfg = compose(f"train/{preset}")
     assert switches(cfg) == LOSS_STYLES[style]
-    assert LOSS_STYLES["v1"] == {"dino.center_update": "immediate", "dino.pair_normalisation": "pair_mean",
-                                 "teacher.temp_per_iteration": False}
-    assert LOSS_STYLES["v2"] == {"dino.center_update": "deferred", "dino.pair_normalisation": "dinov2",
-                                 "teacher.temp_per_iteration": True}
+    assert LOSS_STYLES["v1"] == {
+        "dino.center_update": "immediate",
+        "dino.pair_normalisation": "pair_mean",
+        "teacher.temp_per_iteration": False,
+    }
+    assert LOSS_STYLES["v2"] == {
+        "dino.center_update": "deferred",
+        "dino.pair_normalisation": "dinov2",
+        "teacher.temp_per_iteration": True,
+    }
 
 
 def test_loss_style_is_a_shorthand_a_switch_set_itself_wins():
@@ -118,17 +154,23 @@ def test_loss_style_is_a_shorthand_a_switch_set_itself_wins():
 
 def test_validator_checks_the_switches(tmp_path):
     base = [f"train.output_dir={tmp_path}"]
-    for override, message in (("dino.center_update=later", "dino.center_update must be one of immediate, deferred"),
-                              ("dino.pair_normalisation=mean", "dino.pair_normalisation must be one of"),
-                              ("teacher.temp_per_iteration=3", "teacher.temp_per_iteration must be true or false"),
-                              ("dino.loss_style=v3", "dino.loss_style must be one of v1, v2")):
+    for override, message in (
+        ("dino.center_update=later", "dino.center_update must be one of immediate, deferred"),
+        ("dino.pair_normalisation=mean", "dino.pair_normalisation must be one of"),
+        ("teacher.temp_per_iteration=3", "teacher.temp_per_iteration must be true or false"),
+        ("dino.loss_style=v3", "dino.loss_style must be one of v1, v2"),
+    ):
         with pytest.raises(UserError, match=message):
             validate_training_config(compose("train/demo", base + [override]))
     # without the shorthand every switch must be set itself
     with pytest.raises(UserError, match=r"dino.loss_style must be v1 or v2 \(or set dino.center_update itself\)"):
         validate_training_config(compose("train/demo", base + ["dino.loss_style=null"]))
-    spelled = base + ["dino.loss_style=null", "dino.center_update=deferred", "dino.pair_normalisation=dinov2",
-                      "teacher.temp_per_iteration=true"]
+    spelled = base + [
+        "dino.loss_style=null",
+        "dino.center_update=deferred",
+        "dino.pair_normalisation=dinov2",
+        "teacher.temp_per_iteration=true",
+    ]
     validate_training_config(compose("train/demo", spelled))
 
 
@@ -140,8 +182,11 @@ def _objective_run(cfg, seed=0):
     out = []
     for _ in range(2):
         teacher_out = {"global_cls_logits": torch.randn(2 * batch, k)}
-        student_out = {"global_cls_logits": torch.randn(2 * batch, k), "local_cls_logits": torch.randn(n_local * batch, k),
-                       "global_cls_tokens": torch.randn(2 * batch, 8)}
+        student_out = {
+            "global_cls_logits": torch.randn(2 * batch, k),
+            "local_cls_logits": torch.randn(n_local * batch, k),
+            "global_cls_tokens": torch.randn(2 * batch, 8),
+        }
         targets = objective.teacher_targets(teacher_out, 0.04)
         center = objective.dino_loss.center.clone()
         loss, terms = objective(student_out, targets)
@@ -208,24 +253,39 @@ def test_the_v2_shorthand_equals_its_three_switches():
 
 # ---------------------------------------------------------------------------- keys that were code defaults
 
+
 def test_code_defaults_live_in_the_yaml(image_folder, tmp_path):
     cfg = compose("train/demo", tiny_overrides(image_folder, tmp_path, 8, "ibot.loss_weight=1.0"))
     assert cfg.model.use_mask_token is True and cfg.optim.sgd_momentum == 0.9
-    assert (cfg.ibot.mask_block_min_patches, cfg.ibot.mask_block_max_fraction, cfg.ibot.mask_block_min_aspect) == \
-        (4, 0.5, 0.3)
+    assert (cfg.ibot.mask_block_min_patches, cfg.ibot.mask_block_max_fraction, cfg.ibot.mask_block_min_aspect) == (
+        4,
+        0.5,
+        0.3,
+    )
     ctx = DeviceContext(type="cpu")
     generator = build_training_data(cfg, ctx).collate_fn.keywords["mask_generator"]
     assert (generator.min_num_patches, generator.max_num_patches, generator.min_aspect) == (4, 8, 0.3)  # 4×4 grid
 
-    changed = compose("train/demo", tiny_overrides(image_folder, tmp_path, 8, "ibot.loss_weight=1.0",
-                                                   "ibot.mask_block_min_patches=2", "ibot.mask_block_max_fraction=0.25",
-                                                   "ibot.mask_block_min_aspect=0.5"))
+    changed = compose(
+        "train/demo",
+        tiny_overrides(
+            image_folder,
+            tmp_path,
+            8,
+            "ibot.loss_weight=1.0",
+            "ibot.mask_block_min_patches=2",
+            "ibot.mask_block_max_fraction=0.25",
+            "ibot.mask_block_min_aspect=0.5",
+        ),
+    )
     generator = build_training_data(changed, ctx).collate_fn.keywords["mask_generator"]
     assert (generator.min_num_patches, generator.max_num_patches, generator.min_aspect) == (2, 4, 0.5)
 
     from dino.train.meta_arch import build_networks
 
-    sgd = compose("train/demo", tiny_overrides(image_folder, tmp_path, 8, "optim.optimizer=sgd", "optim.sgd_momentum=0.8"))
+    sgd = compose(
+        "train/demo", tiny_overrides(image_folder, tmp_path, 8, "optim.optimizer=sgd", "optim.sgd_momentum=0.8")
+    )
     student, _, _ = build_networks(sgd)
     assert {group["momentum"] for group in build_optimizer(sgd, student).param_groups} == {0.8}
     no_token = compose("train/demo", tiny_overrides(image_folder, tmp_path, 8, "model.use_mask_token=false"))
@@ -234,13 +294,19 @@ def test_code_defaults_live_in_the_yaml(image_folder, tmp_path):
 
 # ------------------------------------------------------------------------------------ older stored configs
 
+
 def _old_style(config_text: str, hmp: bool) -> str:
     """A config as an older version wrote it: train.hmp / train.fp16, dino.loss_style without the switches."""
     old = OmegaConf.create(config_text)
     del old.train["precision"]
     old.train.hmp, old.train.fp16 = hmp, False
-    for key in SWITCHES + ("model.use_mask_token", "optim.sgd_momentum", "ibot.mask_block_min_patches",
-                           "ibot.mask_block_max_fraction", "ibot.mask_block_min_aspect"):
+    for key in SWITCHES + (
+        "model.use_mask_token",
+        "optim.sgd_momentum",
+        "ibot.mask_block_min_patches",
+        "ibot.mask_block_max_fraction",
+        "ibot.mask_block_min_aspect",
+    ):
         parent, leaf = key.rsplit(".", 1)
         del old[parent][leaf]
     return OmegaConf.to_yaml(old)
@@ -258,8 +324,9 @@ def test_old_keys_of_a_stored_config_are_mapped():
 
 def test_an_old_users_preset_is_understood(tmp_path, monkeypatch):
     (tmp_path / "train").mkdir()
-    (tmp_path / "train" / "mine.yaml").write_text("defaults:\n  - _base\n  - _self_\ntrain:\n  hmp: true\n"
-                                                  "dino:\n  loss_style: v2\n")
+    (tmp_path / "train" / "mine.yaml").write_text(
+        "defaults:\n  - _base\n  - _self_\ntrain:\n  hmp: true\ndino:\n  loss_style: v2\n"
+    )
     monkeypatch.setenv("DINO_CONFIG_DIR", str(tmp_path))
     cfg = compose("train/mine")
     assert cfg.train.precision == "bf16" and "hmp" not in cfg.train

@@ -36,21 +36,24 @@ def _fail_fast(monkeypatch):
     monkeypatch.setattr(loop, "train", must_not_run)
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["optim.lr=abc"], "optim.lr must be a number, got 'abc'"),
-    (["--lr", "-0.1"], "optim.lr must be ≥ 0"),
-    (["--batch_size_per_device", "0"], "train.batch_size_per_device must be ≥ 1"),
-    (["--batch_size_per_device", "1"], "at least 2 with KoLeo"),
-    (["--out_dim", "0"], "dino.head_n_prototypes must be ≥ 1"),
-    (["--global_crops_scale", "0.6", "0.3"], "crops.global_crops_scale must satisfy 0 < min ≤ max ≤ 1"),
-    (["--local_crops_scale", "0", "0.4"], "crops.local_crops_scale"),
-    (["--global_crops_scale", "0.4", "1.5"], "crops.global_crops_scale"),
-    (["--num_workers", "-1"], "train.num_workers must be ≥ 0"),
-    (["--momentum_teacher", "2"], "teacher.momentum_teacher must be ≥ 0 and ≤ 1"),
-    (["--epochs", "0"], "optim.epochs must be ≥ 1"),
-    (["--teacher_temp", "0"], "teacher.teacher_temp must be > 0"),
-    (["--arch", "vit_smal"], "vit_small"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["optim.lr=abc"], "optim.lr must be a number, got 'abc'"),
+        (["--lr", "-0.1"], "optim.lr must be ≥ 0"),
+        (["--batch_size_per_device", "0"], "train.batch_size_per_device must be ≥ 1"),
+        (["--batch_size_per_device", "1"], "at least 2 with KoLeo"),
+        (["--out_dim", "0"], "dino.head_n_prototypes must be ≥ 1"),
+        (["--global_crops_scale", "0.6", "0.3"], "crops.global_crops_scale must satisfy 0 < min ≤ max ≤ 1"),
+        (["--local_crops_scale", "0", "0.4"], "crops.local_crops_scale"),
+        (["--global_crops_scale", "0.4", "1.5"], "crops.global_crops_scale"),
+        (["--num_workers", "-1"], "train.num_workers must be ≥ 0"),
+        (["--momentum_teacher", "2"], "teacher.momentum_teacher must be ≥ 0 and ≤ 1"),
+        (["--epochs", "0"], "optim.epochs must be ≥ 1"),
+        (["--teacher_temp", "0"], "teacher.teacher_temp must be > 0"),
+        (["--arch", "vit_smal"], "vit_small"),
+    ],
+)
 def test_invalid_values_are_one_user_error_before_training(argv, fragment, tmp_path, monkeypatch):
     _fail_fast(monkeypatch)
     with pytest.raises(UserError) as err:
@@ -104,8 +107,13 @@ def test_missing_data_path_is_reported_before_any_scan(tmp_path, monkeypatch):
 
 
 def test_cli_prints_one_line_and_exits_2(tmp_path):
-    result = subprocess.run([sys.executable, "main_dino.py", "--output_dir", str(tmp_path / "o"), "optim.lr=abc",
-                             "--num_workers", "-1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "main_dino.py", "--output_dir", str(tmp_path / "o"), "optim.lr=abc", "--num_workers", "-1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -130,8 +138,16 @@ def test_resume_check_names_what_differs():
     assert "train.batch_size_per_device 64 → 32" in message
     check_resume_compatible(saved, saved.copy())  # the same config resumes
     # more epochs or another lr are legitimate changes on resume
-    check_resume_compatible(saved, _cfg("model.arch=vit_small", "dino.head_n_prototypes=128",
-                                        "train.batch_size_per_device=64", "optim.epochs=40", "optim.lr=0.002"))
+    check_resume_compatible(
+        saved,
+        _cfg(
+            "model.arch=vit_small",
+            "dino.head_n_prototypes=128",
+            "train.batch_size_per_device=64",
+            "optim.epochs=40",
+            "optim.lr=0.002",
+        ),
+    )
 
 
 def test_resume_check_compares_the_global_batch_when_world_sizes_are_known():
@@ -142,14 +158,18 @@ def test_resume_check_compares_the_global_batch_when_world_sizes_are_known():
         check_resume_compatible(saved, now, saved_world_size=1, world_size=1)
 
 
-@pytest.mark.parametrize("changed, fragment", [
-    (["dino.head_n_prototypes=32"], "dino.head_n_prototypes 64 → 32"),
-    (["model.arch=vit_small"], "model.arch 'vit_tiny' → 'vit_small'"),
-    # the checkpoint records its world size, so the global batch is what is compared
-    (["train.batch_size_per_device=6"], "batch 8 (1 × 8) → 6 (1 × 6)"),
-])
-def test_resume_with_a_changed_config_is_refused_before_config_yaml_is_written(tmp_path, image_folder, changed,
-                                                                               fragment):
+@pytest.mark.parametrize(
+    "changed, fragment",
+    [
+        (["dino.head_n_prototypes=32"], "dino.head_n_prototypes 64 → 32"),
+        (["model.arch=vit_small"], "model.arch 'vit_tiny' → 'vit_small'"),
+        # the checkpoint records its world size, so the global batch is what is compared
+        (["train.batch_size_per_device=6"], "batch 8 (1 × 8) → 6 (1 × 6)"),
+    ],
+)
+def test_resume_with_a_changed_config_is_refused_before_config_yaml_is_written(
+    tmp_path, image_folder, changed, fragment
+):
     output = tmp_path / "run"
     base = tiny_overrides(image_folder, output, 8, "train.max_iters=1", "dino.koleo_loss_weight=0")
     train_cli.main(base)

@@ -15,8 +15,14 @@ from tests.helpers import tiny_overrides, write_image_folder
 def fsdp_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     data = write_image_folder(root / "data" / "train")
-    train(compose("train/demo", tiny_overrides(data, root / "out", 8, "optim.epochs=1", "train.parallel=fsdp",
-                                               "model.num_register_tokens=2")))
+    train(
+        compose(
+            "train/demo",
+            tiny_overrides(
+                data, root / "out", 8, "optim.epochs=1", "train.parallel=fsdp", "model.num_register_tokens=2"
+            ),
+        )
+    )
     return root / "out"
 
 
@@ -32,10 +38,13 @@ def test_loader_reads_the_sharded_folder_like_the_export(fsdp_run):
 
 
 def test_consolidate_writes_an_official_layout_backbone(fsdp_run, tmp_path):
-    out = consolidate_main([str(fsdp_run / "checkpoint_sharded"), "--output", str(tmp_path / "student.pth"),
-                            "--network", "student"])
+    out = consolidate_main(
+        [str(fsdp_run / "checkpoint_sharded"), "--output", str(tmp_path / "student.pth"), "--network", "student"]
+    )
     weights = torch.load(out, weights_only=True)
-    assert "cls_token" in weights and "register_tokens" in weights and not any(k.startswith("backbone.") for k in weights)
+    assert (
+        "cls_token" in weights and "register_tokens" in weights and not any(k.startswith("backbone.") for k in weights)
+    )
     assert (tmp_path / "student.json").is_file()
     reloaded = load_backbone(str(out))
     direct = load_backbone(str(fsdp_run / "checkpoint_sharded"), checkpoint_key="student")

@@ -27,8 +27,9 @@ from dino.errors import UserError
 @pytest.mark.parametrize("drop_last", [True, False])
 def test_shards_are_disjoint_and_cover_the_dataset(drop_last):
     size, world = 10, 3
-    shards = [list(ShardedEpochSampler(size, seed=1, rank=r, world_size=world, drop_last=drop_last))
-              for r in range(world)]
+    shards = [
+        list(ShardedEpochSampler(size, seed=1, rank=r, world_size=world, drop_last=drop_last)) for r in range(world)
+    ]
     per_rank = 3 if drop_last else 4
     assert all(len(s) == per_rank for s in shards)
     flat = [i for s in shards for i in s]
@@ -103,8 +104,9 @@ def load_epoch(num_workers, epoch, start_index=0, size=24, batch_size=4):
     sampler = ShardedEpochSampler(size, seed=3)
     sampler.set_epoch(epoch)
     sampler.set_start_index(start_index)
-    loader = make_data_loader(RandomAugmentedDataset(size), batch_size, num_workers, sampler,
-                              collate_fn=random_collate, seed=11)
+    loader = make_data_loader(
+        RandomAugmentedDataset(size), batch_size, num_workers, sampler, collate_fn=random_collate, seed=11
+    )
     return [(batch.clone(), extra.clone()) for batch, extra in loader]
 
 
@@ -121,8 +123,9 @@ def test_resumed_loader_reproduces_augmentations_exactly():
     assert_same_batches(resumed, full[2:])
     # Different epochs give different augmentations of the same images.
     other = load_epoch(num_workers=0, epoch=2)
-    assert not torch.equal(torch.cat([b for b, _ in other])[:, 1].sort().values,
-                           torch.cat([b for b, _ in full])[:, 1].sort().values)
+    assert not torch.equal(
+        torch.cat([b for b, _ in other])[:, 1].sort().values, torch.cat([b for b, _ in full])[:, 1].sort().values
+    )
 
 
 def test_worker_count_does_not_change_the_batches():
@@ -139,8 +142,7 @@ def test_loading_does_not_disturb_the_callers_rng():
 
 def test_loader_refuses_an_epoch_without_a_batch():
     with pytest.raises(UserError, match="batch size"):
-        make_data_loader(RandomAugmentedDataset(3), batch_size=4, num_workers=0,
-                         sampler=ShardedEpochSampler(3))
+        make_data_loader(RandomAugmentedDataset(3), batch_size=4, num_workers=0, sampler=ShardedEpochSampler(3))
     # Resuming at the very end of an epoch is fine even though less than a batch is left.
     sampler = ShardedEpochSampler(10)
     sampler.set_start_index(8)
@@ -160,8 +162,10 @@ def test_full_pipeline_resumes_exactly(tmp_path):
     for i in range(8):
         os.makedirs(tmp_path / "imgs", exist_ok=True)
         make_demo_image(i % 8, seed=i, image_size=32).save(tmp_path / "imgs" / f"{i}.png")
-    dataset = build_dataset(tmp_path / "imgs", transform=DataAugmentationDINO(
-        global_crops_size=16, local_crops_size=8, local_crops_number=2))
+    dataset = build_dataset(
+        tmp_path / "imgs",
+        transform=DataAugmentationDINO(global_crops_size=16, local_crops_size=8, local_crops_number=2),
+    )
     collate = functools.partial(collate_data_and_cast, mask_generator=MaskingGenerator(4, max_num_patches=8))
 
     def run(start_index):

@@ -163,7 +163,7 @@ def test_skipping_works_in_dataloader_workers(tmp_path):
     loader = torch.utils.data.DataLoader(dataset, batch_size=5, num_workers=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        (batch, labels), = list(loader)
+        ((batch, labels),) = list(loader)
     assert batch[:, 0].tolist() == [0, 10, 10, 20, 20]
     assert dataset.num_skipped == 2  # recorded in shared memory by the worker processes
 
@@ -282,8 +282,7 @@ def test_demo_dataset_is_complete_deterministic_and_reused(tmp_path):
 
     other_seed = ensure_demo_dataset(tmp_path / "a", **{**kwargs, "seed": 4})
     assert other_seed != first
-    assert not np.array_equal(np.asarray(Image.open(probe)),
-                              np.asarray(Image.open(probe.replace(first, other_seed))))
+    assert not np.array_equal(np.asarray(Image.open(probe)), np.asarray(Image.open(probe.replace(first, other_seed))))
 
 
 def test_demo_dataset_rejects_bad_settings(tmp_path):

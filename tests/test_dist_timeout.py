@@ -41,13 +41,28 @@ def test_a_hung_rank_is_named_after_the_timeout(tmp_path):
     data = write_image_folder(tmp_path / "data")
     script = tmp_path / "hang.py"
     script.write_text(HANGING_RANK_SCRIPT.format(root=str(ROOT)))
-    overrides = tiny_overrides(data, tmp_path / "out", 4, "optim.epochs=3", "train.dist_timeout=8",
-                               "ibot.loss_weight=0.0", "dino.koleo_loss_weight=0.0")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-               *overrides]
+    overrides = tiny_overrides(
+        data,
+        tmp_path / "out",
+        4,
+        "optim.epochs=3",
+        "train.dist_timeout=8",
+        "ibot.loss_weight=0.0",
+        "dino.koleo_loss_weight=0.0",
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        *overrides,
+    ]
     started = time.time()
-    out = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                         text=True, timeout=280)
+    out = subprocess.run(
+        command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=280
+    )
     text = out.stdout + out.stderr
     assert out.returncode != 0
     assert time.time() - started < 200  # not the 300 s of the hang, nor torch's default 30 min

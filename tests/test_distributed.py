@@ -45,8 +45,16 @@ def image_folder(tmp_path_factory):
 
 def distributed_overrides(data_path, output_dir, batch_size, *extra):
     # per-rank by design (see the module docstring): pinned off here, not inherited from the demo preset
-    return tiny_overrides(data_path, output_dir, batch_size, "train.saveckp_freq=1", "model.drop_path_rate=0",
-                          "dino.koleo_loss_weight=0.0", "ibot.loss_weight=0.0", *extra)
+    return tiny_overrides(
+        data_path,
+        output_dir,
+        batch_size,
+        "train.saveckp_freq=1",
+        "model.drop_path_rate=0",
+        "dino.koleo_loss_weight=0.0",
+        "ibot.loss_weight=0.0",
+        *extra,
+    )
 
 
 def train_one_process(data_path, output_dir, batch_size, *extra):
@@ -55,8 +63,15 @@ def train_one_process(data_path, output_dir, batch_size, *extra):
 
 def torchrun_two_processes(data_path, output_dir, batch_size, *extra):
     """`torchrun --nproc_per_node=2 main_dino.py …` on CPU, as a user would type it."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main_dino.py",
-               *distributed_overrides(data_path, output_dir, batch_size, *extra)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "main_dino.py",
+        *distributed_overrides(data_path, output_dir, batch_size, *extra),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
@@ -98,8 +113,13 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path, image_f
 
 @pytest.mark.slow
 def test_fsdp_two_processes_equal_one_process_and_resume_across_world_sizes(tmp_path, image_folder):
-    recipe = ("train.parallel=fsdp", "dino.loss_style=v2", "dino.centering=softmax", "optim.clip_style=per_module",
-              "dino.norm_last_layer=false")
+    recipe = (
+        "train.parallel=fsdp",
+        "dino.loss_style=v2",
+        "dino.centering=softmax",
+        "optim.clip_style=per_module",
+        "dino.norm_last_layer=false",
+    )
     torchrun_two_processes(image_folder, tmp_path / "fsdp2", 4, *recipe)
     train_one_process(image_folder, tmp_path / "one", 8, *recipe)
     two, one = losses_by_step(tmp_path / "fsdp2"), losses_by_step(tmp_path / "one")
@@ -118,8 +138,9 @@ def test_fsdp_two_processes_equal_one_process_and_resume_across_world_sizes(tmp_
     shutil.copytree(tmp_path / "fsdp2" / "checkpoint0001_sharded", tmp_path / "two_to_one" / "checkpoint_sharded")
     resumed = train_one_process(image_folder, tmp_path / "two_to_one", 8, *recipe)
     assert resumed.global_step == STEPS
-    assert_same_losses(losses_by_step(tmp_path / "two_to_one"), {s: two[s] for s in range(4, STEPS + 1)},
-                       range(4, STEPS + 1))
+    assert_same_losses(
+        losses_by_step(tmp_path / "two_to_one"), {s: two[s] for s in range(4, STEPS + 1)}, range(4, STEPS + 1)
+    )
     assert_same_teacher(tmp_path / "two_to_one", tmp_path / "fsdp2")
 
     # another global batch would shift the schedules and the data position: refused, not guessed
@@ -133,17 +154,27 @@ def test_fsdp_two_processes_equal_one_process_and_resume_across_world_sizes(tmp_
     # saved by 1 process, resumed by 2
     shutil.copytree(tmp_path / "one" / "checkpoint0001_sharded", tmp_path / "one_to_two" / "checkpoint_sharded")
     torchrun_two_processes(image_folder, tmp_path / "one_to_two", 4, *recipe)
-    assert_same_losses(losses_by_step(tmp_path / "one_to_two"), {s: one[s] for s in range(4, STEPS + 1)},
-                       range(4, STEPS + 1))
+    assert_same_losses(
+        losses_by_step(tmp_path / "one_to_two"), {s: one[s] for s in range(4, STEPS + 1)}, range(4, STEPS + 1)
+    )
     assert_same_teacher(tmp_path / "one_to_two", tmp_path / "one")
 
 
 def test_fsdp_with_hmp_ibot_koleo_shard_grad_op_and_per_parameter_clipping(tmp_path, image_folder):
     """The other FSDP2 settings run end to end on 2 CPU processes: bf16 autocast with bf16 parameters and fp32
     reductions, no resharding after forward, iBOT + KoLeo, DINO v1 per-parameter clipping of DTensor grads."""
-    torchrun_two_processes(image_folder, tmp_path / "run", 4, "train.parallel=fsdp", "train.precision=bf16",
-                           "train.fsdp.reshard_after_forward=false", "ibot.loss_weight=1.0",
-                           "dino.koleo_loss_weight=0.1", "optim.clip_style=per_parameter", "dino.loss_style=v1")
+    torchrun_two_processes(
+        image_folder,
+        tmp_path / "run",
+        4,
+        "train.parallel=fsdp",
+        "train.precision=bf16",
+        "train.fsdp.reshard_after_forward=false",
+        "ibot.loss_weight=1.0",
+        "dino.koleo_loss_weight=0.1",
+        "optim.clip_style=per_parameter",
+        "dino.loss_style=v1",
+    )
     losses = losses_by_step(tmp_path / "run")
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())

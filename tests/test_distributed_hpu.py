@@ -1,7 +1,6 @@
 """The HPU lazy-mode path: `mark_step` after the backward and after the optimiser step, in that order, with a
 fake `habana_frameworks` (the tensors stay on the CPU; only the device context believes it drives an HPU)."""
 
-
 import torch
 
 from dino.config import compose
@@ -19,8 +18,12 @@ def test_hpu_step_marks_after_backward_and_after_optimizer_step(tmp_path, fake_h
     folder.mkdir()
     for i in range(8):
         make_demo_image(i % 3, seed=i, image_size=32).save(folder / f"{i}.png")
-    cfg = compose("train/demo", tiny_overrides(folder, tmp_path / "out", 4, "model.depth=1", "crops.local_crops_number=1",
-                                               "dino.head_n_prototypes=32"))
+    cfg = compose(
+        "train/demo",
+        tiny_overrides(
+            folder, tmp_path / "out", 4, "model.depth=1", "crops.local_crops_number=1", "dino.head_n_prototypes=32"
+        ),
+    )
     ctx = DeviceContext.create("hpu")
     assert ctx.type == "hpu" and ctx.backend == "hccl"
     # tensors stay on the CPU: only mark_step is the HPU's

@@ -18,8 +18,14 @@ from dino.train.cli import main as cli_main
 
 
 def fake_job(rank, local_rank=0, tasks=16, nodes=2, job_id="4242"):
-    return SimpleNamespace(global_rank=rank, local_rank=local_rank, num_tasks=tasks, num_nodes=nodes,
-                           hostnames=["node-a", "node-b"], job_id=job_id)
+    return SimpleNamespace(
+        global_rank=rank,
+        local_rank=local_rank,
+        num_tasks=tasks,
+        num_nodes=nodes,
+        hostnames=["node-a", "node-b"],
+        job_id=job_id,
+    )
 
 
 def test_training_argv_is_validated_and_pins_output_dir_and_resume(tmp_path, monkeypatch):
@@ -47,13 +53,38 @@ def test_sigterm_stopped_run_is_requeued_by_rank_0_and_resumes(tmp_path, monkeyp
     folder.mkdir()
     for i in range(16):
         make_demo_image(i % 3, seed=i, image_size=32).save(folder / f"{i}.png")
-    argv, _ = slurm.training_argv([
-        "--data_path", str(folder), "--output_dir", str(tmp_path / "out"), "--batch_size_per_device", "4",
-        "--epochs", "1", "--arch", "vit_tiny", "--patch_size", "8", "--local_crops_number", "1",
-        "--global_crops_size", "32", "--local_crops_size", "16", "--out_dim", "32", "--knn_eval", "false",
-        "--num_workers", "0", "model.depth=1", "model.embed_dim=48", "dino.head_hidden_dim=32",
-        "dino.head_bottleneck_dim=16",
-    ])
+    argv, _ = slurm.training_argv(
+        [
+            "--data_path",
+            str(folder),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--batch_size_per_device",
+            "4",
+            "--epochs",
+            "1",
+            "--arch",
+            "vit_tiny",
+            "--patch_size",
+            "8",
+            "--local_crops_number",
+            "1",
+            "--global_crops_size",
+            "32",
+            "--local_crops_size",
+            "16",
+            "--out_dim",
+            "32",
+            "--knn_eval",
+            "false",
+            "--num_workers",
+            "0",
+            "model.depth=1",
+            "model.embed_dim=48",
+            "dino.head_hidden_dim=32",
+            "dino.head_bottleneck_dim=16",
+        ]
+    )
     original, calls = loop_module.train_step, {"n": 0}
 
     def step_then_preempt(*args, **kwargs):

@@ -30,8 +30,9 @@ def test_subset_residual_adds_the_rescaled_branch_to_the_kept_samples_only():
 def test_subset_mode_saves_the_dropped_fraction_of_block_flops_and_keeps_gradients_finite():
     def model(mode):
         torch.manual_seed(0)
-        vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, drop_path_rate=0.5,
-                                drop_path_uniform=True)
+        vit = VisionTransformer(
+            img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, drop_path_rate=0.5, drop_path_uniform=True
+        )
         vit.set_drop_path_mode(mode)
         return vit.train()
 

@@ -51,8 +51,14 @@ def test_corrupt_val_image_is_skipped_and_counted_not_replaced(tmp_path):
     broken = data / "val" / "class_1" / "000.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     weights = save_tiny_vit(tmp_path / "tiny.pth")
-    cfg = _knn_cfg(tmp_path, f"data.data_path={data}", f"model.pretrained_weights={weights}",
-                   "data.num_workers=0", "data.batch_size_per_device=4", "knn.nb_knn=[2]")
+    cfg = _knn_cfg(
+        tmp_path,
+        f"data.data_path={data}",
+        f"model.pretrained_weights={weights}",
+        "data.num_workers=0",
+        "data.batch_size_per_device=4",
+        "knn.nb_knn=[2]",
+    )
     summary = knn.run_knn(cfg)
     assert summary["num_val"] == 5  # 6 val images, one unreadable: left out, not replaced
     assert summary["num_skipped_val"] == 1 and summary["num_skipped_train"] == 0
@@ -72,7 +78,8 @@ def test_extract_readable_features_keeps_each_row_with_its_own_label(tmp_path):
     assert labels.tolist() == [0, 1, 1, 2, 2]  # the old code labelled the broken class_0 image as class 1
     assert features.shape[0] == 5
     # datasets without samples/transform are read as they are
-    _, plain_labels, none_skipped = F.extract_readable_features(tiny_vit(), IndexedImages(5), CPU, batch_size=2,
-                                                                num_workers=0)
+    _, plain_labels, none_skipped = F.extract_readable_features(
+        tiny_vit(), IndexedImages(5), CPU, batch_size=2, num_workers=0
+    )
     assert plain_labels.tolist() == list(range(5)) and none_skipped == []
     assert torch.isfinite(features).all()

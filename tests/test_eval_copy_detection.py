@@ -59,7 +59,9 @@ def test_learned_whitening_whitens_the_second_moment():
     whitening = C.learn_whitening(features)
     x = features.double()
     second_moment = x.T @ x / x.shape[0]  # DINO v1 whitens the uncentred second moment
-    assert torch.allclose(whitening.projection @ second_moment @ whitening.projection.T, torch.eye(6, dtype=torch.float64), atol=1e-8)
+    assert torch.allclose(
+        whitening.projection @ second_moment @ whitening.projection.T, torch.eye(6, dtype=torch.float64), atol=1e-8
+    )
     assert torch.allclose(whitening.mean, x.mean(0))
     applied = whitening.apply(features[:3])
     assert torch.allclose(applied, (x[:3] - x.mean(0)) @ whitening.projection.T)
@@ -137,11 +139,30 @@ def test_script_end_to_end_ranks_exact_copies_first(tmp_path):
     distractors = write_images(tmp_path / "distractors", 2, seed=2)
     whitening = write_images(tmp_path / "whitening", 6, seed=3)
     output = tmp_path / "out"
-    results = _run_script([
-        "--data_path", str(data), "--distractors_path", str(distractors), "--whitening_path", str(whitening),
-        "--imsize", "32", "--pretrained_weights", str(weights), "--device", "cpu", "--num_workers", "0",
-        "--batch_size_per_gpu", "4", "--output_dir", str(output), "--ranking", "torch",
-    ])
+    results = _run_script(
+        [
+            "--data_path",
+            str(data),
+            "--distractors_path",
+            str(distractors),
+            "--whitening_path",
+            str(whitening),
+            "--imsize",
+            "32",
+            "--pretrained_weights",
+            str(weights),
+            "--device",
+            "cpu",
+            "--num_workers",
+            "0",
+            "--batch_size_per_gpu",
+            "4",
+            "--output_dir",
+            str(output),
+            "--ranking",
+            "torch",
+        ]
+    )
     written = json.loads((output / "copy_detection.json").read_text())
     assert written["results"]["strong"]["mAP"] == pytest.approx(100.0)
     assert written["top1_correct"] == 3
@@ -152,8 +173,22 @@ def test_script_end_to_end_ranks_exact_copies_first(tmp_path):
 def test_script_without_whitening_set_follows_dino_v1(tmp_path):
     data = write_copydays(tmp_path / "copydays")
     weights = save_tiny_vit(tmp_path / "tiny.pth")
-    results = _run_script(["--data_path", str(data), "--imsize", "32", "--pretrained_weights", str(weights),
-                           "--device", "cpu", "--num_workers", "0", "--output_dir", str(tmp_path / "out")])
+    results = _run_script(
+        [
+            "--data_path",
+            str(data),
+            "--imsize",
+            "32",
+            "--pretrained_weights",
+            str(weights),
+            "--device",
+            "cpu",
+            "--num_workers",
+            "0",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert results["protocol"]["whitening"].startswith("none")
     assert results["results"]["strong"]["mAP"] == pytest.approx(100.0)
 

@@ -66,7 +66,7 @@ def reference_f(segmentation: np.ndarray, annotation: np.ndarray, radius: float)
 
 def square(shape, top, left, size) -> np.ndarray:
     mask = np.zeros(shape, dtype=bool)
-    mask[top:top + size, left:left + size] = True
+    mask[top : top + size, left : left + size] = True
     return mask
 
 
@@ -74,12 +74,12 @@ def square(shape, top, left, size) -> np.ndarray:
 
 
 def test_iou_hand_worked_with_void():
-    annotation = square((4, 4), 0, 0, 2)             # rows 0-1, cols 0-1
+    annotation = square((4, 4), 0, 0, 2)  # rows 0-1, cols 0-1
     segmentation = np.zeros((4, 4), bool)
-    segmentation[0:2, 1:3] = True                     # rows 0-1, cols 1-2
+    segmentation[0:2, 1:3] = True  # rows 0-1, cols 1-2
     assert D.db_eval_iou(annotation, segmentation) == pytest.approx(2 / 6)
     void = np.zeros((4, 4), bool)
-    void[:, 2] = True                                 # the two pixels only the segmentation has in column 2
+    void[:, 2] = True  # the two pixels only the segmentation has in column 2
     assert D.db_eval_iou(annotation, segmentation, void) == pytest.approx(2 / 4)
 
 
@@ -142,7 +142,9 @@ def test_f_simple_shapes():
     assert D.db_eval_boundary(empty, a) == 0.0
     # shifted by one pixel, within the ceil(0.008 · 90.5) = 1 px tolerance: every boundary pixel matches
     assert D.db_eval_boundary(a, square(shape, 20, 21, 16)) == 1.0
-    assert D.db_eval_boundary(a, square(shape, 21, 21, 16)) == pytest.approx(reference_f(square(shape, 21, 21, 16), a, 1))
+    assert D.db_eval_boundary(a, square(shape, 21, 21, 16)) == pytest.approx(
+        reference_f(square(shape, 21, 21, 16), a, 1)
+    )
     far = D.db_eval_boundary(a, square(shape, 20, 30, 16))
     assert far < 0.5
     assert far == pytest.approx(reference_f(square(shape, 20, 30, 16), a, 1))
@@ -156,8 +158,12 @@ def test_f_matches_brute_force_on_random_masks():
         annotation = ndimage_blob(rng, (40, 48))
         segmentation = ndimage_blob(rng, (40, 48))
         radius = D.boundary_tolerance((40, 48))
-        assert D.db_eval_boundary(annotation, segmentation) == pytest.approx(reference_f(segmentation, annotation, radius))
-        assert D.db_eval_boundary(annotation, segmentation, bound_th=3) == pytest.approx(reference_f(segmentation, annotation, 3))
+        assert D.db_eval_boundary(annotation, segmentation) == pytest.approx(
+            reference_f(segmentation, annotation, radius)
+        )
+        assert D.db_eval_boundary(annotation, segmentation, bound_th=3) == pytest.approx(
+            reference_f(segmentation, annotation, 3)
+        )
 
 
 def ndimage_blob(rng, shape) -> np.ndarray:
@@ -172,8 +178,8 @@ def ndimage_blob(rng, shape) -> np.ndarray:
 def test_db_statistics_hand_worked():
     values = np.array([1.0, 1.0, 0.7, 0.8, 0.6, 0.4, 0.2, np.nan])
     mean, recall, decay = D.db_statistics(values)
-    assert mean == pytest.approx(4.7 / 7)           # nan ignored
-    assert recall == pytest.approx(5 / 8)           # nan counts as a failure
+    assert mean == pytest.approx(4.7 / 7)  # nan ignored
+    assert recall == pytest.approx(5 / 8)  # nan counts as a failure
     # 8 frames: bin edges round(linspace(1, 8, 5)) − 1 = 0, 2, 4, 5, 7 → first bin frames 0-2, last bin 5-7
     assert decay == pytest.approx((1.0 + 1.0 + 0.7) / 3 - (0.4 + 0.2) / 2)
     mean, recall, decay = D.db_statistics(np.array([0.9, 0.5, 0.3, 0.1]))
@@ -186,14 +192,14 @@ def test_evaluate_sequence_semi_supervised_rules():
     gt[0, 1:3, 1:3] = 1
     gt[0, 4:6, 4:6] = 2
     gt[1, 1:3, 1:3] = 1
-    gt[1, 5, 0:4] = 255                               # void: background for the semi-supervised evaluation
+    gt[1, 5, 0:4] = 255  # void: background for the semi-supervised evaluation
     gt[2, 1:3, 2:4] = 1
     gt[2, 4:6, 4:6] = 2
     predicted = np.zeros_like(gt)
     predicted[1, 1:3, 1:3] = 1
-    predicted[1, 5, 0:4] = 1                          # covers the void pixels: counted against J
-    predicted[2, 1:3, 2:4] = 1                        # object 2 missing: an empty mask
-    predicted[3] = 3                                  # the last frame is not scored
+    predicted[1, 5, 0:4] = 1  # covers the void pixels: counted against J
+    predicted[2, 1:3, 2:4] = 1  # object 2 missing: an empty mask
+    predicted[3] = 3  # the last frame is not scored
     j, f = D.evaluate_sequence(gt, predicted, "seq")
     assert j.shape == f.shape == (2, 2)
     np.testing.assert_allclose(j, [[4 / 8, 1.0], [1.0, 0.0]])
@@ -235,7 +241,7 @@ def band_video(num_frames: int = 5, size: int = 64) -> tuple[list[np.ndarray], l
     frames, labels = [], []
     for t in range(num_frames):
         label = np.zeros((size, size), np.uint8)
-        label[:, 8 * t: 8 * t + 16] = 1
+        label[:, 8 * t : 8 * t + 16] = 1
         label[:, 48:64] = 2
         colours = np.array([[0, 0, 255], [255, 0, 0], [0, 255, 0]], np.uint8)
         frames.append(colours[label])
@@ -279,8 +285,17 @@ def _segment_band_video(tmp_path, radius):
     for t, frame in enumerate(frames):
         paths.append(str(tmp_path / f"{t:05d}.png"))
         Image.fromarray(frame).save(paths[-1])
-    masks = L.segment_video(ColourRegionModel(), paths, labels[0], torch.device("cpu"), n_last_frames=2,
-                            size_mask_neighborhood=radius, topk=5, frame_size=64, progress=False)
+    masks = L.segment_video(
+        ColourRegionModel(),
+        paths,
+        labels[0],
+        torch.device("cpu"),
+        n_last_frames=2,
+        size_mask_neighborhood=radius,
+        topk=5,
+        frame_size=64,
+        progress=False,
+    )
     return masks, labels
 
 
@@ -301,7 +316,7 @@ def test_neighbourhood_window_limits_where_labels_come_from(tmp_path):
 
 
 def test_frame_size_rule():
-    assert L.frame_size_for(480, 854) == (480, 832)   # DINO v1: longer side rounded down to a multiple of 64
+    assert L.frame_size_for(480, 854) == (480, 832)  # DINO v1: longer side rounded down to a multiple of 64
     assert L.frame_size_for(854, 480) == (832, 480)
     assert L.frame_size_for(48, 64, short_side=64) == (64, 64)
     with pytest.raises(UserError):
@@ -337,13 +352,30 @@ def test_script_end_to_end(tmp_path):
     data, palette = write_davis(tmp_path / "davis")
     weights = save_tiny_vit(tmp_path / "tiny.pth")
     output = tmp_path / "out"
-    results = _run_script(["--data_path", str(data), "--pretrained_weights", str(weights), "--frame_size", "64",
-                           "--device", "cpu", "--output_dir", str(output), "--n_last_frames", "2",
-                           "--size_mask_neighborhood", "3"])
+    results = _run_script(
+        [
+            "--data_path",
+            str(data),
+            "--pretrained_weights",
+            str(weights),
+            "--frame_size",
+            "64",
+            "--device",
+            "cpu",
+            "--output_dir",
+            str(output),
+            "--n_last_frames",
+            "2",
+            "--size_mask_neighborhood",
+            "3",
+        ]
+    )
     written = json.loads((output / "davis_results.json").read_text())
     assert set(written["results"]) == set(D.GLOBAL_MEASURES)
     assert set(written["per_object"]) == {"bands_1", "bands_2"}
-    assert written["results"]["J&F-Mean"] == pytest.approx((written["results"]["J-Mean"] + written["results"]["F-Mean"]) / 2)
+    assert written["results"]["J&F-Mean"] == pytest.approx(
+        (written["results"]["J-Mean"] + written["results"]["F-Mean"]) / 2
+    )
     assert (output / "global_results-val.csv").is_file() and (output / "per-sequence_results-val.csv").is_file()
     for t in range(4):
         predicted, predicted_palette = D.read_label_png(str(output / "bands" / f"{t:05d}.png"))
@@ -360,7 +392,15 @@ def test_eval_only_scores_ground_truth_as_perfect(tmp_path):
     predictions = tmp_path / "predictions"
     shutil.copytree(data / "Annotations" / "480p", predictions)
     results = _run_script(["--data_path", str(data), "--eval_only", "--output_dir", str(predictions)])
-    expected = {"J&F-Mean": 1.0, "J-Mean": 1.0, "J-Recall": 1.0, "J-Decay": 0.0, "F-Mean": 1.0, "F-Recall": 1.0, "F-Decay": 0.0}
+    expected = {
+        "J&F-Mean": 1.0,
+        "J-Mean": 1.0,
+        "J-Recall": 1.0,
+        "J-Decay": 0.0,
+        "F-Mean": 1.0,
+        "F-Recall": 1.0,
+        "F-Decay": 0.0,
+    }
     assert results["results"] == pytest.approx(expected)
     # a missing prediction of a scored frame is named
     (predictions / "bands" / "00002.png").unlink()

@@ -24,11 +24,11 @@ from test_features import save_tiny_vit
 
 
 def test_metrics_of_a_known_depth_map():
-    gt = np.array([[1.0, 2.0], [4.0, 0.0]])          # 0: no measurement
+    gt = np.array([[1.0, 2.0], [4.0, 0.0]])  # 0: no measurement
     pred = np.array([[1.0, 2.5], [2.0, 7.0]])
     m = image_depth_metrics(pred, gt, min_depth=1e-3, max_depth=10.0)
     # valid pixels: (1, 1), (2, 2.5), (4, 2); ratios max(g/p, p/g) = 1, 1.25, 2
-    assert m["a1"] == pytest.approx(1 / 3)             # 1.25 is not < 1.25
+    assert m["a1"] == pytest.approx(1 / 3)  # 1.25 is not < 1.25
     assert m["a2"] == pytest.approx(2 / 3) and m["a3"] == pytest.approx(2 / 3)
     assert m["abs_rel"] == pytest.approx((0 + 0.5 / 2 + 2 / 4) / 3)
     assert m["sq_rel"] == pytest.approx((0 + 0.25 / 2 + 4 / 4) / 3)
@@ -42,15 +42,15 @@ def test_metrics_of_a_known_depth_map():
 
 def test_caps_clamp_and_crop():
     gt = np.full((4, 4), 5.0)
-    gt[0, 0] = 20.0                                    # above the cap: not evaluated
-    pred = np.full((4, 4), 50.0)                       # clamped to the cap 10 before scoring
+    gt[0, 0] = 20.0  # above the cap: not evaluated
+    pred = np.full((4, 4), 50.0)  # clamped to the cap 10 before scoring
     m = image_depth_metrics(pred, gt, 1e-3, 10.0)
     assert m["rmse"] == pytest.approx(5.0) and m["abs_rel"] == pytest.approx(1.0)
     empty = image_depth_metrics(pred, np.zeros((4, 4)), 1e-3, 10.0)
     assert all(math.isnan(v) for v in empty.values())
     acc = DepthMetricAccumulator()
     acc.add(m)
-    acc.add(empty)                                     # an image without ground truth is left out of the mean
+    acc.add(empty)  # an image without ground truth is left out of the mean
     acc.add(depth_errors(np.array([2.0]), np.array([2.0])))
     summary = DepthMetricAccumulator.summary(acc.totals())
     assert summary["num_images"] == 2 and summary["rmse"] == pytest.approx(2.5)
@@ -63,7 +63,11 @@ def test_evaluation_crops():
     garg = eval_crop_mask(h, w, "garg")
     rows, cols = np.nonzero(garg)
     assert (rows.min(), rows.max() + 1, cols.min(), cols.max() + 1) == (
-        int(0.40810811 * h), int(0.99189189 * h), int(0.03594771 * w), int(0.96405229 * w))
+        int(0.40810811 * h),
+        int(0.99189189 * h),
+        int(0.03594771 * w),
+        int(0.96405229 * w),
+    )
     eigen = eval_crop_mask(h, w, "eigen")
     rows, _ = np.nonzero(eigen)
     assert rows.min() == int(0.3324324 * h) and rows.max() + 1 == int(0.91351351 * h)
@@ -133,8 +137,13 @@ def write_nyu_mat(root: Path, count: int = 5) -> Path:
     rng = np.random.default_rng(1)
     scenes = [_scene(rng) for _ in range(count)]
     root.mkdir(parents=True, exist_ok=True)
-    savemat(root / "nyu_depth_v2_labeled.mat", dict(images=np.stack([s[0] for s in scenes], axis=-1),
-                                                    depths=np.stack([s[1] for s in scenes], axis=-1).astype(np.float32)))
+    savemat(
+        root / "nyu_depth_v2_labeled.mat",
+        dict(
+            images=np.stack([s[0] for s in scenes], axis=-1),
+            depths=np.stack([s[1] for s in scenes], axis=-1).astype(np.float32),
+        ),
+    )
     savemat(root / "splits.mat", dict(trainNdxs=np.array([[1], [2], [3]]), testNdxs=np.array([[4], [5]])))
     return root
 
@@ -152,7 +161,8 @@ def write_kitti(root: Path, train: int = 3, test: int = 2) -> Path:
             name = f"{list_name[12:17]}{i:010d}.png"
             Image.fromarray(image).save(root / "input" / drive / "image_02/data" / name)
             Image.fromarray((sparse * 256).astype(np.uint16)).save(
-                root / "gt_depth" / drive / "proj_depth/groundtruth/image_02" / name)
+                root / "gt_depth" / drive / "proj_depth/groundtruth/image_02" / name
+            )
             lines.append(f"{drive}/image_02/data/{name} {drive}/proj_depth/groundtruth/image_02/{name} 721.5377")
         lines.append("2011_09_26/missing.png None 721.5377")
         (root / list_name).write_text("\n".join(lines) + "\n")
@@ -166,9 +176,12 @@ def test_nyu_png_reader(tmp_path):
     image, depth, box, index = val[0]
     assert len(val) == 2 and image.shape == (3, *SIZE) and depth.shape == SIZE and box.tolist() == [0, 0, *SIZE]
     assert depth[0, 0] == 0 and 0.8 <= depth[5, 5] <= 10
-    train = data.DepthDataset(data.depth_files("nyu", str(root), "train"),
-                              data.DepthTrainAugmentation(crop_size=(32, 40), nyu_crop=False, rotate_degree=2.5,
-                                                          brightness_range=(0.75, 1.25), color_prob=0.5))
+    train = data.DepthDataset(
+        data.depth_files("nyu", str(root), "train"),
+        data.DepthTrainAugmentation(
+            crop_size=(32, 40), nyu_crop=False, rotate_degree=2.5, brightness_range=(0.75, 1.25), color_prob=0.5
+        ),
+    )
     crop, crop_depth = train[1]
     assert crop.shape == (3, 32, 40) and crop_depth.shape == (32, 40)
 
@@ -178,7 +191,7 @@ def test_nyu_mat_reader(tmp_path):
     train = data.DepthDataset(data.depth_files("nyu", str(root), "train"))
     val = data.DepthDataset(data.depth_files("nyu", str(root), "val"))
     assert len(train) == 3 and len(val) == 2
-    _, depth, _, _ = val[1]                             # the 5th scene (1-based index 5 in splits.mat)
+    _, depth, _, _ = val[1]  # the 5th scene (1-based index 5 in splits.mat)
     rng = np.random.default_rng(1)
     expected = [_scene(rng) for _ in range(5)][4][1]
     assert np.allclose(depth.numpy(), expected, atol=1e-5)
@@ -189,7 +202,7 @@ def test_kitti_reader_skips_lines_without_depth(tmp_path):
     files = data.depth_files("kitti", str(root), "val")
     assert len(files.images) == 2 and files.kb_crop and files.depth_scale == 256
     _, depth, box, _ = data.DepthDataset(files)[0]
-    assert box.tolist() == [0, 0, *SIZE] and depth.max() > 5   # metres, from the ×256 PNG
+    assert box.tolist() == [0, 0, *SIZE] and depth.max() > 5  # metres, from the ×256 PNG
     assert data.kb_crop_box(375, 1242) == (23, 13, 375, 1229)
 
 
@@ -206,9 +219,32 @@ def test_wrong_layout_is_one_line(tmp_path, dataset, message):
 
 
 def _argv(root, weights, out, dataset, *extra):
-    return ["--dataset", dataset, "--data_path", str(root), "--pretrained_weights", str(weights), "--device", "cpu",
-            "--iterations", "4", "--batch_size_per_device", "2", "--num_workers", "0", "--crop_size", "32", "40",
-            "--num_pictures", "2", "--output_dir", str(out), "train.checkpoint_every=2", "head.n_bins=32", *extra]
+    return [
+        "--dataset",
+        dataset,
+        "--data_path",
+        str(root),
+        "--pretrained_weights",
+        str(weights),
+        "--device",
+        "cpu",
+        "--iterations",
+        "4",
+        "--batch_size_per_device",
+        "2",
+        "--num_workers",
+        "0",
+        "--crop_size",
+        "32",
+        "40",
+        "--num_pictures",
+        "2",
+        "--output_dir",
+        str(out),
+        "train.checkpoint_every=2",
+        "head.n_bins=32",
+        *extra,
+    ]
 
 
 def test_end_to_end_nyu_and_resume(tmp_path):
@@ -223,7 +259,7 @@ def test_end_to_end_nyu_and_resume(tmp_path):
     assert saved["rmse"] == pytest.approx(result["rmse"])
     assert (out / depth_probe.PICTURE_NAME).is_file() and any((out / "tensorboard").iterdir())
     assert torch.load(out / depth_probe.CHECKPOINT_NAME, weights_only=True)["iteration"] == 4
-    again = script.main(argv)                           # resumes a finished head: same scores
+    again = script.main(argv)  # resumes a finished head: same scores
     assert again["rmse"] == pytest.approx(result["rmse"])
     with pytest.raises(UserError, match="different probe"):
         script.main(argv + ["--loss", "regression"])
@@ -232,15 +268,16 @@ def test_end_to_end_nyu_and_resume(tmp_path):
 def test_end_to_end_kitti_regression(tmp_path):
     root = write_kitti(tmp_path / "kitti")
     weights = save_tiny_vit(tmp_path / "vit.safetensors")
-    result = load_script("eval_depth").main(_argv(root, weights, tmp_path / "out", "kitti", "--loss", "regression",
-                                                  "--eval_crop", "eigen"))
+    result = load_script("eval_depth").main(
+        _argv(root, weights, tmp_path / "out", "kitti", "--loss", "regression", "--eval_crop", "eigen")
+    )
     assert result["protocol"]["eval_crop"] == "eigen" and result["protocol"]["depth_range"] == [1e-3, 80.0]
     assert result["num_images"] == 2 and math.isfinite(result["rmse"])
 
 
 def test_end_to_end_nyu_mat_lin4_needs_four_blocks(tmp_path):
     root = write_nyu_mat(tmp_path / "nyu")
-    weights = save_tiny_vit(tmp_path / "vit.safetensors")   # 2 blocks
+    weights = save_tiny_vit(tmp_path / "vit.safetensors")  # 2 blocks
     with pytest.raises(UserError, match="only 2 blocks"):
         load_script("eval_depth").main(_argv(root, weights, tmp_path / "out", "nyu", "--config", "depth_lin4"))
     result = load_script("eval_depth").main(_argv(root, weights, tmp_path / "out1", "nyu", "--iterations", "2"))

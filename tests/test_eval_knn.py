@@ -54,7 +54,9 @@ def test_matches_brute_force_on_random_features(temperature):
     test = centres[test_labels] + 1.5 * torch.randn(40, 16, generator=generator)
     results = knn_classify(train, train_labels, test, test_labels, k_values=(5, 20), temperature=temperature)
     for k in (5, 20):
-        expected = brute_force_knn(train.numpy(), train_labels.numpy(), test.numpy(), test_labels.numpy(), k, temperature, num_classes)
+        expected = brute_force_knn(
+            train.numpy(), train_labels.numpy(), test.numpy(), test_labels.numpy(), k, temperature, num_classes
+        )
         assert results[k] == pytest.approx(expected)
     assert 0 < results[20][0] < 100
 
@@ -63,7 +65,9 @@ def test_hand_made_case_where_the_temperature_decides():
     # query [1, 0]: one class-0 neighbour at cosine 1, two class-1 neighbours at cos 20° ≈ 0.940.
     # weight ratio exp((1 - 0.940)/T): 2.37 at T=0.07 (> 2: class 0 wins), 1.13 at T=0.5 (< 2: class 1 wins)
     angle = math.radians(20)
-    train = torch.tensor([[1.0, 0.0], [math.cos(angle), math.sin(angle)], [math.cos(angle), -math.sin(angle)], [-1.0, 0.0]])
+    train = torch.tensor(
+        [[1.0, 0.0], [math.cos(angle), math.sin(angle)], [math.cos(angle), -math.sin(angle)], [-1.0, 0.0]]
+    )
     train_labels = torch.tensor([0, 1, 1, 2])
     test, test_labels = torch.tensor([[3.0, 0.0]]), torch.tensor([0])
     assert knn_classify(train, train_labels, test, test_labels, (1, 3), 0.07) == {1: (100.0, None), 3: (100.0, None)}
@@ -80,7 +84,10 @@ def test_top5_reported_from_five_classes_on():
 def test_chunked_equals_unchunked():
     generator = torch.Generator().manual_seed(1)
     train, test = torch.randn(200, 8, generator=generator), torch.randn(53, 8, generator=generator)
-    train_labels, test_labels = torch.randint(0, 10, (200,), generator=generator), torch.randint(0, 10, (53,), generator=generator)
+    train_labels, test_labels = (
+        torch.randint(0, 10, (200,), generator=generator),
+        torch.randint(0, 10, (53,), generator=generator),
+    )
     whole = knn_classify(train, train_labels, test, test_labels, (10, 20), chunk_size=None)
     for chunk_size in (1, 7, 53):
         assert knn_classify(train, train_labels, test, test_labels, (10, 20), chunk_size=chunk_size) == whole
@@ -106,9 +113,13 @@ def test_tiny_temperature_does_not_overflow():
 
 def test_bad_inputs_are_user_errors():
     with pytest.raises(UserError, match="dimension"):
-        knn_classify(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.randn(2, 5), torch.zeros(2, dtype=torch.long))
+        knn_classify(
+            torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.randn(2, 5), torch.zeros(2, dtype=torch.long)
+        )
     with pytest.raises(UserError, match="unlabelled"):
-        knn_classify(torch.randn(4, 3), -torch.ones(4, dtype=torch.long), torch.randn(2, 3), torch.zeros(2, dtype=torch.long))
+        knn_classify(
+            torch.randn(4, 3), -torch.ones(4, dtype=torch.long), torch.randn(2, 3), torch.zeros(2, dtype=torch.long)
+        )
 
 
 def test_table_lists_every_k():
@@ -131,10 +142,34 @@ def test_end_to_end_on_a_tiny_image_folder(tmp_path, capsys):
     data = write_train_val(tmp_path / "data", num_classes=3, train_per_class=6, val_per_class=3)
     checkpoint = save_tiny_vit(tmp_path / "tiny.pth")
     eval_knn = load_script("eval_knn")
-    common = ["--nb_knn", "1", "5", "--num_workers", "0", "--batch_size_per_gpu", "8", "--device", "cpu",
-              "--crop_size", "32", "--resize_size", "36"]
-    summary = eval_knn.main(["--pretrained_weights", str(checkpoint), "--data_path", str(data), "--output_dir",
-                             str(tmp_path / "out"), "--dump_features", str(tmp_path / "feats")] + common)
+    common = [
+        "--nb_knn",
+        "1",
+        "5",
+        "--num_workers",
+        "0",
+        "--batch_size_per_gpu",
+        "8",
+        "--device",
+        "cpu",
+        "--crop_size",
+        "32",
+        "--resize_size",
+        "36",
+    ]
+    summary = eval_knn.main(
+        [
+            "--pretrained_weights",
+            str(checkpoint),
+            "--data_path",
+            str(data),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--dump_features",
+            str(tmp_path / "feats"),
+        ]
+        + common
+    )
     written = json.loads((tmp_path / "out" / "knn_results.json").read_text())
     assert written == json.loads(json.dumps(summary))
     assert written["num_train"] == 18 and written["num_val"] == 9 and written["num_classes"] == 3
@@ -146,8 +181,11 @@ def test_end_to_end_on_a_tiny_image_folder(tmp_path, capsys):
     capsys.readouterr()
     reloaded = {}
     # through the console entry point: the library's log lines (protocol, table, where the JSON went) on stdout
-    run_cli(lambda: reloaded.update(eval_knn.main(["--load_features", str(tmp_path / "feats"), "--output_dir",
-                                                   str(tmp_path / "out2")] + common)))
+    run_cli(
+        lambda: reloaded.update(
+            eval_knn.main(["--load_features", str(tmp_path / "feats"), "--output_dir", str(tmp_path / "out2")] + common)
+        )
+    )
     assert reloaded["results"] == summary["results"]
     out = capsys.readouterr().out
     assert "k-NN protocol: weighted votes exp(cos/T)" in out and "top-1" in out
@@ -159,34 +197,75 @@ def test_empty_data_path_uses_the_demo_dataset(tmp_path, monkeypatch):
 
     data = write_train_val(tmp_path / "demo", num_classes=2, train_per_class=3, val_per_class=2)
     monkeypatch.setattr(demo, "ensure_demo_dataset", lambda *args, **kwargs: str(data))  # no 800-image generation
-    summary = load_script("eval_knn").main([
-        "--pretrained_weights", str(save_tiny_vit(tmp_path / "tiny.pth")), "--output_dir", str(tmp_path / "out"),
-        "--num_workers", "0", "--device", "cpu", "--crop_size", "32", "knn.nb_knn=[3]"])
+    summary = load_script("eval_knn").main(
+        [
+            "--pretrained_weights",
+            str(save_tiny_vit(tmp_path / "tiny.pth")),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--num_workers",
+            "0",
+            "--device",
+            "cpu",
+            "--crop_size",
+            "32",
+            "knn.nb_knn=[3]",
+        ]
+    )
     assert summary["protocol"]["data_path"] == str(data) and summary["num_train"] == 6
 
 
 def test_wrong_patch_size_gives_the_loader_error(tmp_path):
     data = write_train_val(tmp_path / "data", num_classes=2, train_per_class=2, val_per_class=1)
     with pytest.raises(UserError, match="patch size 8"):
-        load_script("eval_knn").main(["--pretrained_weights", str(save_tiny_vit(tmp_path / "tiny.pth")), "--patch_size", "16",
-                                      "--data_path", str(data), "--device", "cpu", "--output_dir", str(tmp_path / "out")])
+        load_script("eval_knn").main(
+            [
+                "--pretrained_weights",
+                str(save_tiny_vit(tmp_path / "tiny.pth")),
+                "--patch_size",
+                "16",
+                "--data_path",
+                str(data),
+                "--device",
+                "cpu",
+                "--output_dir",
+                str(tmp_path / "out"),
+            ]
+        )
 
 
 def test_class_mismatch_stops_the_script(tmp_path):
     write_image_folder(tmp_path / "data" / "train", {"cat": 2, "dog": 2})
     write_image_folder(tmp_path / "data" / "val", {"cat": 1, "cow": 1})
     with pytest.raises(UserError, match=r"only in train: \['dog'\]; only in val: \['cow'\]"):
-        load_script("eval_knn").main(["--pretrained_weights", str(save_tiny_vit(tmp_path / "tiny.pth")),
-                                      "--data_path", str(tmp_path / "data"), "--device", "cpu"])
+        load_script("eval_knn").main(
+            [
+                "--pretrained_weights",
+                str(save_tiny_vit(tmp_path / "tiny.pth")),
+                "--data_path",
+                str(tmp_path / "data"),
+                "--device",
+                "cpu",
+            ]
+        )
 
 
 def test_missing_data_path_is_one_line_and_exit_2(tmp_path, capsys):
     eval_knn = load_script("eval_knn")
-    argv = ["--pretrained_weights", str(tmp_path / "x.pth"), "--data_path", str(tmp_path / "nowhere"), "--device", "cpu"]
+    argv = [
+        "--pretrained_weights",
+        str(tmp_path / "x.pth"),
+        "--data_path",
+        str(tmp_path / "nowhere"),
+        "--device",
+        "cpu",
+    ]
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: eval_knn.main(argv))  # what `python eval_knn.py ...` runs
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines() == [f"error: --data_path does not exist: {tmp_path / 'nowhere'}"]
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --data_path does not exist: {tmp_path / 'nowhere'}"
+    ]
 
 
 def test_use_cuda_false_is_an_alias_of_device_cpu():

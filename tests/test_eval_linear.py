@@ -49,9 +49,16 @@ def separable_tokens(num_per_class: int, num_classes: int = 3, seed: int = 0):
 
 def training(epochs: int, **overrides) -> linear.LinearTrainingSettings:
     protocol = compose("eval/linear").linear  # the protocol's defaults live in the YAML only
-    values = dict(momentum=float(protocol.momentum), weight_decay=float(protocol.weight_decay),
-                  val_every_epochs=int(protocol.val_every_epochs), seed=int(protocol.seed), resume=bool(protocol.resume))
-    return linear.LinearTrainingSettings(epochs=epochs, batch_size_per_device=16, num_workers=0, **{**values, **overrides})
+    values = dict(
+        momentum=float(protocol.momentum),
+        weight_decay=float(protocol.weight_decay),
+        val_every_epochs=int(protocol.val_every_epochs),
+        seed=int(protocol.seed),
+        resume=bool(protocol.resume),
+    )
+    return linear.LinearTrainingSettings(
+        epochs=epochs, batch_size_per_device=16, num_workers=0, **{**values, **overrides}
+    )
 
 
 # -------------------------------------------------------------------------------------------- the grid
@@ -114,10 +121,14 @@ def test_interrupted_run_resumes_to_the_same_classifiers(tmp_path, monkeypatch):
 
     monkeypatch.setattr(linear, "save_linear_checkpoint", save_then_stop)
     with pytest.raises(Preempted):
-        linear.train_linear_probes(TokenBackbone(), train, val, 3, settings, training(3), CPU, str(tmp_path / "resumed"))
+        linear.train_linear_probes(
+            TokenBackbone(), train, val, 3, settings, training(3), CPU, str(tmp_path / "resumed")
+        )
     monkeypatch.setattr(linear, "save_linear_checkpoint", original_save)
     assert torch.load(tmp_path / "resumed" / linear.CHECKPOINT_NAME)["epoch"] == 1
-    resumed = linear.train_linear_probes(TokenBackbone(), train, val, 3, settings, training(3), CPU, str(tmp_path / "resumed"))
+    resumed = linear.train_linear_probes(
+        TokenBackbone(), train, val, 3, settings, training(3), CPU, str(tmp_path / "resumed")
+    )
 
     straight_state = torch.load(tmp_path / "straight" / linear.CHECKPOINT_NAME)
     resumed_state = torch.load(tmp_path / "resumed" / linear.CHECKPOINT_NAME)
@@ -125,23 +136,39 @@ def test_interrupted_run_resumes_to_the_same_classifiers(tmp_path, monkeypatch):
     for key, value in straight_state["classifiers"].items():
         torch.testing.assert_close(resumed_state["classifiers"][key], value)
     # a fresh (non-resumed) run of one epoch differs, so the equality above is not vacuous
-    short = linear.train_linear_probes(TokenBackbone(), train, val, 3, settings, training(1), CPU, str(tmp_path / "short"))
+    short = linear.train_linear_probes(
+        TokenBackbone(), train, val, 3, settings, training(1), CPU, str(tmp_path / "short")
+    )
     assert short["epochs"] == 1
     short_state = torch.load(tmp_path / "short" / linear.CHECKPOINT_NAME)
-    assert not torch.equal(short_state["classifiers"]["classifiers.0.weight"], straight_state["classifiers"]["classifiers.0.weight"])
+    assert not torch.equal(
+        short_state["classifiers"]["classifiers.0.weight"], straight_state["classifiers"]["classifiers.0.weight"]
+    )
 
 
 def test_checkpoint_of_another_grid_is_refused(tmp_path):
     train, val = separable_tokens(4), separable_tokens(2)
-    linear.train_linear_probes(TokenBackbone(), train, val, 3, linear.probe_grid([0.1], [1], [False]), training(1), CPU, str(tmp_path))
+    linear.train_linear_probes(
+        TokenBackbone(), train, val, 3, linear.probe_grid([0.1], [1], [False]), training(1), CPU, str(tmp_path)
+    )
     with pytest.raises(UserError, match="different linear probe run.*settings"):
-        linear.train_linear_probes(TokenBackbone(), train, val, 3, linear.probe_grid([0.2], [1], [False]), training(1), CPU, str(tmp_path))
+        linear.train_linear_probes(
+            TokenBackbone(), train, val, 3, linear.probe_grid([0.2], [1], [False]), training(1), CPU, str(tmp_path)
+        )
 
 
 def test_more_blocks_than_the_backbone_has_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="exceeds the backbone's 2 blocks"):
-        linear.train_linear_probes(TokenBackbone(depth=2), separable_tokens(2), separable_tokens(1), 3,
-                                   linear.probe_grid([0.1], [4], [False]), training(1), CPU, str(tmp_path))
+        linear.train_linear_probes(
+            TokenBackbone(depth=2),
+            separable_tokens(2),
+            separable_tokens(1),
+            3,
+            linear.probe_grid([0.1], [4], [False]),
+            training(1),
+            CPU,
+            str(tmp_path),
+        )
 
 
 # --------------------------------------------------------------------------------- logistic regression
@@ -149,7 +176,9 @@ def test_more_blocks_than_the_backbone_has_is_a_user_error(tmp_path):
 
 def separable_features(num_per_class: int, num_classes: int = 4, dim: int = 16, noise: float = 0.3, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
-    centres = torch.nn.functional.normalize(torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(99)), dim=1)
+    centres = torch.nn.functional.normalize(
+        torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(99)), dim=1
+    )
     labels = torch.arange(num_classes).repeat_interleave(num_per_class)
     return centres[labels] + noise * torch.randn(len(labels), dim, generator=generator), labels
 
@@ -157,9 +186,13 @@ def separable_features(num_per_class: int, num_classes: int = 4, dim: int = 16, 
 def test_logreg_recovers_a_separable_problem():
     train_x, train_y = separable_features(30, noise=0.05)
     val_x, val_y = separable_features(10, noise=0.05, seed=1)
-    result = logreg.logistic_regression_eval(train_x, train_y, val_x, val_y, 4, logreg.c_grid(-2, 4, 4), holdout_fraction=0.2)
+    result = logreg.logistic_regression_eval(
+        train_x, train_y, val_x, val_y, 4, logreg.c_grid(-2, 4, 4), holdout_fraction=0.2
+    )
     assert result["top1"] == 100.0 and result["top5"] is None
-    assert result["best_c"] == next(row["c"] for row in result["sweep"] if row["holdout_top1"] == max(r["holdout_top1"] for r in result["sweep"]))
+    assert result["best_c"] == next(
+        row["c"] for row in result["sweep"] if row["holdout_top1"] == max(r["holdout_top1"] for r in result["sweep"])
+    )
 
 
 def scipy_logistic_regression(x: np.ndarray, y: np.ndarray, num_classes: int, c_value: float):
@@ -168,7 +201,7 @@ def scipy_logistic_regression(x: np.ndarray, y: np.ndarray, num_classes: int, c_
     onehot = np.eye(num_classes)[y]
 
     def objective(params):
-        w, b = params[: num_classes * d].reshape(num_classes, d), params[num_classes * d:]
+        w, b = params[: num_classes * d].reshape(num_classes, d), params[num_classes * d :]
         z = x @ w.T + b
         z = z - z.max(axis=1, keepdims=True)
         p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
@@ -176,9 +209,14 @@ def scipy_logistic_regression(x: np.ndarray, y: np.ndarray, num_classes: int, c_
         grad_z = c_value * (p - onehot)
         return loss, np.concatenate([(grad_z.T @ x + w).ravel(), grad_z.sum(axis=0)])
 
-    solution = minimize(objective, np.zeros(num_classes * (d + 1)), jac=True, method="L-BFGS-B",
-                        options=dict(maxiter=5000, gtol=1e-9, ftol=1e-14))
-    return solution.x[: num_classes * d].reshape(num_classes, d), solution.x[num_classes * d:]
+    solution = minimize(
+        objective,
+        np.zeros(num_classes * (d + 1)),
+        jac=True,
+        method="L-BFGS-B",
+        options=dict(maxiter=5000, gtol=1e-9, ftol=1e-14),
+    )
+    return solution.x[: num_classes * d].reshape(num_classes, d), solution.x[num_classes * d :]
 
 
 @pytest.mark.parametrize("c_value", [0.1, 10.0])
@@ -211,8 +249,9 @@ def test_strong_regularisation_loses_the_sweep():
     # imbalanced classes: the unpenalised bias favours class 0, and a tiny C keeps W too small to overrule it
     x, y = separable_features(40, noise=0.2)
     keep = torch.cat([torch.arange(40), torch.arange(40, 160, 4)])
-    sweep = logreg.sweep_regularisation(torch.nn.functional.normalize(x[keep], dim=1), y[keep], 4, [1e-6, 10.0],
-                                        holdout_fraction=0.25)
+    sweep = logreg.sweep_regularisation(
+        torch.nn.functional.normalize(x[keep], dim=1), y[keep], 4, [1e-6, 10.0], holdout_fraction=0.25
+    )
     assert sweep.holdout_top1[0] < 80 and sweep.holdout_top1[1] == 100.0 and sweep.best_c == 10.0
 
 
@@ -231,21 +270,60 @@ def test_holdout_split_is_stratified_and_disjoint():
 def test_eval_linear_end_to_end_on_images(tmp_path):
     data = write_train_val(tmp_path / "data", num_classes=3, train_per_class=4, val_per_class=2)
     checkpoint = save_tiny_vit(tmp_path / "tiny.pth")
-    common = ["--pretrained_weights", str(checkpoint), "--data_path", str(data), "--device", "cpu", "--num_workers", "0",
-              "--batch_size_per_gpu", "4", "--crop_size", "32"]
+    common = [
+        "--pretrained_weights",
+        str(checkpoint),
+        "--data_path",
+        str(data),
+        "--device",
+        "cpu",
+        "--num_workers",
+        "0",
+        "--batch_size_per_gpu",
+        "4",
+        "--crop_size",
+        "32",
+    ]
     eval_linear = load_script("eval_linear")
-    summary = eval_linear.main(common + ["--epochs", "1", "--lr", "0.01", "0.1", "--n_last_blocks", "1", "2",
-                                         "--output_dir", str(tmp_path / "linear")])
+    summary = eval_linear.main(
+        common
+        + [
+            "--epochs",
+            "1",
+            "--lr",
+            "0.01",
+            "0.1",
+            "--n_last_blocks",
+            "1",
+            "2",
+            "--output_dir",
+            str(tmp_path / "linear"),
+        ]
+    )
     written = json.loads((tmp_path / "linear" / "linear_results.json").read_text())
     assert written["best"] == json.loads(json.dumps(summary["best"]))
     assert len(written["classifiers"]) == 8 and written["protocol"]["global_batch_size"] == 4
     assert (tmp_path / "linear" / "linear_checkpoint.pth").is_file()
     # DINO v1 style: one setting
-    single = eval_linear.main(common + ["--epochs", "1", "--lr", "0.01", "--n_last_blocks", "2", "--avgpool_patchtokens",
-                                        "--output_dir", str(tmp_path / "v1")])
+    single = eval_linear.main(
+        common
+        + [
+            "--epochs",
+            "1",
+            "--lr",
+            "0.01",
+            "--n_last_blocks",
+            "2",
+            "--avgpool_patchtokens",
+            "--output_dir",
+            str(tmp_path / "v1"),
+        ]
+    )
     assert [c["name"] for c in single["classifiers"]] == ["blocks2_avgpoolT_lr0.01"]
 
-    result = eval_linear.main(common + ["--protocol", "logreg", "logreg.num_c=3", "--output_dir", str(tmp_path / "logreg")])
+    result = eval_linear.main(
+        common + ["--protocol", "logreg", "logreg.num_c=3", "--output_dir", str(tmp_path / "logreg")]
+    )
     assert json.loads((tmp_path / "logreg" / "logreg_results.json").read_text())["best_c"] == result["best_c"]
     assert len(result["sweep"]) == 3 and result["num_train"] == 12
 

@@ -108,7 +108,7 @@ def test_compute_map_matches_brute_force_on_random_rankings():
         chosen = rng.permutation(n_db)
         n_ok = 0 if q == 3 else int(rng.integers(1, 8))
         n_junk = int(rng.integers(0, 6))
-        gnd.append({"ok": chosen[:n_ok], "junk": chosen[n_ok:n_ok + n_junk]})
+        gnd.append({"ok": chosen[:n_ok], "junk": chosen[n_ok : n_ok + n_junk]})
     scores = R.compute_map(ranks, gnd, kappas)
     expected_aps, expected_prs = [], []
     for q in range(n_queries):
@@ -181,8 +181,14 @@ def test_multiscale_feature_is_normalised_mean_over_scales():
         patch_size = 4
 
         def forward(self, x):
-            return torch.stack([x.mean(dim=(1, 2, 3)), torch.full((x.shape[0],), float(x.shape[-2])),
-                                torch.full((x.shape[0],), float(x.shape[-1]))], dim=1)
+            return torch.stack(
+                [
+                    x.mean(dim=(1, 2, 3)),
+                    torch.full((x.shape[0],), float(x.shape[-2])),
+                    torch.full((x.shape[0],), float(x.shape[-1])),
+                ],
+                dim=1,
+            )
 
     images = torch.ones(1, 3, 32, 24)
     feature = R.make_retrieval_feature_fn(4, multiscale=True)(SumModel(), images)
@@ -210,7 +216,12 @@ def write_revisitop(root: Path, dataset: str = "roxford5k", n_db: int = 6, size:
     shutil.copy(folder / "jpg" / f"{db_names[3]}.jpg", folder / "jpg" / "query_1.jpg")
     gnd = [
         {"bbx": [2.0, 3.0, 40.4, 44.6], "easy": [0], "hard": [1], "junk": [2]},
-        {"bbx": [0.0, 0.0, 30.0, 30.0], "easy": np.array([3, 4]), "hard": np.array([], dtype=np.int64), "junk": np.array([5])},
+        {
+            "bbx": [0.0, 0.0, 30.0, 30.0],
+            "easy": np.array([3, 4]),
+            "hard": np.array([], dtype=np.int64),
+            "junk": np.array([5]),
+        },
     ]
     with open(folder / f"gnd_{dataset}.pkl", "wb") as handle:
         pickle.dump({"imlist": db_names, "qimlist": query_names, "gnd": gnd}, handle)
@@ -281,13 +292,32 @@ def test_script_end_to_end(tmp_path, monkeypatch, extra):
     Image.fromarray(np.full((40, 40, 3), 128, dtype=np.uint8)).save(distractors / "d0.jpg")
     rankings = []
     rank_database = R.rank_database
-    monkeypatch.setattr(R, "rank_database", lambda *args, **kwargs: rankings.append(rank_database(*args, **kwargs))
-                        or rankings[-1])
-    results = _run_script([
-        "--data_path", str(data), "--dataset", "roxford5k", "--imsize", "32", "--pretrained_weights", str(weights),
-        "--device", "cpu", "--num_workers", "0", "--output_dir", str(output), "--distractors", str(distractors),
-        "--ranking", "torch", *extra,
-    ])
+    monkeypatch.setattr(
+        R, "rank_database", lambda *args, **kwargs: rankings.append(rank_database(*args, **kwargs)) or rankings[-1]
+    )
+    results = _run_script(
+        [
+            "--data_path",
+            str(data),
+            "--dataset",
+            "roxford5k",
+            "--imsize",
+            "32",
+            "--pretrained_weights",
+            str(weights),
+            "--device",
+            "cpu",
+            "--num_workers",
+            "0",
+            "--output_dir",
+            str(output),
+            "--distractors",
+            str(distractors),
+            "--ranking",
+            "torch",
+            *extra,
+        ]
+    )
     written = json.loads((output / "retrieval_roxford5k.json").read_text())
     assert set(written["results"]) == {"easy", "medium", "hard"}
     for protocol in ("easy", "medium", "hard"):
@@ -305,8 +335,11 @@ def test_script_end_to_end(tmp_path, monkeypatch, extra):
     (ranks,) = rankings
     assert ranks.shape == (7, 2)  # 6 database images + 1 distractor, 2 queries
     truth = [dict(easy=[0], hard=[1], junk=[2]), dict(easy=[3, 4], hard=[], junk=[5])]
-    for protocol, ok_of, junk_of in (("easy", ["easy"], ["junk", "hard"]), ("medium", ["easy", "hard"], ["junk"]),
-                                     ("hard", ["hard"], ["junk", "easy"])):
+    for protocol, ok_of, junk_of in (
+        ("easy", ["easy"], ["junk", "hard"]),
+        ("medium", ["easy", "hard"], ["junk"]),
+        ("hard", ["hard"], ["junk", "easy"]),
+    ):
         aps = []
         for q, name in enumerate(["query_0", "query_1"]):
             ok = [i for key in ok_of for i in truth[q][key]]

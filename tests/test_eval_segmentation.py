@@ -102,9 +102,9 @@ def _scene(rng: np.random.Generator, num_classes: int, offset: int = 0) -> tuple
     label = np.zeros(SIZE, dtype=np.uint8)
     a, b = rng.choice(num_classes, size=2, replace=False)
     label[:, : SIZE[1] // 2] = a
-    label[:, SIZE[1] // 2:] = b
+    label[:, SIZE[1] // 2 :] = b
     top, left = rng.integers(0, SIZE[0] // 2), rng.integers(SIZE[1] // 2, SIZE[1] - 8)
-    label[top:top + 16, left:left + 8] = (b + 1) % num_classes
+    label[top : top + 16, left : left + 8] = (b + 1) % num_classes
     image = colours[label] + rng.integers(-10, 10, size=(*SIZE, 3))
     return image.clip(0, 255).astype(np.uint8), label + offset
 
@@ -195,11 +195,14 @@ def test_cityscapes_reader_maps_label_ids(tmp_path):
     assert label[0, 0] == 255 and set(label.unique().tolist()) <= {0, 1, 2, 255}
 
 
-@pytest.mark.parametrize("dataset, make, message", [
-    ("ade20k", lambda p: (p / "images").mkdir(), "annotations"),
-    ("voc2012", lambda p: (p / "JPEGImages").mkdir(), "train.txt"),
-    ("cityscapes", lambda p: (p / "leftImg8bit" / "train").mkdir(parents=True), "gtFine"),
-])
+@pytest.mark.parametrize(
+    "dataset, make, message",
+    [
+        ("ade20k", lambda p: (p / "images").mkdir(), "annotations"),
+        ("voc2012", lambda p: (p / "JPEGImages").mkdir(), "train.txt"),
+        ("cityscapes", lambda p: (p / "leftImg8bit" / "train").mkdir(parents=True), "gtFine"),
+    ],
+)
 def test_wrong_layout_is_one_line(tmp_path, dataset, make, message):
     make(tmp_path)
     with pytest.raises(UserError, match=message) as info:
@@ -210,11 +213,12 @@ def test_wrong_layout_is_one_line(tmp_path, dataset, make, message):
 def test_training_augmentation_crops_and_pads():
     rng = np.random.default_rng(0)
     image, label = _scene(rng, 3)
-    aug = data.SegTrainAugmentation(crop_size=(64, 64), scale=(48, 40), ratio_range=(1.0, 1.0), cat_max_ratio=0.75,
-                                    photometric=True)
+    aug = data.SegTrainAugmentation(
+        crop_size=(64, 64), scale=(48, 40), ratio_range=(1.0, 1.0), cat_max_ratio=0.75, photometric=True
+    )
     tensor, crop = aug(Image.fromarray(image), label.astype(np.int64), __import__("random").Random(0))
     assert tensor.shape == (3, 64, 64) and crop.shape == (64, 64)
-    assert (crop[SIZE[0]:] == 255).all() and (tensor[:, SIZE[0]:] == 0).all()
+    assert (crop[SIZE[0] :] == 255).all() and (tensor[:, SIZE[0] :] == 0).all()
 
 
 # ------------------------------------------------------------------------------ inference and training
@@ -245,15 +249,45 @@ def test_end_to_end_ade20k_and_resume(tmp_path, capsys):
     weights = save_tiny_vit(tmp_path / "vit.safetensors")
     script = load_script("eval_semantic_segmentation")
     out = tmp_path / "out"
-    argv = ["--dataset", "ade20k", "--data_path", str(root), "--pretrained_weights", str(weights), "--device", "cpu",
-            "--iterations", "4", "--batch_size_per_device", "2", "--num_workers", "0", "--crop_size", "32", "32",
-            "--test_crop_size", "32", "32", "--test_stride", "16", "16", "--num_pictures", "2", "--output_dir", str(out),
-            "augmentation.scale=[48,40]", "test.scale=[48,40]", "train.warmup_iters=2", "train.checkpoint_every=2"]
+    argv = [
+        "--dataset",
+        "ade20k",
+        "--data_path",
+        str(root),
+        "--pretrained_weights",
+        str(weights),
+        "--device",
+        "cpu",
+        "--iterations",
+        "4",
+        "--batch_size_per_device",
+        "2",
+        "--num_workers",
+        "0",
+        "--crop_size",
+        "32",
+        "32",
+        "--test_crop_size",
+        "32",
+        "32",
+        "--test_stride",
+        "16",
+        "16",
+        "--num_pictures",
+        "2",
+        "--output_dir",
+        str(out),
+        "augmentation.scale=[48,40]",
+        "test.scale=[48,40]",
+        "train.warmup_iters=2",
+        "train.checkpoint_every=2",
+    ]
     result = script.main(argv)
     assert 0 <= result["mIoU"] <= 100 and len(result["per_class"]) == 150
     # strict JSON: classes absent from truth and prediction have IoU NaN in the result and null in the file
-    saved = json.loads((out / seg.RESULTS_NAME).read_text(),
-                       parse_constant=lambda name: pytest.fail(f"{name} in the results file"))
+    saved = json.loads(
+        (out / seg.RESULTS_NAME).read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the results file")
+    )
     assert saved["mIoU"] == pytest.approx(result["mIoU"])
     assert math.isnan(result["per_class"]["149"]["Acc"]) and saved["per_class"]["149"]["Acc"] is None
     assert (out / seg.PICTURE_NAME).is_file() and (out / seg.CHECKPOINT_NAME).is_file()
@@ -272,12 +306,40 @@ def test_head_learns_separable_colours_far_above_chance(tmp_path):
     """Random backbone, solid-colour regions: the linear head separates 3 classes well above chance."""
     root = write_voc(tmp_path / "voc")
     weights = save_tiny_vit(tmp_path / "vit.safetensors")
-    result = load_script("eval_semantic_segmentation").main([
-        "--dataset", "voc2012", "--data_path", str(root), "--pretrained_weights", str(weights), "--device", "cpu",
-        "--iterations", "60", "--batch_size_per_device", "3", "--num_workers", "0", "--crop_size", "40", "48",
-        "--test_mode", "whole", "--num_pictures", "0", "--lr", "0.05", "--output_dir", str(tmp_path / "out"),
-        "augmentation.scale=[48,40]", "augmentation.ratio_range=[1.0,1.0]", "augmentation.photometric=false",
-        "test.scale=[48,40]", "train.warmup_iters=0"])
+    result = load_script("eval_semantic_segmentation").main(
+        [
+            "--dataset",
+            "voc2012",
+            "--data_path",
+            str(root),
+            "--pretrained_weights",
+            str(weights),
+            "--device",
+            "cpu",
+            "--iterations",
+            "60",
+            "--batch_size_per_device",
+            "3",
+            "--num_workers",
+            "0",
+            "--crop_size",
+            "40",
+            "48",
+            "--test_mode",
+            "whole",
+            "--num_pictures",
+            "0",
+            "--lr",
+            "0.05",
+            "--output_dir",
+            str(tmp_path / "out"),
+            "augmentation.scale=[48,40]",
+            "augmentation.ratio_range=[1.0,1.0]",
+            "augmentation.photometric=false",
+            "test.scale=[48,40]",
+            "train.warmup_iters=0",
+        ]
+    )
     # pixel accuracy of chance with 3 balanced-ish classes is about a third
     assert result["aAcc"] > 70, result
 
@@ -317,16 +379,50 @@ def test_end_to_end_ms_protocol_on_four_blocks(tmp_path):
     torch.manual_seed(0)
     model = build_backbone("vit_tiny", 8, img_size=32, embed_dim=16, depth=4, num_heads=2)
     weights = tmp_path / "vit4.safetensors"
-    save_backbone(model, weights, model_kwargs=dict(arch="vit_tiny", patch_size=8, img_size=32, embed_dim=16, depth=4,
-                                                    num_heads=2))
+    save_backbone(
+        model,
+        weights,
+        model_kwargs=dict(arch="vit_tiny", patch_size=8, img_size=32, embed_dim=16, depth=4, num_heads=2),
+    )
     root = write_ade20k(tmp_path / "data", train=2, val=2)
-    result = load_script("eval_semantic_segmentation").main([
-        "--config", "segmentation_ms", "--dataset", "ade20k", "--data_path", str(root), "--pretrained_weights",
-        str(weights), "--device", "cpu", "--iterations", "2", "--batch_size_per_device", "2", "--num_workers", "0",
-        "--crop_size", "32", "32", "--test_crop_size", "24", "24", "--test_stride", "16", "16",
-        # overrides right after a (height width) flag: the flag takes its two sizes and no more
-        "augmentation.scale=[48,40]", "test.scale=[48,40]", "test.ratios=[0.5,1.0]", "train.warmup_iters=1",
-        "--num_pictures", "1", "--output_dir", str(tmp_path / "out")])
+    result = load_script("eval_semantic_segmentation").main(
+        [
+            "--config",
+            "segmentation_ms",
+            "--dataset",
+            "ade20k",
+            "--data_path",
+            str(root),
+            "--pretrained_weights",
+            str(weights),
+            "--device",
+            "cpu",
+            "--iterations",
+            "2",
+            "--batch_size_per_device",
+            "2",
+            "--num_workers",
+            "0",
+            "--crop_size",
+            "32",
+            "32",
+            "--test_crop_size",
+            "24",
+            "24",
+            "--test_stride",
+            "16",
+            "16",
+            # overrides right after a (height width) flag: the flag takes its two sizes and no more
+            "augmentation.scale=[48,40]",
+            "test.scale=[48,40]",
+            "test.ratios=[0.5,1.0]",
+            "train.warmup_iters=1",
+            "--num_pictures",
+            "1",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert result["protocol"]["head"] == "ms" and result["protocol"]["layers"] == [1, 2, 3, 4]
     assert "flip True" in result["protocol"]["test"] and 0 <= result["mIoU"] <= 100
 
@@ -354,10 +450,33 @@ def test_two_processes_score_like_one(tmp_path):
     weights = save_tiny_vit(tmp_path / "vit.safetensors")
 
     def argv(out, iterations):
-        return ["--dataset", "ade20k", "--data_path", str(root), "--pretrained_weights", str(weights), "--device", "cpu",
-                "--iterations", str(iterations), "--batch_size_per_device", "1", "--num_workers", "0",
-                "--crop_size", "32", "32", "--test_mode", "whole", "--num_pictures", "1", "--output_dir", str(out),
-                "augmentation.scale=[48,40]", "test.scale=[48,40]"]
+        return [
+            "--dataset",
+            "ade20k",
+            "--data_path",
+            str(root),
+            "--pretrained_weights",
+            str(weights),
+            "--device",
+            "cpu",
+            "--iterations",
+            str(iterations),
+            "--batch_size_per_device",
+            "1",
+            "--num_workers",
+            "0",
+            "--crop_size",
+            "32",
+            "32",
+            "--test_mode",
+            "whole",
+            "--num_pictures",
+            "1",
+            "--output_dir",
+            str(out),
+            "augmentation.scale=[48,40]",
+            "test.scale=[48,40]",
+        ]
 
     for out, iterations in ((tmp_path / "two_eval", 0), (tmp_path / "two_train", 2)):
         with socket.socket() as sock:
@@ -365,8 +484,16 @@ def test_two_processes_score_like_one(tmp_path):
             port = sock.getsockname()[1]
         procs = []
         for rank in range(2):
-            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+            env = dict(
+                os.environ,
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE="2",
+                LOCAL_WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+                OMP_NUM_THREADS="1",
+            )
             code = _TWO_RANK_RUN.format(repo=str(REPO_ROOT), argv=argv(out, iterations))
             procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True))
         for proc in procs:
@@ -398,9 +525,33 @@ def test_demo_segmentation_set_masks_match_the_images(tmp_path):
     assert gap > 3 * max(inside.std(0).max(), outside.std(0).max())
     texture = np.asarray(Image.open(files.labels[DEMO_PATTERNS.index("checkerboard")]))
     assert (texture == DEMO_PATTERNS.index("checkerboard") + 1).all()
-    result = load_script("eval_semantic_segmentation").main([
-        "--dataset", "demo", "--data_path", root, "--pretrained_weights", str(save_tiny_vit(tmp_path / "vit.safetensors")),
-        "--device", "cpu", "--iterations", "2", "--batch_size_per_device", "4", "--num_workers", "0", "--crop_size",
-        "32", "32", "--test_mode", "whole", "--num_pictures", "0", "--output_dir", str(tmp_path / "out"),
-        "augmentation.scale=[48,48]", "test.scale=[48,48]"])
+    result = load_script("eval_semantic_segmentation").main(
+        [
+            "--dataset",
+            "demo",
+            "--data_path",
+            root,
+            "--pretrained_weights",
+            str(save_tiny_vit(tmp_path / "vit.safetensors")),
+            "--device",
+            "cpu",
+            "--iterations",
+            "2",
+            "--batch_size_per_device",
+            "4",
+            "--num_workers",
+            "0",
+            "--crop_size",
+            "32",
+            "32",
+            "--test_mode",
+            "whole",
+            "--num_pictures",
+            "0",
+            "--output_dir",
+            str(tmp_path / "out"),
+            "augmentation.scale=[48,48]",
+            "test.scale=[48,48]",
+        ]
+    )
     assert set(result["per_class"]) == {"background", *DEMO_PATTERNS}

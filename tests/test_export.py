@@ -22,9 +22,11 @@ def tiny_model(**kwargs):
 
 # the position-embedding settings of the official models: DINO v1 / DINOv2 hub (offset 0.1), DINOv2 with
 # registers (offset 0, antialias), and offset 0 without antialias
-POS_MODES = [dict(interpolate_offset=0.1, interpolate_antialias=False),
-             dict(interpolate_offset=0.0, interpolate_antialias=True),
-             dict(interpolate_offset=0.0, interpolate_antialias=False)]
+POS_MODES = [
+    dict(interpolate_offset=0.1, interpolate_antialias=False),
+    dict(interpolate_offset=0.0, interpolate_antialias=True),
+    dict(interpolate_offset=0.0, interpolate_antialias=False),
+]
 
 
 @pytest.mark.parametrize("mode", POS_MODES, ids=["offset", "antialias", "plain"])
@@ -37,11 +39,23 @@ def test_resize_matrices_match_f_interpolate(mode, side):
     offset, antialias = mode["interpolate_offset"], mode["interpolate_antialias"]
     torch.manual_seed(0)
     grid = torch.randn(1, 3, side, side)
-    for height, width in [(1, 1), (2, 5), (side - 2, side - 2), (side, side), (side, side + 1), (side + 3, side),
-                          (side + 9, side + 9), (3 * side, 2 * side)]:
+    for height, width in [
+        (1, 1),
+        (2, 5),
+        (side - 2, side - 2),
+        (side, side),
+        (side, side + 1),
+        (side + 3, side),
+        (side + 9, side + 9),
+        (3 * side, 2 * side),
+    ]:
         if offset:
-            expected = F.interpolate(grid, scale_factor=((height + offset) / side, (width + offset) / side),
-                                     mode="bicubic", antialias=antialias)
+            expected = F.interpolate(
+                grid,
+                scale_factor=((height + offset) / side, (width + offset) / side),
+                mode="bicubic",
+                antialias=antialias,
+            )
         else:
             expected = F.interpolate(grid, size=(height, width), mode="bicubic", antialias=antialias)
         rows = bicubic_resize_matrix(height, side, offset, antialias)
@@ -68,8 +82,11 @@ def test_resized_position_grid_matches_the_model(mode):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True)],
-                         ids=["v2", "registers"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(), dict(num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True)],
+    ids=["v2", "registers"],
+)
 def test_onnx_matches_pytorch_with_dynamic_batch_and_size(tmp_path, kwargs):
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
@@ -126,14 +143,27 @@ def test_gguf_read_back_holds_every_tensor(tmp_path, ftype):
 
     model = tiny_model(num_register_tokens=4)
     path = export_gguf(model, tmp_path / "m.gguf", ftype=ftype, qkv_layout="both")
-    assert verify_gguf(model, path, ftype=ftype, qkv_layout="both") == 7 + 2 * 20  # 5 embeddings + 2 layernorm; 20 per block (split and fused qkv)
+    assert (
+        verify_gguf(model, path, ftype=ftype, qkv_layout="both") == 7 + 2 * 20
+    )  # 5 embeddings + 2 layernorm; 20 per block (split and fused qkv)
     metadata, tensors = read_gguf(path)
-    assert metadata == {"hidden_size": 192, "num_hidden_layers": 2, "num_attention_heads": 3, "num_classes": 0,
-                        "patch_size": 14, "img_size": 42, "ftype": {"f32": 0, "f16": 1}[ftype], "num_register_tokens": 4}
+    assert metadata == {
+        "hidden_size": 192,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 3,
+        "num_classes": 0,
+        "patch_size": 14,
+        "img_size": 42,
+        "ftype": {"f32": 0, "f16": 1}[ftype],
+        "num_register_tokens": 4,
+    }
     state = model.state_dict()
     # spot checks against our own names, independent of the exporter's mapping
     qkv = state["blocks.1.attn.qkv.weight"].numpy()
-    np.testing.assert_array_equal(tensors["encoder.layer.1.attention.attention.key.weight"], qkv[192:384].astype(tensors["encoder.layer.1.attention.attention.key.weight"].dtype))
+    np.testing.assert_array_equal(
+        tensors["encoder.layer.1.attention.attention.key.weight"],
+        qkv[192:384].astype(tensors["encoder.layer.1.attention.attention.key.weight"].dtype),
+    )
     np.testing.assert_array_equal(tensors["encoder.layer.0.layer_scale2.lambda1"], state["blocks.0.ls2.gamma"].numpy())
     np.testing.assert_array_equal(tensors["embeddings.position_embeddings"], state["pos_embed"].numpy())
     assert tensors["embeddings.patch_embeddings.projection.bias"].shape == (1, 192, 1, 1)
@@ -155,8 +185,10 @@ def test_gguf_verify_detects_a_changed_tensor(tmp_path):
         verify_gguf(model, path)
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(ffn_layer="swiglu"), dict(num_register_tokens=4, interpolate_offset=0.0,
-                                                                               interpolate_antialias=True)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(), dict(ffn_layer="swiglu"), dict(num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True)],
+)
 def test_hf_export_matches_transformers(tmp_path, kwargs):
     pytest.importorskip("transformers")
     from dino.inference.export.hf import export_hf, verify_hf
@@ -170,8 +202,17 @@ def test_export_cli_gguf_and_hf_state_dict(tmp_path):
     pytest.importorskip("gguf")
     model = tiny_model()
     save_backbone(model, tmp_path / "tiny.pth")
-    result = dispatch(["export", "--pretrained_weights", str(tmp_path / "tiny.pth"), "--format", "gguf",
-                       "--output", str(tmp_path / "m.gguf")])
+    result = dispatch(
+        [
+            "export",
+            "--pretrained_weights",
+            str(tmp_path / "tiny.pth"),
+            "--format",
+            "gguf",
+            "--output",
+            str(tmp_path / "m.gguf"),
+        ]
+    )
     assert result["tensors_verified"] > 0 and (tmp_path / "m.gguf").stat().st_size > 0
 
 
@@ -182,5 +223,9 @@ def test_hf_state_dict_splits_qkv_in_q_k_v_order():
     state = hf_state_dict(model)
     qkv = model.blocks[0].attn.qkv
     for index, name in enumerate(("query", "key", "value")):
-        torch.testing.assert_close(state[f"encoder.layer.0.attention.attention.{name}.weight"], qkv.weight[index * 192:(index + 1) * 192])
-        torch.testing.assert_close(state[f"encoder.layer.0.attention.attention.{name}.bias"], qkv.bias[index * 192:(index + 1) * 192])
+        torch.testing.assert_close(
+            state[f"encoder.layer.0.attention.attention.{name}.weight"], qkv.weight[index * 192 : (index + 1) * 192]
+        )
+        torch.testing.assert_close(
+            state[f"encoder.layer.0.attention.attention.{name}.bias"], qkv.bias[index * 192 : (index + 1) * 192]
+        )

@@ -42,9 +42,32 @@ def image_folder(tmp_path_factory):
 
 
 def run_extract(checkpoint, source, out, *extra):
-    return dispatch(["extract", "--pretrained_weights", str(checkpoint), "--source", str(source), "--output_dir", str(out),
-                     "--crop_size", str(CROP), "--resize_size", str(RESIZE), "--num_workers", "0", "--batch_size", "2",
-                     "--chunk_size", "3", "--device", "cpu", "--progress", "false", *extra])
+    return dispatch(
+        [
+            "extract",
+            "--pretrained_weights",
+            str(checkpoint),
+            "--source",
+            str(source),
+            "--output_dir",
+            str(out),
+            "--crop_size",
+            str(CROP),
+            "--resize_size",
+            str(RESIZE),
+            "--num_workers",
+            "0",
+            "--batch_size",
+            "2",
+            "--chunk_size",
+            "3",
+            "--device",
+            "cpu",
+            "--progress",
+            "false",
+            *extra,
+        ]
+    )
 
 
 def interrupt_after_one_chunk(monkeypatch, extraction) -> None:
@@ -91,8 +114,17 @@ def test_extract_order_shapes_and_corrupt_files(tiny_checkpoint, image_folder, t
 def test_extract_pooled_patch_features_and_safetensors(tiny_checkpoint, image_folder, tmp_path):
     pytest.importorskip("safetensors")
     checkpoint, model = tiny_checkpoint
-    run_extract(checkpoint, image_folder, tmp_path / "f", "--features", "cls_patch_mean", "--normalize", "false",
-                "--output_format", "safetensors")
+    run_extract(
+        checkpoint,
+        image_folder,
+        tmp_path / "f",
+        "--features",
+        "cls_patch_mean",
+        "--normalize",
+        "false",
+        "--output_format",
+        "safetensors",
+    )
     from dino.inference.extract import load_extracted
 
     features, paths, _ = load_extracted(tmp_path / "f")
@@ -118,10 +150,13 @@ def test_extract_resumes_after_interruption(tiny_checkpoint, image_folder, tmp_p
     assert fresh["resumed_chunks"] == 0
 
 
-@pytest.mark.skipif(not __import__("dino.inference.fast", fromlist=["x"])._HAS_ONEDNN_INT8,
-                    reason="PyTorch built without oneDNN int8 linear")
-def test_extract_int8_static_calibrates_once_and_resumes_on_the_same_grids(tiny_checkpoint, image_folder, tmp_path,
-                                                                          monkeypatch):
+@pytest.mark.skipif(
+    not __import__("dino.inference.fast", fromlist=["x"])._HAS_ONEDNN_INT8,
+    reason="PyTorch built without oneDNN int8 linear",
+)
+def test_extract_int8_static_calibrates_once_and_resumes_on_the_same_grids(
+    tiny_checkpoint, image_folder, tmp_path, monkeypatch
+):
     from dino.distributed import DeviceContext
     from dino.inference.commands import prepare_fast_model
 
@@ -180,6 +215,11 @@ def test_python_m_dino_help():
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "dino", "--help"], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parent.parent)
+    done = subprocess.run(
+        [sys.executable, "-m", "dino", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert done.returncode == 0 and "duplicates" in done.stdout

@@ -23,12 +23,15 @@ def tiny_model(**kwargs):
     return model
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(),
-    dict(num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True),
-    dict(init_values=None, use_mask_token=False),  # DINO v1: no LayerScale
-    dict(ffn_layer="swiglu"),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),
+        dict(num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True),
+        dict(init_values=None, use_mask_token=False),  # DINO v1: no LayerScale
+        dict(ffn_layer="swiglu"),
+    ],
+)
 @pytest.mark.parametrize("matmul_patch_embed", [True, False])
 def test_fp32_matches_the_model(kwargs, matmul_patch_embed):
     model = tiny_model(**kwargs)
@@ -55,13 +58,23 @@ def test_source_model_is_left_unchanged():
         torch.testing.assert_close(value, before[key])
 
 
-@pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines
-                    and "x86" not in torch.backends.quantized.supported_engines, reason="no int8 CPU engine")
-@pytest.mark.parametrize("onednn", [
-    pytest.param(True, marks=pytest.mark.skipif(not fast_module._HAS_ONEDNN_INT8,
-                                                reason="PyTorch built without oneDNN int8 linear")),
-    False,
-])
+@pytest.mark.skipif(
+    "fbgemm" not in torch.backends.quantized.supported_engines
+    and "x86" not in torch.backends.quantized.supported_engines,
+    reason="no int8 CPU engine",
+)
+@pytest.mark.parametrize(
+    "onednn",
+    [
+        pytest.param(
+            True,
+            marks=pytest.mark.skipif(
+                not fast_module._HAS_ONEDNN_INT8, reason="PyTorch built without oneDNN int8 linear"
+            ),
+        ),
+        False,
+    ],
+)
 def test_int8_features_stay_close(onednn, monkeypatch):
     monkeypatch.setattr(fast_module, "_HAS_ONEDNN_INT8", onednn)  # False: torch.ao dynamic quantisation
     torch.manual_seed(0)
@@ -96,8 +109,11 @@ def test_static_int8_is_calibrated_close_and_batch_independent():
     with torch.no_grad():  # fc1 hands fc2 its input as uint8 codes on fc2's grid
         block = static.blocks[0]
         tokens = static.prepare_tokens(images)
-        hidden = block._int8["fc1"](block.norm2(tokens).reshape(-1, model.embed_dim), gelu=True,
-                                    output_quantization=block._int8["fc2"].input_quantization)
+        hidden = block._int8["fc1"](
+            block.norm2(tokens).reshape(-1, model.embed_dim),
+            gelu=True,
+            output_quantization=block._int8["fc2"].input_quantization,
+        )
         assert hidden.dtype == torch.uint8
         assert 0.99 <= feature_cosine(model, static, images) < 1.0
         # a static range makes an image's features independent of the other images in its batch

@@ -97,7 +97,7 @@ def test_features_are_in_dataset_order_and_match_per_image_forward():
     assert features.dtype == torch.float32 and features.shape == (9, 32)
     assert labels.tolist() == list(range(9))
     with torch.no_grad():
-        expected = torch.stack([model(dataset.images[i:i + 1])[0] for i in range(9)])
+        expected = torch.stack([model(dataset.images[i : i + 1])[0] for i in range(9)])
     torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -105,10 +105,22 @@ def test_shards_reassembled_from_simulated_ranks_equal_single_process():
     model, dataset = tiny_vit(), IndexedImages(11)
     single, single_labels = F.extract_features(model, dataset, CPU, batch_size=4, num_workers=0)
     # what each rank extracts before the gather: its strided shard, in shard order
-    parts = [(F.shard_indices(11, r, 3),) + F._extract_local(model, dataset, F.shard_indices(11, r, 3), CPU, batch_size=2,
-                                                             num_workers=0, feature_fn=None, desc="features",
-                                                             progress=False, skip_unreadable=False)[:2]
-             for r in range(3)]
+    parts = [
+        (F.shard_indices(11, r, 3),)
+        + F._extract_local(
+            model,
+            dataset,
+            F.shard_indices(11, r, 3),
+            CPU,
+            batch_size=2,
+            num_workers=0,
+            feature_fn=None,
+            desc="features",
+            progress=False,
+            skip_unreadable=False,
+        )[:2]
+        for r in range(3)
+    ]
     # all_gather concatenates in rank order
     indices = torch.cat([torch.tensor(p[0]) for p in parts])
     feats = torch.cat([p[1] for p in parts])
@@ -147,8 +159,16 @@ def test_two_processes_give_the_single_process_features(tmp_path):
     port = _free_port()
     procs = []
     for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+        )
         procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True))
     for proc in procs:
         _, err = proc.communicate(timeout=120)
@@ -163,7 +183,9 @@ def test_two_processes_give_the_single_process_features(tmp_path):
 def test_bf16_autocast_gives_float32_features_close_to_fp32():
     model, dataset = tiny_vit(), IndexedImages(4)
     fp32, _ = F.extract_features(model, dataset, CPU, batch_size=4, num_workers=0)
-    bf16, _ = F.extract_features(model, dataset, DeviceContext(type="cpu", precision="bf16"), batch_size=4, num_workers=0)
+    bf16, _ = F.extract_features(
+        model, dataset, DeviceContext(type="cpu", precision="bf16"), batch_size=4, num_workers=0
+    )
     assert bf16.dtype == torch.float32
     assert torch.nn.functional.cosine_similarity(bf16, fp32).min() > 0.98
 

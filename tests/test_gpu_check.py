@@ -12,8 +12,13 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
 
 def run_check(tmp_path, *parts):
     out = tmp_path / "check"
-    subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--parts", *parts, "--out", str(out)],
-                   check=True, capture_output=True, text=True, timeout=600)
+    subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--parts", *parts, "--out", str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return json.loads((out / "gpu_check.json").read_text()), (out / "gpu_check.md").read_text()
 
 

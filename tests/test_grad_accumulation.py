@@ -15,9 +15,16 @@ B, GRID, LOCALS = 6, 4, 3
 def collated_batch():
     random.seed(0)
     torch.manual_seed(0)
-    samples = [({"global_crops": [torch.full((3, 8, 8), 10.0 * i + c) for c in range(2)],
-                 "local_crops": [torch.full((3, 4, 4), 10.0 * i + 2 + c) for c in range(LOCALS)]}, i)
-               for i in range(B)]
+    samples = [
+        (
+            {
+                "global_crops": [torch.full((3, 8, 8), 10.0 * i + c) for c in range(2)],
+                "local_crops": [torch.full((3, 4, 4), 10.0 * i + 2 + c) for c in range(LOCALS)],
+            },
+            i,
+        )
+        for i in range(B)
+    ]
     return collate_data_and_cast(samples, (0.1, 0.5), 0.5, mask_generator=MaskingGenerator(GRID, min_num_patches=1))
 
 
@@ -28,8 +35,10 @@ def test_slices_hold_their_own_crops_masks_and_targets(parts):
     n_masked = batch["mask_indices_list"].numel()
     assert n_masked > 0
     # targets whose rows name what they belong to: the crop row for [CLS], the flat (crop, token) index for patches
-    targets = {"cls_probs": torch.arange(2 * B, dtype=torch.float32)[:, None],
-               "patch_probs": batch["mask_indices_list"].float()[:, None]}
+    targets = {
+        "cls_probs": torch.arange(2 * B, dtype=torch.float32)[:, None],
+        "patch_probs": batch["mask_indices_list"].float()[:, None],
+    }
     pieces = split_batch_and_targets(batch, targets, parts)
     assert len(pieces) == parts
     step = B // parts
@@ -39,8 +48,9 @@ def test_slices_hold_their_own_crops_masks_and_targets(parts):
         assert micro["labels"].tolist() == list(images)
         # crop-major: every crop's images of this slice, in order; pixel values encode (image, crop)
         assert micro["collated_global_crops"][:, 0, 0, 0].tolist() == [10.0 * i + c for c in range(2) for i in images]
-        assert micro["collated_local_crops"][:, 0, 0, 0].tolist() == [10.0 * i + 2 + c for c in range(LOCALS)
-                                                                      for i in images]
+        assert micro["collated_local_crops"][:, 0, 0, 0].tolist() == [
+            10.0 * i + 2 + c for c in range(LOCALS) for i in images
+        ]
         assert micro_targets["cls_probs"][:, 0].tolist() == [float(c * B + i) for c in range(2) for i in images]
         # each masked patch of the slice gets the target of the same (crop, token) of the whole batch
         flat = micro["mask_indices_list"]
@@ -75,10 +85,20 @@ def test_accumulated_step_equals_the_large_batch(tmp_path, centering):
     folder = write_image_folder(tmp_path / "images")
     # SGD: the update is linear in the gradient, so equal gradients show as equal weights; KoLeo off: its
     # nearest neighbours are looked for within a part; drop path off: its draws depend on the slice shapes
-    cfg = compose("train/demo", tiny_overrides(folder, tmp_path / "out", 8, "optim.optimizer=sgd",
-                                               "model.drop_path_rate=0.0", "dino.koleo_loss_weight=0.0",
-                                               "ibot.loss_weight=1.0", "dino.loss_style=v2",
-                                               f"dino.centering={centering}"))
+    cfg = compose(
+        "train/demo",
+        tiny_overrides(
+            folder,
+            tmp_path / "out",
+            8,
+            "optim.optimizer=sgd",
+            "model.drop_path_rate=0.0",
+            "dino.koleo_loss_weight=0.0",
+            "ibot.loss_weight=1.0",
+            "dino.loss_style=v2",
+            f"dino.centering={centering}",
+        ),
+    )
     ctx = DeviceContext.create("cpu")
     _, _, batch = next(build_training_data(cfg, ctx).stream(0, 0))
     assert batch["mask_indices_list"].numel() > 0
@@ -91,8 +111,12 @@ def test_accumulated_step_equals_the_large_batch(tmp_path, centering):
         optimizer = build_optimizer(cfg, student)
         apply_schedules(optimizer, lr=0.5, wd=0.0, last_layer_lr=0.5)
         loss, terms, stats = train_step(dict(batch), student, teacher, objective, optimizer, None, ctx, cfg, 0.04)
-        results[parts] = (float(loss), {k: float(v) for k, v in terms.items()}, stats["grad_norm"],
-                          {k: v.detach().clone() for k, v in student.state_dict().items()})
+        results[parts] = (
+            float(loss),
+            {k: float(v) for k, v in terms.items()},
+            stats["grad_norm"],
+            {k: v.detach().clone() for k, v in student.state_dict().items()},
+        )
     loss, terms, grad_norm, weights = results[1]
     assert "ibot" in terms
     for parts in (2, 4):
@@ -101,4 +125,6 @@ def test_accumulated_step_equals_the_large_batch(tmp_path, centering):
         assert other_terms == pytest.approx(terms, rel=1e-5)
         assert other_norm == pytest.approx(grad_norm, rel=1e-4)
         for key, value in weights.items():
-            torch.testing.assert_close(other_weights[key], value, rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+            torch.testing.assert_close(
+                other_weights[key], value, rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}"
+            )

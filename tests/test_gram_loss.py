@@ -43,8 +43,9 @@ def test_batch_level_over_masked_tokens_and_gradients_reach_the_student_only():
     teacher = torch.randn(2, 6, 4, requires_grad=True)
     mask = torch.rand(2, 6) > 0.4
     got = gram_loss(student, teacher, image_level=False, token_mask=mask)
-    assert math.isclose(float(got), pairwise_reference(student.detach(), teacher.detach(), False, False, mask),
-                        rel_tol=1e-5)
+    assert math.isclose(
+        float(got), pairwise_reference(student.detach(), teacher.detach(), False, False, mask), rel_tol=1e-5
+    )
     got.backward()
     assert student.grad is not None and student.grad.abs().sum() > 0 and teacher.grad is None
     assert float(gram_loss(teacher.detach(), teacher.detach())) == 0.0
@@ -57,7 +58,9 @@ def test_resize_patch_tokens_matches_interpolating_the_feature_map():
     tokens = torch.randn(2, 4 * 6, 3)
     resized = resize_patch_tokens(tokens, (4, 6), (2, 3))
     maps = tokens.reshape(2, 4, 6, 3).permute(0, 3, 1, 2)
-    expected = F.interpolate(maps, size=(2, 3), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(2, 6, 3)
+    expected = (
+        F.interpolate(maps, size=(2, 3), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(2, 6, 3)
+    )
     torch.testing.assert_close(resized, expected)
     same = resize_patch_tokens(tokens, (4, 6), (4, 6))
     torch.testing.assert_close(same, tokens)  # the identity on its own grid

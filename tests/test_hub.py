@@ -17,8 +17,14 @@ from tests.test_models import official_v2_state_dict
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("spec", [dict(patch=14, grid=37), dict(patch=14, grid=37, registers=4),
-                                  dict(patch=16, grid=14, layerscale=False, mask_token=False)])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        dict(patch=14, grid=37),
+        dict(patch=14, grid=37, registers=4),
+        dict(patch=16, grid=14, layerscale=False, mask_token=False),
+    ],
+)
 def test_official_backbone_files_load_strictly(tmp_path, spec):
     sd = official_v2_state_dict(**spec)
     path = tmp_path / "official.pth"
@@ -80,7 +86,9 @@ def test_mismatch_names_keys_and_suggests_arch(tmp_path):
     broken.pop("blocks.1.attn.qkv.weight")
     broken["blocks.1.attn.extra.weight"] = torch.zeros(1)
     torch.save(broken, path)
-    with pytest.raises(UserError, match=r"missing keys: blocks\.1\.attn\.qkv\.weight.*unexpected keys: blocks\.1\.attn\.extra\.weight"):
+    with pytest.raises(
+        UserError, match=r"missing keys: blocks\.1\.attn\.qkv\.weight.*unexpected keys: blocks\.1\.attn\.extra\.weight"
+    ):
         hub.load_backbone(str(path))
 
 
@@ -97,10 +105,20 @@ def test_bad_files_give_clear_errors(tmp_path):
 
 
 def test_save_backbone_roundtrip_keeps_model_kwargs(tmp_path):
-    model = build_backbone("vit_small", 14, depth=2, num_register_tokens=4, interpolate_offset=0.1,
-                           interpolate_antialias=False, init_values=1e-5)
-    hub.save_backbone(model, tmp_path / "teacher_backbone.pth",
-                      {"arch": "vit_small", "patch_size": 14, "interpolate_offset": 0.1, "interpolate_antialias": False})
+    model = build_backbone(
+        "vit_small",
+        14,
+        depth=2,
+        num_register_tokens=4,
+        interpolate_offset=0.1,
+        interpolate_antialias=False,
+        init_values=1e-5,
+    )
+    hub.save_backbone(
+        model,
+        tmp_path / "teacher_backbone.pth",
+        {"arch": "vit_small", "patch_size": 14, "interpolate_offset": 0.1, "interpolate_antialias": False},
+    )
     loaded = hub.load_backbone(str(tmp_path / "teacher_backbone.pth"))
     assert loaded.interpolate_offset == 0.1 and not loaded.interpolate_antialias
     x = torch.randn(1, 3, 56, 70)
@@ -133,8 +151,10 @@ def test_entry_point_weights_argument_takes_a_local_file(tmp_path):
 
 
 def test_torch_hub_load_local():
-    code = ("import torch; m = torch.hub.load('.', 'dinov2_vits14', source='local', pretrained=False); "
-            "print(tuple(m.forward_features(torch.randn(1,3,224,224))['x_norm_patchtokens'].shape))")
+    code = (
+        "import torch; m = torch.hub.load('.', 'dinov2_vits14', source='local', pretrained=False); "
+        "print(tuple(m.forward_features(torch.randn(1,3,224,224))['x_norm_patchtokens'].shape))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("(1, 256, 384)")

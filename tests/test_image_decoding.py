@@ -63,8 +63,9 @@ def test_small_images_and_no_size_decode_exactly_as_before(tmp_path, big_files):
     path = tmp_path / "small.png"
     _smooth(300, 200).save(path)
     assert np.array_equal(np.asarray(load_image_for(path, 256)), np.asarray(load_image(path)))
-    assert np.array_equal(np.asarray(load_image_for(big_files / "big.png", None)),
-                          np.asarray(load_image(big_files / "big.png")))
+    assert np.array_equal(
+        np.asarray(load_image_for(big_files / "big.png", None)), np.asarray(load_image(big_files / "big.png"))
+    )
 
 
 def test_corrupt_files_raise_the_same_error(tmp_path):
@@ -93,8 +94,13 @@ def test_min_decode_side_of_the_training_augmentation():
 
     # the smallest local crop of DINO v1 (5 % of the area, ratio 3/4) must still give 96 px: 496 px
     assert random_resized_crop_min_side(96, 0.05) == 496
-    augmentation = DataAugmentationDINO(global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4),
-                                        local_crops_number=8, global_crops_size=224, local_crops_size=96)
+    augmentation = DataAugmentationDINO(
+        global_crops_scale=(0.4, 1.0),
+        local_crops_scale=(0.05, 0.4),
+        local_crops_number=8,
+        global_crops_size=224,
+        local_crops_size=96,
+    )
     assert min_decode_side(augmentation) == 496
     assert min_decode_side(make_eval_transform(256, 224)) == 256
     assert min_decode_side(lambda image: image) is None

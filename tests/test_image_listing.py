@@ -105,15 +105,29 @@ def test_extraction_counts_what_the_listing_skipped(tmp_path, folder, monkeypatc
     locked = folder / "checkerboard"
     os.mkfifo(folder / "rings" / "trap.png")
     real_scandir = os.scandir
-    monkeypatch.setattr(datasets_module.os, "scandir",
-                        lambda path: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
-                        if os.fspath(path) == str(locked) else real_scandir(path))
+    monkeypatch.setattr(
+        datasets_module.os,
+        "scandir",
+        lambda path: (
+            (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+            if os.fspath(path) == str(locked)
+            else real_scandir(path)
+        ),
+    )
     with pytest.warns(SkippedImageWarning):
         paths = list_input_images(folder)
     torch.manual_seed(0)
     model = build_backbone("vit_tiny", 8, img_size=32, depth=1, embed_dim=48).eval()
-    summary = extract_features_to_folder(model, paths, tmp_path / "feats", make_eval_transform(32, 32), 32,
-                                         ExtractionSettings(num_workers=0, progress=False))
+    summary = extract_features_to_folder(
+        model,
+        paths,
+        tmp_path / "feats",
+        make_eval_transform(32, 32),
+        32,
+        ExtractionSettings(num_workers=0, progress=False),
+    )
     assert summary["num_features"] == 4 and summary["num_skipped"] == 2  # not "0 skipped"
     assert set((tmp_path / "feats" / "skipped.txt").read_text().splitlines()) == {
-        str(locked), str(folder / "rings" / "trap.png")}
+        str(locked),
+        str(folder / "rings" / "trap.png"),
+    }

@@ -24,9 +24,27 @@ def _tiny(seed: int):
 
 
 def _extract(weights, source, output):
-    return dispatch(["extract", "--pretrained_weights", str(weights), "--source", str(source), "--output_dir",
-                     str(output), "--crop_size", "28", "--resize_size", "32", "--num_workers", "0", "--device", "cpu",
-                     "--progress", "false"])
+    return dispatch(
+        [
+            "extract",
+            "--pretrained_weights",
+            str(weights),
+            "--source",
+            str(source),
+            "--output_dir",
+            str(output),
+            "--crop_size",
+            "28",
+            "--resize_size",
+            "32",
+            "--num_workers",
+            "0",
+            "--device",
+            "cpu",
+            "--progress",
+            "false",
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +63,22 @@ def extracted(tmp_path_factory):
 
 
 def _search(root, tmp_path, *extra):
-    return dispatch(["search", "--features_dir", str(root / "feats"), "--output_dir", str(tmp_path / "out"),
-                     "--contact_sheet", "none", "--device", "cpu", "--index", "torch", *extra])
+    return dispatch(
+        [
+            "search",
+            "--features_dir",
+            str(root / "feats"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--contact_sheet",
+            "none",
+            "--device",
+            "cpu",
+            "--index",
+            "torch",
+            *extra,
+        ]
+    )
 
 
 def test_file_names_with_line_breaks_survive_extract_and_search(extracted, tmp_path):
@@ -68,10 +100,28 @@ def test_search_k_zero_is_refused(extracted, tmp_path):
 
 def test_duplicates_threshold_outside_cosine_range_is_refused(extracted, tmp_path):
     with pytest.raises(UserError, match="not a cosine similarity"):
-        dispatch(["duplicates", "--features_dir", str(extracted / "feats"), "--threshold", "7",
-                  "--output", str(tmp_path / "d.csv")])
-    result = dispatch(["duplicates", "--features_dir", str(extracted / "feats"), "--threshold", "0.99",
-                       "--output", str(tmp_path / "d.csv")])
+        dispatch(
+            [
+                "duplicates",
+                "--features_dir",
+                str(extracted / "feats"),
+                "--threshold",
+                "7",
+                "--output",
+                str(tmp_path / "d.csv"),
+            ]
+        )
+    result = dispatch(
+        [
+            "duplicates",
+            "--features_dir",
+            str(extracted / "feats"),
+            "--threshold",
+            "0.99",
+            "--output",
+            str(tmp_path / "d.csv"),
+        ]
+    )
     assert result["num_pairs"] == 1
     rows = list(csv.reader(open(tmp_path / "d.csv", encoding="utf-8", newline="")))
     assert all(len(row) == 3 for row in rows)
@@ -84,8 +134,23 @@ def test_search_refuses_weights_that_changed_since_extraction(extracted, tmp_pat
     _extract(root / "tiny.pth", root / "images", root / "feats2")
     query = tmp_path / "query.png"
     shutil.copy(root / "images" / "a.png", query)
-    args = ["search", "--features_dir", str(root / "feats2"), "--queries", str(query), "--k", "1", "--output_dir",
-            str(tmp_path / "out"), "--contact_sheet", "none", "--device", "cpu", "--index", "torch"]
+    args = [
+        "search",
+        "--features_dir",
+        str(root / "feats2"),
+        "--queries",
+        str(query),
+        "--k",
+        "1",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--contact_sheet",
+        "none",
+        "--device",
+        "cpu",
+        "--index",
+        "torch",
+    ]
     assert dispatch(args)["results"][0][0][1] == pytest.approx(1.0, abs=1e-4)
     save_backbone(_tiny(1), root / "tiny.pth")  # another model now sits at the recorded path
     with pytest.raises(UserError, match="not those the features .* were extracted with"):
@@ -140,5 +205,6 @@ def test_non_utf8_training_list_is_reported_by_the_validator(tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_bytes(b"\xe9t\xe9.png\n")
     with pytest.raises(UserError, match="not UTF-8 text"):
-        validate_training_config(compose("train/demo", [f"train.data_path={listing}",
-                                                        f"train.output_dir={tmp_path / 'o'}"]))
+        validate_training_config(
+            compose("train/demo", [f"train.data_path={listing}", f"train.output_dir={tmp_path / 'o'}"])
+        )

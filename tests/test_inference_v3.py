@@ -75,7 +75,10 @@ def test_fast_v3_untied_cls_norm_and_k_bias_mask():
     """An untied `cls_norm` normalises [CLS] and storage tokens; the k third of the qkv bias stays masked."""
     sd = official_v3_vit_state_dict(dim=DIM, heads=HEADS)
     g = torch.Generator().manual_seed(3)
-    sd["cls_norm.weight"], sd["cls_norm.bias"] = 1 + 0.3 * torch.randn(DIM, generator=g), 0.3 * torch.randn(DIM, generator=g)
+    sd["cls_norm.weight"], sd["cls_norm.bias"] = (
+        1 + 0.3 * torch.randn(DIM, generator=g),
+        0.3 * torch.randn(DIM, generator=g),
+    )
     model = build_backbone_from_state_dict(sd).eval()
     assert model.cls_norm is not None
     fast = optimize_for_inference(model)
@@ -86,8 +89,8 @@ def test_fast_v3_untied_cls_norm_and_k_bias_mask():
     for key in ("x_norm_clstoken", "x_storage_tokens", "x_norm_patchtokens"):
         torch.testing.assert_close(got[key], expected[key], atol=ATOL, rtol=0)
     bias = fast.blocks[0].qkv.bias
-    assert torch.all(bias[DIM:2 * DIM] == 0) and torch.equal(bias[:DIM], sd["blocks.0.attn.qkv.bias"][:DIM])
-    assert sd["blocks.0.attn.qkv.bias"][DIM:2 * DIM].abs().max() > 0.1  # the file's k bias is not zero: really masked
+    assert torch.all(bias[DIM : 2 * DIM] == 0) and torch.equal(bias[:DIM], sd["blocks.0.attn.qkv.bias"][:DIM])
+    assert sd["blocks.0.attn.qkv.bias"][DIM : 2 * DIM].abs().max() > 0.1  # the file's k bias is not zero: really masked
 
 
 def test_fast_v3_bf16_and_int8_stay_close():
@@ -144,9 +147,29 @@ def test_extract_search_duplicates_on_a_v3_checkpoint(v3_checkpoint, tmp_path):
     from dino.data.transforms import make_eval_transform
 
     feats = tmp_path / "feats"
-    summary = dispatch(["extract", "--pretrained_weights", str(v3_checkpoint / "v3.pth"), "--source",
-                        str(v3_checkpoint / "images"), "--output_dir", str(feats), "--crop_size", "32", "--resize_size",
-                        "32", "--num_workers", "0", "--batch_size", "4", "--device", "cpu", "--progress", "false"])
+    summary = dispatch(
+        [
+            "extract",
+            "--pretrained_weights",
+            str(v3_checkpoint / "v3.pth"),
+            "--source",
+            str(v3_checkpoint / "images"),
+            "--output_dir",
+            str(feats),
+            "--crop_size",
+            "32",
+            "--resize_size",
+            "32",
+            "--num_workers",
+            "0",
+            "--batch_size",
+            "4",
+            "--device",
+            "cpu",
+            "--progress",
+            "false",
+        ]
+    )
     assert summary["num_features"] == 6 and summary["dim"] == DIM
     features = np.load(feats / "features.npy")
     paths = (feats / "paths.txt").read_text().splitlines()
@@ -157,11 +180,31 @@ def test_extract_search_duplicates_on_a_v3_checkpoint(v3_checkpoint, tmp_path):
     np.testing.assert_allclose(features, expected, atol=ATOL)
     outside = tmp_path / "query.png"
     Image.open(v3_checkpoint / "images" / "img3.png").save(outside)  # not in the index: embedded again
-    result = dispatch(["search", "--features_dir", str(feats), "--queries", str(outside), "--k", "1", "--output_dir",
-                       str(tmp_path / "search"), "--device", "cpu", "--contact_sheet", "none"])
+    result = dispatch(
+        [
+            "search",
+            "--features_dir",
+            str(feats),
+            "--queries",
+            str(outside),
+            "--k",
+            "1",
+            "--output_dir",
+            str(tmp_path / "search"),
+            "--device",
+            "cpu",
+            "--contact_sheet",
+            "none",
+        ]
+    )
     assert result["results"][0][0][0].endswith("img3.png") and result["results"][0][0][1] > 0.9999
-    dup = dispatch(["duplicates", "--features_dir", str(feats), "--threshold", "0.9999", "--output", str(tmp_path / "d.csv")])
-    assert dup["num_pairs"] == 1 and {p.rsplit("/", 1)[-1] for p in dup["pairs"][0][:2]} == {"img0.png", "copy_of_0.png"}
+    dup = dispatch(
+        ["duplicates", "--features_dir", str(feats), "--threshold", "0.9999", "--output", str(tmp_path / "d.csv")]
+    )
+    assert dup["num_pairs"] == 1 and {p.rsplit("/", 1)[-1] for p in dup["pairs"][0][:2]} == {
+        "img0.png",
+        "copy_of_0.png",
+    }
 
 
 # ---- dino export ---------------------------------------------------------------------------------------------------
@@ -217,8 +260,19 @@ def test_hf_export_bakes_the_position_embedding_for_image_size(tmp_path):
 def test_export_cli_on_v3(v3_checkpoint, tmp_path):
     pytest.importorskip("onnxruntime")
     weights = str(v3_checkpoint / "v3.pth")
-    result = dispatch(["export", "--pretrained_weights", weights, "--format", "onnx", "--output", str(tmp_path / "m.onnx"),
-                       "--image_size", "48"])
+    result = dispatch(
+        [
+            "export",
+            "--pretrained_weights",
+            weights,
+            "--format",
+            "onnx",
+            "--output",
+            str(tmp_path / "m.onnx"),
+            "--image_size",
+            "48",
+        ]
+    )
     assert result["max_abs_diff"] <= 1e-4
     with pytest.raises(UserError, match=r"GGUF .*--format onnx or --format hf") as error:
         dispatch(["export", "--pretrained_weights", weights, "--format", "gguf", "--output", str(tmp_path / "m.gguf")])
@@ -243,11 +297,24 @@ def test_extraction_imports_no_torchvision(v3_checkpoint, tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; from dino.cli import dispatch; dispatch(['extract', '--pretrained_weights', sys.argv[1], "
-            "'--source', sys.argv[2], '--output_dir', sys.argv[3], '--crop_size', '32', '--num_workers', '0', "
-            "'--device', 'cpu', '--progress', 'false']); print('torchvision' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code, str(v3_checkpoint / "v3.pth"), str(v3_checkpoint / "images"),
-                          str(tmp_path / "feats")], capture_output=True, text=True, check=True).stdout
+    code = (
+        "import sys; from dino.cli import dispatch; dispatch(['extract', '--pretrained_weights', sys.argv[1], "
+        "'--source', sys.argv[2], '--output_dir', sys.argv[3], '--crop_size', '32', '--num_workers', '0', "
+        "'--device', 'cpu', '--progress', 'false']); print('torchvision' in sys.modules)"
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(v3_checkpoint / "v3.pth"),
+            str(v3_checkpoint / "images"),
+            str(tmp_path / "feats"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out.strip().splitlines()[-1] == "False"
 
 
@@ -257,8 +324,11 @@ def test_merged_npy_is_streamed_from_the_chunks(tmp_path):
     chunks = tmp_path / "chunks"
     chunks.mkdir()
     rng = np.random.default_rng(0)
-    parts = [rng.standard_normal((3, 5)).astype(np.float32), np.zeros((0, 0), np.float32),
-             rng.standard_normal((2, 5)).astype(np.float32)]
+    parts = [
+        rng.standard_normal((3, 5)).astype(np.float32),
+        np.zeros((0, 0), np.float32),
+        rng.standard_normal((2, 5)).astype(np.float32),
+    ]
     for index, part in enumerate(parts):
         np.save(chunks / f"{index:05d}.npy", part)
         write_path_list(chunks / f"{index:05d}.txt", [f"img{index}_{i}" for i in range(len(part))])

@@ -169,7 +169,9 @@ def test_dino_v1_loss_matches_double_loop(rng):
     for iq in range(2):
         for v in range(n_crops):
             if v != iq:
-                terms.append(cross_entropy(teacher[iq * batch:(iq + 1) * batch], student[v * batch:(v + 1) * batch]))
+                terms.append(
+                    cross_entropy(teacher[iq * batch : (iq + 1) * batch], student[v * batch : (v + 1) * batch])
+                )
     assert len(terms) == 2 * n_crops - 2
     assert value.item() == pytest.approx(sum(terms) / len(terms), rel=1e-9)
 
@@ -187,9 +189,10 @@ def test_dinov2_terms_pair_each_global_with_the_other_teacher(rng):
     t1, t2 = teacher[:batch], teacher[batch:]
     n_terms = 2 * 1 + 2 * n_local
     expected_global = (cross_entropy(t2, s1) + cross_entropy(t1, s2)) / n_terms
-    expected_local = sum(
-        cross_entropy(t, student_local[i * batch:(i + 1) * batch]) for i in range(n_local) for t in (t1, t2)
-    ) / n_terms
+    expected_local = (
+        sum(cross_entropy(t, student_local[i * batch : (i + 1) * batch]) for i in range(n_local) for t in (t1, t2))
+        / n_terms
+    )
     assert terms.global_crops.item() == pytest.approx(expected_global, rel=1e-9)
     assert terms.local_crops.item() == pytest.approx(expected_local, rel=1e-9)
     # Same pairs as DINO v1, hence the same mean when the crops are ordered globals then locals.
@@ -202,8 +205,10 @@ def test_dinov2_terms_without_local_crops(rng):
     teacher = torch.tensor(np_softmax(rng.normal(size=(4, 3))))
     terms = dinov2_clstoken_loss_terms(DINOLoss(3), student_global, teacher, None, 0)
     assert terms.local_crops.item() == 0.0
-    expected = (cross_entropy(teacher[2:].numpy(), student_global[:2].numpy())
-                + cross_entropy(teacher[:2].numpy(), student_global[2:].numpy())) / 2
+    expected = (
+        cross_entropy(teacher[2:].numpy(), student_global[:2].numpy())
+        + cross_entropy(teacher[:2].numpy(), student_global[2:].numpy())
+    ) / 2
     assert terms.global_crops.item() == pytest.approx(expected, rel=1e-9)
 
 

@@ -76,7 +76,7 @@ def test_every_masked_patch_lies_in_a_block_of_at_least_two_by_two():
         covered = np.zeros_like(mask)
         for dr in (0, 1):
             for dc in (0, 1):
-                covered[dr:dr + 13, dc:dc + 13] |= windows
+                covered[dr : dr + 13, dc : dc + 13] |= windows
         assert np.array_equal(covered, mask)
 
 
@@ -140,9 +140,13 @@ def test_collate_masks_ratio_bins_weights_and_bounds():
     n_tokens, n_crops = side * side, 2 * batch
     random.seed(0)
     for mask_probability in (0.5, 0.3, 1.0):
-        out = collate_data_and_cast(make_samples(batch), mask_ratio_tuple=(0.1, 0.5),
-                                    mask_probability=mask_probability, n_tokens=n_tokens,
-                                    mask_generator=ExactGenerator(side))
+        out = collate_data_and_cast(
+            make_samples(batch),
+            mask_ratio_tuple=(0.1, 0.5),
+            mask_probability=mask_probability,
+            n_tokens=n_tokens,
+            mask_generator=ExactGenerator(side),
+        )
         masks = out["collated_masks"]
         assert masks.shape == (n_crops, n_tokens) and masks.dtype == torch.bool
         counts = masks.sum(dim=1)
@@ -175,8 +179,9 @@ def test_collate_shuffles_which_crops_are_masked():
 def test_collate_with_real_generator_and_dtype():
     random.seed(2)
     generator = MaskingGenerator(8, max_num_patches=32)
-    out = collate_data_and_cast(make_samples(4, n_local=0), mask_probability=0.5,
-                                mask_generator=generator, dtype=torch.bfloat16)
+    out = collate_data_and_cast(
+        make_samples(4, n_local=0), mask_probability=0.5, mask_generator=generator, dtype=torch.bfloat16
+    )
     assert out["collated_global_crops"].dtype == torch.bfloat16
     assert out["collated_local_crops"].numel() == 0 and out["collated_local_crops"].shape[0] == 0
     counts = out["collated_masks"].sum(1)

@@ -32,8 +32,11 @@ from dino.models.dinov3 import DINOV3_RELEASES
 from dino.models.vision_transformer import DinoV3VisionTransformer, VisionTransformer
 
 HUB_NAMES = sorted(set(hub.OFFICIAL_MODELS) | set(DINOV3_RELEASES))
-FACTORIES = ([("v2", arch) for arch in ARCH_SIZES] + [("v3", arch) for arch in V3_ARCH_SIZES]
-             + [("convnext", size) for size in CONVNEXT_SIZES])
+FACTORIES = (
+    [("v2", arch) for arch in ARCH_SIZES]
+    + [("v3", arch) for arch in V3_ARCH_SIZES]
+    + [("convnext", size) for size in CONVNEXT_SIZES]
+)
 REAL_PARAMS = 16_000_000  # two blocks above this are checked on the meta device only
 GRID = (2, 3)  # patches (ViT) or stride-32 cells (ConvNeXt) of the test images, height × width
 

@@ -72,8 +72,13 @@ def ref_pos_embed(pos, h0, w0, H, W, offset, antialias):
         return pos
     grid = pos[:, 1:].reshape(1, m, m, D).permute(0, 3, 1, 2)
     if offset:
-        grid = F.interpolate(grid, scale_factor=((h0 + offset) / m, (w0 + offset) / m), mode="bicubic",
-                             align_corners=False, antialias=antialias)
+        grid = F.interpolate(
+            grid,
+            scale_factor=((h0 + offset) / m, (w0 + offset) / m),
+            mode="bicubic",
+            align_corners=False,
+            antialias=antialias,
+        )
     else:
         grid = F.interpolate(grid, size=(h0, w0), mode="bicubic", align_corners=False, antialias=antialias)
     return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, h0 * w0, D)], dim=1)
@@ -99,10 +104,10 @@ def ref_attention(sd, p, x):
     B, N, _ = x.shape
     hd = D // HEADS
     qkv = x @ sd[p + "attn.qkv.weight"].T + sd[p + "attn.qkv.bias"]
-    q, k, v = qkv[..., :D], qkv[..., D:2 * D], qkv[..., 2 * D:]
+    q, k, v = qkv[..., :D], qkv[..., D : 2 * D], qkv[..., 2 * D :]
     outs, maps = [], []
     for h in range(HEADS):
-        qh, kh, vh = (t[..., h * hd:(h + 1) * hd] for t in (q, k, v))
+        qh, kh, vh = (t[..., h * hd : (h + 1) * hd] for t in (q, k, v))
         logits = qh @ kh.transpose(1, 2) / math.sqrt(hd)
         a = torch.exp(logits - logits.max(-1, keepdim=True).values)
         a = a / a.sum(-1, keepdim=True)
@@ -126,7 +131,10 @@ def ref_blocks(sd, tok):
             x1, x2 = x12.chunk(2, dim=-1)
             y = (x1 * torch.sigmoid(x1) * x2) @ sd[p + "mlp.w3.weight"].T + sd[p + "mlp.w3.bias"]
         else:
-            y = ref_gelu(y @ sd[p + "mlp.fc1.weight"].T + sd[p + "mlp.fc1.bias"]) @ sd[p + "mlp.fc2.weight"].T + sd[p + "mlp.fc2.bias"]
+            y = (
+                ref_gelu(y @ sd[p + "mlp.fc1.weight"].T + sd[p + "mlp.fc1.bias"]) @ sd[p + "mlp.fc2.weight"].T
+                + sd[p + "mlp.fc2.bias"]
+            )
         tok = tok + ls2 * y
         outputs.append(tok)
     return outputs, last_attn
@@ -140,7 +148,9 @@ CASES = {
     "dinov2": dict(sd=dict(patch=14, grid=37), offset=0.1, antialias=False, stored={}),
     "dinov2_reg": dict(sd=dict(patch=14, grid=37, registers=4), offset=0.0, antialias=True, stored={}),
     "dinov2_swiglu": dict(sd=dict(patch=14, grid=37, swiglu=True), offset=0.1, antialias=False, stored={}),
-    "dino_v1": dict(sd=dict(patch=16, grid=14, layerscale=False, mask_token=False), offset=0.1, antialias=False, stored={}),
+    "dino_v1": dict(
+        sd=dict(patch=16, grid=14, layerscale=False, mask_token=False), offset=0.1, antialias=False, stored={}
+    ),
 }
 
 
@@ -160,8 +170,8 @@ def test_forward_features_matches_reference(case, size):
         ref = ref_layernorm(blocks[-1], sd["norm.weight"], sd["norm.bias"])
         R = spec["sd"].get("registers", 0)
         torch.testing.assert_close(out["x_norm_clstoken"], ref[:, 0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(out["x_norm_regtokens"], ref[:, 1:1 + R], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(out["x_norm_patchtokens"], ref[:, 1 + R:], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out["x_norm_regtokens"], ref[:, 1 : 1 + R], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out["x_norm_patchtokens"], ref[:, 1 + R :], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out["x_prenorm"], blocks[-1], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(model(x), ref[:, 0], atol=1e-5, rtol=1e-5)
         attn = model.get_last_selfattention(x)

@@ -21,8 +21,18 @@ S_DIM, S_HEADS, DEPTH = 384, 6, 2  # ViT-S width (head_dim 64) with two blocks t
 
 
 # ---- random tensors in the official layout, written from the key list in FACTS.md (not from our model) -------
-def official_v3_vit_state_dict(dim=S_DIM, depth=DEPTH, swiglu_hidden=None, qkv_bias=True, storage=4, patch=16,
-                               heads=S_HEADS, local_cls_norm=False, seed=0, meta=False):
+def official_v3_vit_state_dict(
+    dim=S_DIM,
+    depth=DEPTH,
+    swiglu_hidden=None,
+    qkv_bias=True,
+    storage=4,
+    patch=16,
+    heads=S_HEADS,
+    local_cls_norm=False,
+    seed=0,
+    meta=False,
+):
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape, s=0.05, base=0.0):
@@ -32,8 +42,11 @@ def official_v3_vit_state_dict(dim=S_DIM, depth=DEPTH, swiglu_hidden=None, qkv_b
 
     head_dim = dim // heads
     sd = {"cls_token": r(1, 1, dim), "storage_tokens": r(1, storage, dim), "mask_token": r(1, dim)}
-    sd["rope_embed.periods"] = (torch.empty(head_dim // 4, device="meta") if meta else
-                                torch.tensor([100.0 ** (i / (head_dim / 4)) for i in range(head_dim // 4)]))
+    sd["rope_embed.periods"] = (
+        torch.empty(head_dim // 4, device="meta")
+        if meta
+        else torch.tensor([100.0 ** (i / (head_dim / 4)) for i in range(head_dim // 4)])
+    )
     sd["patch_embed.proj.weight"] = r(dim, 3, patch, patch, s=0.02)
     sd["patch_embed.proj.bias"] = r(dim)
     for i in range(depth):
@@ -42,13 +55,20 @@ def official_v3_vit_state_dict(dim=S_DIM, depth=DEPTH, swiglu_hidden=None, qkv_b
         sd[p + "attn.qkv.weight"] = r(3 * dim, dim)
         if qkv_bias:
             sd[p + "attn.qkv.bias"] = r(3 * dim, s=0.3)  # large k bias: RoPE makes it matter unless masked
-            sd[p + "attn.qkv.bias_mask"] = (torch.empty(3 * dim, device="meta") if meta else
-                                             torch.cat([torch.ones(dim), torch.zeros(dim), torch.ones(dim)]))
+            sd[p + "attn.qkv.bias_mask"] = (
+                torch.empty(3 * dim, device="meta")
+                if meta
+                else torch.cat([torch.ones(dim), torch.zeros(dim), torch.ones(dim)])
+            )
         sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"] = r(dim, dim), r(dim)
         sd[p + "ls1.gamma"] = r(dim, s=0.3, base=1.0)
         sd[p + "norm2.weight"], sd[p + "norm2.bias"] = r(dim, base=1.0), r(dim)
         if swiglu_hidden:
-            for name, shape in (("w1", (swiglu_hidden, dim)), ("w2", (swiglu_hidden, dim)), ("w3", (dim, swiglu_hidden))):
+            for name, shape in (
+                ("w1", (swiglu_hidden, dim)),
+                ("w2", (swiglu_hidden, dim)),
+                ("w3", (dim, swiglu_hidden)),
+            ):
                 # smaller than the MLP's: SwiGLU's product of two projections would otherwise grow the residual
                 # stream to where fp32 rounding alone is ~1e-5
                 sd[p + f"mlp.{name}.weight"], sd[p + f"mlp.{name}.bias"] = r(*shape, s=0.03), r(shape[0])
@@ -92,7 +112,7 @@ def ref_vit_blocks(sd, x, heads=S_HEADS, masks=None, eps=1e-5):
     p = sd["patch_embed.proj.weight"].shape[-1]
     dim = sd["cls_token"].shape[-1]
     h, w = H // p, W // p  # the conv floors: the remainder rows/columns are never seen
-    patches = x[:, :, :h * p, :w * p].unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(B, h * w, -1)
+    patches = x[:, :, : h * p, : w * p].unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(B, h * w, -1)
     tok = patches @ sd["patch_embed.proj.weight"].reshape(dim, -1).T + sd["patch_embed.proj.bias"]
     if masks is not None:
         tok = torch.where(masks[..., None], sd["mask_token"][None], tok)
@@ -109,12 +129,12 @@ def ref_vit_blocks(sd, x, heads=S_HEADS, masks=None, eps=1e-5):
         qkv = y @ sd[b + "attn.qkv.weight"].T
         if b + "attn.qkv.bias" in sd:
             bias = sd[b + "attn.qkv.bias"].clone()
-            bias[dim:2 * dim] = 0  # the released models never use their k bias
+            bias[dim : 2 * dim] = 0  # the released models never use their k bias
             qkv = qkv + bias
-        q, k, v = qkv[..., :dim], qkv[..., dim:2 * dim], qkv[..., 2 * dim:]
+        q, k, v = qkv[..., :dim], qkv[..., dim : 2 * dim], qkv[..., 2 * dim :]
         outs, head_maps = [], []
         for hh in range(heads):
-            qh, kh, vh = (t[..., hh * hd:(hh + 1) * hd] for t in (q, k, v))
+            qh, kh, vh = (t[..., hh * hd : (hh + 1) * hd] for t in (q, k, v))
             qh = torch.cat([qh[:, :prefix], ref_rotate(qh[:, prefix:], angles)], dim=1)
             kh = torch.cat([kh[:, :prefix], ref_rotate(kh[:, prefix:], angles)], dim=1)
             logits = qh @ kh.transpose(1, 2) / math.sqrt(hd)
@@ -144,8 +164,12 @@ def ref_v3_features(sd, x, **kw):
     last = outputs[-1]
     normed = ref_layernorm(last, sd["norm.weight"], sd["norm.bias"])
     s = sd["storage_tokens"].shape[1]
-    return {"x_norm_clstoken": normed[:, 0], "x_storage_tokens": normed[:, 1:1 + s],
-            "x_norm_patchtokens": normed[:, 1 + s:], "x_prenorm": last}
+    return {
+        "x_norm_clstoken": normed[:, 0],
+        "x_storage_tokens": normed[:, 1 : 1 + s],
+        "x_norm_patchtokens": normed[:, 1 + s :],
+        "x_prenorm": last,
+    }
 
 
 def swiglu_hidden(dim, ratio, align=8):
@@ -210,8 +234,9 @@ def test_intermediate_layers_match_reference(loaded, norm):
     _, sd, model = loaded
     x = torch.randn(1, 3, 48, 80)
     with torch.no_grad():
-        outs = model.get_intermediate_layers(x, n=2, reshape=True, return_class_token=True, return_extra_tokens=True,
-                                             norm=norm)
+        outs = model.get_intermediate_layers(
+            x, n=2, reshape=True, return_class_token=True, return_extra_tokens=True, norm=norm
+        )
         plain = model.get_intermediate_layers(x, n=[0], norm=norm)
     ref_outs, _, (h, w) = ref_vit_blocks(sd, x)
     if norm:
@@ -243,7 +268,7 @@ def test_k_bias_is_masked_and_matters():
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         before = model(x)
-        model.blocks[0].attn.qkv.bias.data[S_DIM:2 * S_DIM] += 5.0
+        model.blocks[0].attn.qkv.bias.data[S_DIM : 2 * S_DIM] += 5.0
         assert torch.allclose(model(x), before, atol=1e-6)
         model.blocks[0].attn.qkv.bias_mask.fill_(1.0)  # unmasked, the same change moves the output
         assert not torch.allclose(model(x), before, atol=1e-3)
@@ -300,9 +325,12 @@ def test_local_cls_norm_only_for_local_crops_in_training():
     prenorm = train_out[1]["x_prenorm"]
     expected = ref_layernorm(prenorm[:, 0], sd["local_cls_norm.weight"], sd["local_cls_norm.bias"])
     torch.testing.assert_close(train_out[1]["x_norm_clstoken"], expected, atol=ATOL, rtol=0)
-    torch.testing.assert_close(train_out[0]["x_norm_clstoken"],
-                               ref_layernorm(train_out[0]["x_prenorm"][:, 0], sd["norm.weight"], sd["norm.bias"]),
-                               atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        train_out[0]["x_norm_clstoken"],
+        ref_layernorm(train_out[0]["x_prenorm"][:, 0], sd["norm.weight"], sd["norm.bias"]),
+        atol=ATOL,
+        rtol=0,
+    )
 
 
 def test_v3_recognised_and_wrong_file_named(tmp_path):
@@ -316,8 +344,11 @@ def test_v3_recognised_and_wrong_file_named(tmp_path):
     torch.save(full, path)
     model = load_dinov3("dinov3_vits16", weights=str(path))
     assert type(model).__name__ == "DinoV3VisionTransformer"
-    with pytest.raises(UserError, match=r"does not fit dinov3_vitb16: it holds a DINOv3 ViT vit_small .*"
-                                        r"load it with the 'dinov3_vits16' entry point"):
+    with pytest.raises(
+        UserError,
+        match=r"does not fit dinov3_vitb16: it holds a DINOv3 ViT vit_small .*"
+        r"load it with the 'dinov3_vits16' entry point",
+    ):
         load_dinov3("dinov3_vitb16", weights=str(path))
     from dino.hub import load_official
 
@@ -331,7 +362,6 @@ def test_v3_recognised_and_wrong_file_named(tmp_path):
     torch.save(official_v2_state_dict(), v2_path)
     with pytest.raises(UserError, match=r"it holds a DINOv2 ViT vit_small .*patch 14"):
         load_dinov3("dinov3_vits16", weights=str(v2_path))
-
 
 
 def test_onnx_trace_keeps_rope_tables_in_the_graph(tmp_path):
@@ -356,8 +386,15 @@ def test_onnx_trace_keeps_rope_tables_in_the_graph(tmp_path):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(Tokens().eval(), (torch.randn(2, 3, 64, 96),), str(path), dynamo=False, input_names=["x"],
-                          opset_version=17, dynamic_axes={"x": {0: "batch", 2: "height", 3: "width"}})
+        torch.onnx.export(
+            Tokens().eval(),
+            (torch.randn(2, 3, 64, 96),),
+            str(path),
+            dynamo=False,
+            input_names=["x"],
+            opset_version=17,
+            dynamic_axes={"x": {0: "batch", 2: "height", 3: "width"}},
+        )
     model.eval()
     session = ort.InferenceSession(str(path))
     for shape in [(1, 3, 64, 64), (3, 3, 48, 80), (2, 3, 70, 90)]:

@@ -33,17 +33,32 @@ CONVNEXT_RELEASES = {
     "dinov3_convnext_base": ((3, 3, 27, 3), (128, 256, 512, 1024)),
     "dinov3_convnext_large": ((3, 3, 27, 3), (192, 384, 768, 1536)),
 }
-URL_HASHES = {"dinov3_vits16": "08c60483", "dinov3_vits16plus": "4057cbaa", "dinov3_vitb16": "73cec8be",
-              "dinov3_vitl16": "8aa4cbdd", "dinov3_vith16plus": "7c1da9a5", "dinov3_vit7b16": "a955f4ea",
-              "dinov3_convnext_tiny": "21b726bb", "dinov3_convnext_small": "296db49d",
-              "dinov3_convnext_base": "801f2ba9", "dinov3_convnext_large": "61fa432d"}
+URL_HASHES = {
+    "dinov3_vits16": "08c60483",
+    "dinov3_vits16plus": "4057cbaa",
+    "dinov3_vitb16": "73cec8be",
+    "dinov3_vitl16": "8aa4cbdd",
+    "dinov3_vith16plus": "7c1da9a5",
+    "dinov3_vit7b16": "a955f4ea",
+    "dinov3_convnext_tiny": "21b726bb",
+    "dinov3_convnext_small": "296db49d",
+    "dinov3_convnext_base": "801f2ba9",
+    "dinov3_convnext_large": "61fa432d",
+}
 
 
 def vit_layout(dim, depth, heads, ffn, qkv_bias, local_cls_norm, patch=16):
     """{key: shape} of an official DINOv3 ViT file, from the documented key list."""
-    shapes = {"cls_token": (1, 1, dim), "storage_tokens": (1, 4, dim), "mask_token": (1, dim),
-              "rope_embed.periods": (dim // heads // 4,), "patch_embed.proj.weight": (dim, 3, patch, patch),
-              "patch_embed.proj.bias": (dim,), "norm.weight": (dim,), "norm.bias": (dim,)}
+    shapes = {
+        "cls_token": (1, 1, dim),
+        "storage_tokens": (1, 4, dim),
+        "mask_token": (1, dim),
+        "rope_embed.periods": (dim // heads // 4,),
+        "patch_embed.proj.weight": (dim, 3, patch, patch),
+        "patch_embed.proj.bias": (dim,),
+        "norm.weight": (dim,),
+        "norm.bias": (dim,),
+    }
     if local_cls_norm:
         shapes.update({"local_cls_norm.weight": (dim,), "local_cls_norm.bias": (dim,)})
     for i in range(depth):
@@ -56,27 +71,60 @@ def vit_layout(dim, depth, heads, ffn, qkv_bias, local_cls_norm, patch=16):
         shapes[p + "attn.proj.weight"], shapes[p + "attn.proj.bias"] = (dim, dim), (dim,)
         shapes[p + "ls1.gamma"] = shapes[p + "ls2.gamma"] = (dim,)
         if ffn == "mlp":
-            shapes.update({p + "mlp.fc1.weight": (4 * dim, dim), p + "mlp.fc1.bias": (4 * dim,),
-                           p + "mlp.fc2.weight": (dim, 4 * dim), p + "mlp.fc2.bias": (dim,)})
+            shapes.update(
+                {
+                    p + "mlp.fc1.weight": (4 * dim, dim),
+                    p + "mlp.fc1.bias": (4 * dim,),
+                    p + "mlp.fc2.weight": (dim, 4 * dim),
+                    p + "mlp.fc2.bias": (dim,),
+                }
+            )
         else:
-            shapes.update({p + "mlp.w1.weight": (ffn, dim), p + "mlp.w1.bias": (ffn,), p + "mlp.w2.weight": (ffn, dim),
-                           p + "mlp.w2.bias": (ffn,), p + "mlp.w3.weight": (dim, ffn), p + "mlp.w3.bias": (dim,)})
+            shapes.update(
+                {
+                    p + "mlp.w1.weight": (ffn, dim),
+                    p + "mlp.w1.bias": (ffn,),
+                    p + "mlp.w2.weight": (ffn, dim),
+                    p + "mlp.w2.bias": (ffn,),
+                    p + "mlp.w3.weight": (dim, ffn),
+                    p + "mlp.w3.bias": (dim,),
+                }
+            )
     return shapes
 
 
 def convnext_layout(depths, dims):
-    shapes = {"downsample_layers.0.0.weight": (dims[0], 3, 4, 4), "downsample_layers.0.0.bias": (dims[0],),
-              "downsample_layers.0.1.weight": (dims[0],), "downsample_layers.0.1.bias": (dims[0],)}
+    shapes = {
+        "downsample_layers.0.0.weight": (dims[0], 3, 4, 4),
+        "downsample_layers.0.0.bias": (dims[0],),
+        "downsample_layers.0.1.weight": (dims[0],),
+        "downsample_layers.0.1.bias": (dims[0],),
+    }
     for i in range(1, 4):
-        shapes.update({f"downsample_layers.{i}.0.weight": (dims[i - 1],), f"downsample_layers.{i}.0.bias": (dims[i - 1],),
-                       f"downsample_layers.{i}.1.weight": (dims[i], dims[i - 1], 2, 2),
-                       f"downsample_layers.{i}.1.bias": (dims[i],)})
+        shapes.update(
+            {
+                f"downsample_layers.{i}.0.weight": (dims[i - 1],),
+                f"downsample_layers.{i}.0.bias": (dims[i - 1],),
+                f"downsample_layers.{i}.1.weight": (dims[i], dims[i - 1], 2, 2),
+                f"downsample_layers.{i}.1.bias": (dims[i],),
+            }
+        )
     for i, (depth, dim) in enumerate(zip(depths, dims)):
         for j in range(depth):
             p = f"stages.{i}.{j}."
-            shapes.update({p + "dwconv.weight": (dim, 1, 7, 7), p + "dwconv.bias": (dim,), p + "norm.weight": (dim,),
-                           p + "norm.bias": (dim,), p + "pwconv1.weight": (4 * dim, dim), p + "pwconv1.bias": (4 * dim,),
-                           p + "pwconv2.weight": (dim, 4 * dim), p + "pwconv2.bias": (dim,), p + "gamma": (dim,)})
+            shapes.update(
+                {
+                    p + "dwconv.weight": (dim, 1, 7, 7),
+                    p + "dwconv.bias": (dim,),
+                    p + "norm.weight": (dim,),
+                    p + "norm.bias": (dim,),
+                    p + "pwconv1.weight": (4 * dim, dim),
+                    p + "pwconv1.bias": (4 * dim,),
+                    p + "pwconv2.weight": (dim, 4 * dim),
+                    p + "pwconv2.bias": (dim,),
+                    p + "gamma": (dim,),
+                }
+            )
     for prefix in ("norm.", "norms.3."):  # the official model registers its final norm twice
         shapes[prefix + "weight"] = shapes[prefix + "bias"] = (dims[-1],)
     return shapes
@@ -113,7 +161,9 @@ def test_entry_point_layout_is_the_official_one(name):
     assert ours == expected
 
 
-@pytest.mark.parametrize("name", ["dinov3_vits16", "dinov3_vits16plus", "dinov3_convnext_tiny"])  # the rest: layout on meta
+@pytest.mark.parametrize(
+    "name", ["dinov3_vits16", "dinov3_vits16plus", "dinov3_convnext_tiny"]
+)  # the rest: layout on meta
 def test_official_layout_files_load_strictly_through_entry_point_and_load_backbone(tmp_path, name):
     layout = vit_layout(*VIT_RELEASES[name][:-1]) if name in VIT_RELEASES else convnext_layout(*CONVNEXT_RELEASES[name])
     sd = random_state_dict(layout)
@@ -146,9 +196,10 @@ def test_urls_are_the_official_ones_and_pretrained_reads_them(monkeypatch):
     from dino.models.dinov3 import dinov3_url
 
     for name, digest in URL_HASHES.items():
-        stem = name[len("dinov3_"):]
-        assert dinov3_url(name) == (f"https://dl.fbaipublicfiles.com/dinov3/dinov3_{stem}/"
-                                    f"dinov3_{stem}_pretrain_lvd1689m-{digest}.pth")
+        stem = name[len("dinov3_") :]
+        assert dinov3_url(name) == (
+            f"https://dl.fbaipublicfiles.com/dinov3/dinov3_{stem}/dinov3_{stem}_pretrain_lvd1689m-{digest}.pth"
+        )
     assert dinov3_url("dinov3_vitl16", "SAT493M").endswith("dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth")
     with pytest.raises(UserError, match="no SAT493M release"):
         load_dinov3("dinov3_vits16", weights="SAT493M")
@@ -318,8 +369,9 @@ def test_tiny_v3_runs_through_extract_and_visualisation(tiny_v3_checkpoint, tmp_
         Image.fromarray(rng.integers(0, 255, (40, 44, 3), dtype=np.uint8)).save(paths[-1])
     transform = make_eval_transform(36, 32)
     settings = ExtractionSettings(batch_size=2, num_workers=0, progress=False)
-    summary = extract_features_to_folder(model, paths, tmp_path / "feats", transform, 32, settings,
-                                         device=torch.device("cpu"))
+    summary = extract_features_to_folder(
+        model, paths, tmp_path / "feats", transform, 32, settings, device=torch.device("cpu")
+    )
     features, listed, _ = load_extracted(tmp_path / "feats")
     assert features.shape == (3, 64) and listed == paths, summary
     del extract_features  # imported to check the eval feature module loads with v3 installed
@@ -333,8 +385,10 @@ def test_save_backbone_round_trip(tmp_path, suffix):
     from dino.models.vision_transformer import DinoV3VisionTransformer
 
     x = torch.randn(1, 3, 64, 64)
-    for model in (ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64)),
-                  DinoV3VisionTransformer(embed_dim=32, depth=1, num_heads=2)):
+    for model in (
+        ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64)),
+        DinoV3VisionTransformer(embed_dim=32, depth=1, num_heads=2),
+    ):
         model.eval()
         path = tmp_path / f"{type(model).__name__}{suffix}"
         save_backbone(model, path)

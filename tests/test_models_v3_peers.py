@@ -16,21 +16,32 @@ SIZES = [(64, 64), (48, 80), (70, 90)]
 
 def to_hf_layout(sd: dict, depth: int, dim: int) -> dict:
     """The official layout in transformers' DINOv3 names: qkv split into q/k/v, k bias dropped (it is masked)."""
-    out = {"embeddings.cls_token": sd["cls_token"], "embeddings.mask_token": sd["mask_token"][None],
-           "embeddings.register_tokens": sd["storage_tokens"],
-           "embeddings.patch_embeddings.weight": sd["patch_embed.proj.weight"],
-           "embeddings.patch_embeddings.bias": sd["patch_embed.proj.bias"],
-           "norm.weight": sd["norm.weight"], "norm.bias": sd["norm.bias"]}
+    out = {
+        "embeddings.cls_token": sd["cls_token"],
+        "embeddings.mask_token": sd["mask_token"][None],
+        "embeddings.register_tokens": sd["storage_tokens"],
+        "embeddings.patch_embeddings.weight": sd["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.bias": sd["patch_embed.proj.bias"],
+        "norm.weight": sd["norm.weight"],
+        "norm.bias": sd["norm.bias"],
+    }
     mlp_names = {"fc1": "up_proj", "fc2": "down_proj", "w1": "gate_proj", "w2": "up_proj", "w3": "down_proj"}
     for i in range(depth):
         p, q = f"blocks.{i}.", f"model.layer.{i}."
         w, b = sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"]
-        out.update({q + "attention.q_proj.weight": w[:dim], q + "attention.q_proj.bias": b[:dim],
-                    q + "attention.k_proj.weight": w[dim:2 * dim],
-                    q + "attention.v_proj.weight": w[2 * dim:], q + "attention.v_proj.bias": b[2 * dim:],
-                    q + "attention.o_proj.weight": sd[p + "attn.proj.weight"],
-                    q + "attention.o_proj.bias": sd[p + "attn.proj.bias"],
-                    q + "layer_scale1.lambda1": sd[p + "ls1.gamma"], q + "layer_scale2.lambda1": sd[p + "ls2.gamma"]})
+        out.update(
+            {
+                q + "attention.q_proj.weight": w[:dim],
+                q + "attention.q_proj.bias": b[:dim],
+                q + "attention.k_proj.weight": w[dim : 2 * dim],
+                q + "attention.v_proj.weight": w[2 * dim :],
+                q + "attention.v_proj.bias": b[2 * dim :],
+                q + "attention.o_proj.weight": sd[p + "attn.proj.weight"],
+                q + "attention.o_proj.bias": sd[p + "attn.proj.bias"],
+                q + "layer_scale1.lambda1": sd[p + "ls1.gamma"],
+                q + "layer_scale2.lambda1": sd[p + "ls2.gamma"],
+            }
+        )
         for norm in ("norm1", "norm2"):
             out[q + norm + ".weight"], out[q + norm + ".bias"] = sd[p + norm + ".weight"], sd[p + norm + ".bias"]
         for ours, theirs in mlp_names.items():
@@ -52,9 +63,17 @@ def test_matches_transformers_dinov3(gated):
     hidden = swiglu_hidden(384, 6) if gated else None
     sd = official_v3_vit_state_dict(depth=2, swiglu_hidden=hidden)
     config = transformers.DINOv3ViTConfig(
-        hidden_size=384, num_hidden_layers=2, num_attention_heads=6, intermediate_size=hidden or 1536, patch_size=16,
-        num_register_tokens=4, use_gated_mlp=gated, hidden_act="silu" if gated else "gelu", layer_norm_eps=1e-5,
-        rope_theta=100.0)
+        hidden_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        intermediate_size=hidden or 1536,
+        patch_size=16,
+        num_register_tokens=4,
+        use_gated_mlp=gated,
+        hidden_act="silu" if gated else "gelu",
+        layer_norm_eps=1e-5,
+        rope_theta=100.0,
+    )
     theirs = transformers.DINOv3ViTModel(config).eval()
     theirs.load_state_dict(to_hf_layout(sd, 2, 384), strict=True)
     ours = build_backbone_from_state_dict(sd).eval()
@@ -66,8 +85,11 @@ def test_matches_transformers_dinov3(gated):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name,swiglu", [("vit_small_patch16_dinov3_qkvb", None),
-                                         ("vit_small_plus_patch16_dinov3_qkvb", 1536)], ids=["S/16", "S+/16"])
+@pytest.mark.parametrize(
+    "name,swiglu",
+    [("vit_small_patch16_dinov3_qkvb", None), ("vit_small_plus_patch16_dinov3_qkvb", 1536)],
+    ids=["S/16", "S+/16"],
+)
 def test_matches_timm_eva_dinov3(name, swiglu):
     timm = pytest.importorskip("timm")
     eva = pytest.importorskip("timm.models.eva")
@@ -99,15 +121,22 @@ def test_convnext_matches_transformers_dinov3_convnext():
         for tensor in ours.parameters():  # no identity LayerNorms or 1e-6 LayerScale: every term counts
             tensor.add_(torch.randn_like(tensor) * 0.2)
     ours.eval()
-    renames = {"dwconv": "depthwise_conv", "norm": "layer_norm", "pwconv1": "pointwise_conv1",
-               "pwconv2": "pointwise_conv2", "gamma": "gamma"}
+    renames = {
+        "dwconv": "depthwise_conv",
+        "norm": "layer_norm",
+        "pwconv1": "pointwise_conv1",
+        "pwconv2": "pointwise_conv2",
+        "gamma": "gamma",
+    }
     mapped = {}
     for key, value in ours.state_dict().items():
         parts = key.split(".")
         if parts[0] == "downsample_layers":
             mapped[f"model.stages.{parts[1]}.downsample_layers.{'.'.join(parts[2:])}"] = value
         elif parts[0] == "stages":
-            mapped[f"model.stages.{parts[1]}.layers.{parts[2]}.{renames[parts[3]]}" + "".join("." + p for p in parts[4:])] = value
+            mapped[
+                f"model.stages.{parts[1]}.layers.{parts[2]}.{renames[parts[3]]}" + "".join("." + p for p in parts[4:])
+            ] = value
         elif parts[0] == "norm":
             mapped[f"layer_norm.{parts[1]}"] = value
     config = transformers.DINOv3ConvNextConfig(depths=[1, 2, 1, 1], hidden_sizes=[8, 16, 32, 64])
@@ -118,8 +147,9 @@ def test_convnext_matches_transformers_dinov3_convnext():
         with torch.no_grad():
             expected = theirs(pixel_values=x).last_hidden_state
             out = ours.forward_features(x)
-        torch.testing.assert_close(torch.cat([out["x_norm_clstoken"][:, None], out["x_norm_patchtokens"]], 1), expected,
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            torch.cat([out["x_norm_clstoken"][:, None], out["x_norm_patchtokens"]], 1), expected, atol=1e-5, rtol=0
+        )
 
 
 @pytest.mark.parametrize("kind", ["S+/16", "ConvNeXt"])

@@ -36,8 +36,22 @@ def image_data(tmp_path_factory):
 
 
 def test_eval_knn_and_linear(v3_checkpoint, image_data, tmp_path):
-    common = ["--data_path", str(image_data), "--num_workers", "0", "--device", "cpu", "--batch_size_per_gpu", "8",
-              "--crop_size", "32", "--resize_size", "36", "--pretrained_weights", v3_checkpoint]
+    common = [
+        "--data_path",
+        str(image_data),
+        "--num_workers",
+        "0",
+        "--device",
+        "cpu",
+        "--batch_size_per_gpu",
+        "8",
+        "--crop_size",
+        "32",
+        "--resize_size",
+        "36",
+        "--pretrained_weights",
+        v3_checkpoint,
+    ]
     knn = load_script("eval_knn").main(common + ["--nb_knn", "1", "--output_dir", str(tmp_path / "knn")])
     assert knn["num_val"] == 9 and knn["results"]["1"]["top1"] > 50  # solid-colour classes
     load_script("eval_linear").main(common + ["--epochs", "1", "--output_dir", str(tmp_path / "lin")])
@@ -47,17 +61,50 @@ def test_eval_knn_and_linear(v3_checkpoint, image_data, tmp_path):
 def test_visualisations(v3_checkpoint, tmp_path):
     image = tmp_path / "x.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(image)
-    load_script("visualize_attention").main(["--pretrained_weights", v3_checkpoint, "--image_path", str(image),
-                                             "--output_dir", str(tmp_path / "att"), "--image_size", "32", "--device", "cpu"])
-    load_script("visualize_pca").main(["--pretrained_weights", v3_checkpoint, "--image_paths", str(image),
-                                       "--output_dir", str(tmp_path / "pca"), "--image_size", "32", "--device", "cpu"])
+    load_script("visualize_attention").main(
+        [
+            "--pretrained_weights",
+            v3_checkpoint,
+            "--image_path",
+            str(image),
+            "--output_dir",
+            str(tmp_path / "att"),
+            "--image_size",
+            "32",
+            "--device",
+            "cpu",
+        ]
+    )
+    load_script("visualize_pca").main(
+        [
+            "--pretrained_weights",
+            v3_checkpoint,
+            "--image_paths",
+            str(image),
+            "--output_dir",
+            str(tmp_path / "pca"),
+            "--image_size",
+            "32",
+            "--device",
+            "cpu",
+        ]
+    )
     assert list((tmp_path / "att").glob("*.png")) and list((tmp_path / "pca").glob("*.png"))
     from test_video_generation import write_frames
 
     write_frames(tmp_path / "frames", 3)
-    count = load_script("video_generation").main(["--input_path", str(tmp_path / "frames"), "--output_path",
-                                                  str(tmp_path / "vid"), "--pretrained_weights", v3_checkpoint,
-                                                  "--device", "cpu"])
+    count = load_script("video_generation").main(
+        [
+            "--input_path",
+            str(tmp_path / "frames"),
+            "--output_path",
+            str(tmp_path / "vid"),
+            "--pretrained_weights",
+            v3_checkpoint,
+            "--device",
+            "cpu",
+        ]
+    )
     assert count == 3
 
 
@@ -71,17 +118,61 @@ def test_retrieval_copy_detection_and_davis(v3_checkpoint, tmp_path):
     import eval_image_retrieval
     import eval_video_segmentation
 
-    retrieval = eval_image_retrieval.main([
-        "--data_path", str(retrieval_fixtures.write_revisitop(tmp_path / "rv")), "--dataset", "roxford5k",
-        "--imsize", "32", "--pretrained_weights", v3_checkpoint, "--device", "cpu", "--num_workers", "0",
-        "--output_dir", str(tmp_path / "rvo"), "--ranking", "torch"])
+    retrieval = eval_image_retrieval.main(
+        [
+            "--data_path",
+            str(retrieval_fixtures.write_revisitop(tmp_path / "rv")),
+            "--dataset",
+            "roxford5k",
+            "--imsize",
+            "32",
+            "--pretrained_weights",
+            v3_checkpoint,
+            "--device",
+            "cpu",
+            "--num_workers",
+            "0",
+            "--output_dir",
+            str(tmp_path / "rvo"),
+            "--ranking",
+            "torch",
+        ]
+    )
     assert set(retrieval["results"]) == {"easy", "medium", "hard"}
-    copies = eval_copy_detection.main([
-        "--data_path", str(copy_fixtures.write_copydays(tmp_path / "cd")), "--imsize", "32",
-        "--pretrained_weights", v3_checkpoint, "--device", "cpu", "--num_workers", "0", "--output_dir", str(tmp_path / "cdo")])
+    copies = eval_copy_detection.main(
+        [
+            "--data_path",
+            str(copy_fixtures.write_copydays(tmp_path / "cd")),
+            "--imsize",
+            "32",
+            "--pretrained_weights",
+            v3_checkpoint,
+            "--device",
+            "cpu",
+            "--num_workers",
+            "0",
+            "--output_dir",
+            str(tmp_path / "cdo"),
+        ]
+    )
     assert "strong" in copies["results"]
     davis_root, _ = davis_fixtures.write_davis(tmp_path / "dv")
-    eval_video_segmentation.main([
-        "--data_path", str(davis_root), "--pretrained_weights", v3_checkpoint, "--frame_size", "64", "--device", "cpu",
-        "--output_dir", str(tmp_path / "dvo"), "--n_last_frames", "2", "--size_mask_neighborhood", "3"])
+    eval_video_segmentation.main(
+        [
+            "--data_path",
+            str(davis_root),
+            "--pretrained_weights",
+            v3_checkpoint,
+            "--frame_size",
+            "64",
+            "--device",
+            "cpu",
+            "--output_dir",
+            str(tmp_path / "dvo"),
+            "--n_last_frames",
+            "2",
+            "--size_mask_neighborhood",
+            "3",
+        ]
+    )
     assert "J&F-Mean" in json.loads((tmp_path / "dvo" / "davis_results.json").read_text())["results"]

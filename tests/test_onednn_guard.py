@@ -20,7 +20,9 @@ def test_checks_agree_with_the_installed_torch():
 
 def test_a_changed_or_missing_operator_turns_the_path_off(monkeypatch):
     key = ("mkldnn", "_linear_pointwise", "binary")
-    monkeypatch.setitem(onednn.EXPECTED_SCHEMAS, key, onednn.EXPECTED_SCHEMAS[key].replace("str attr", "str attr, int n"))
+    monkeypatch.setitem(
+        onednn.EXPECTED_SCHEMAS, key, onednn.EXPECTED_SCHEMAS[key].replace("str attr", "str attr, int n")
+    )
     monkeypatch.setattr(onednn, "_reasons", [])
     assert not onednn._schemas_match([key]) and "changed" in onednn.reason()
     missing = ("mkldnn", "_no_such_operator", "default")
@@ -34,7 +36,12 @@ def test_the_wrappers_compute_f_linear():
     x, w, b, r = torch.randn(7, 16), torch.randn(12, 16), torch.randn(12), torch.randn(7, 12)
     packed = onednn.reorder_linear_weight(w, 7)
     torch.testing.assert_close(onednn.linear(x, packed, b), torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(onednn.linear(x, packed, b, gelu=True),
-                               torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b)), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(onednn.linear_add(x, r, packed, b), r + torch.nn.functional.linear(x, w, b),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        onednn.linear(x, packed, b, gelu=True),
+        torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b)),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    torch.testing.assert_close(
+        onednn.linear_add(x, r, packed, b), r + torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-5
+    )

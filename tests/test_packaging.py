@@ -97,8 +97,17 @@ def test_top_level_usage_lists_every_job(capsys):
 def test_library_logs_to_the_dino_logger_and_the_cli_prints_it(tmp_path, capsys, caplog):
     weights = tmp_path / "tiny.safetensors"
     hub.save_backbone(tiny(), weights, dict(arch="vit_tiny", patch_size=16, **TINY))
-    argv = ["visualize-attention", "--pretrained_weights", str(weights), "--image_size", "32",
-            "--output_dir", str(tmp_path / "out"), "--device", "cpu"]
+    argv = [
+        "visualize-attention",
+        "--pretrained_weights",
+        str(weights),
+        "--image_size",
+        "32",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+    ]
     logger = logging.getLogger("dino")
     saved = list(logger.handlers), logger.level
     try:
@@ -118,8 +127,14 @@ def test_library_logs_to_the_dino_logger_and_the_cli_prints_it(tmp_path, capsys,
 # --- safetensors ---------------------------------------------------------------------------------
 def test_safetensors_backbone_carries_its_architecture(tmp_path):
     model = tiny(num_register_tokens=2, interpolate_offset=0.0, interpolate_antialias=True, init_values=1e-5)
-    kwargs = dict(arch="vit_tiny", patch_size=16, num_register_tokens=2, interpolate_offset=0.0,
-                  interpolate_antialias=True, **TINY)
+    kwargs = dict(
+        arch="vit_tiny",
+        patch_size=16,
+        num_register_tokens=2,
+        interpolate_offset=0.0,
+        interpolate_antialias=True,
+        **TINY,
+    )
     path = tmp_path / "teacher_backbone.safetensors"
     hub.save_backbone(model, path, kwargs)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher_backbone.safetensors"]  # no sidecar
@@ -138,8 +153,9 @@ def test_safetensors_backbone_carries_its_architecture(tmp_path):
 
 def test_pth_export_gets_a_safetensors_twin_that_loads_the_same(tmp_path):
     model = tiny()
-    hub.save_backbone(model, tmp_path / "teacher_backbone.pth", dict(arch="vit_tiny", patch_size=16, **TINY),
-                      safetensors_copy=True)  # what the training loop writes
+    hub.save_backbone(
+        model, tmp_path / "teacher_backbone.pth", dict(arch="vit_tiny", patch_size=16, **TINY), safetensors_copy=True
+    )  # what the training loop writes
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["teacher_backbone.json", "teacher_backbone.pth", "teacher_backbone.safetensors"]
     x = torch.randn(1, 3, 64, 64)
@@ -207,7 +223,9 @@ def test_logger_is_quiet_without_the_cli():
     import subprocess
     import sys
 
-    code = ("import logging, dino.hub, dino.cli; logging.getLogger('dino.hub').info('hello'); "
-            "print([type(h).__name__ for h in logging.getLogger('dino').handlers])")
+    code = (
+        "import logging, dino.hub, dino.cli; logging.getLogger('dino.hub').info('hello'); "
+        "print([type(h).__name__ for h in logging.getLogger('dino').handlers])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.strip() == "['NullHandler']" and "hello" not in out.stderr

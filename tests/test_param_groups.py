@@ -65,7 +65,9 @@ def settings_by_name(groups) -> dict[str, tuple[float, float, bool]]:
 @pytest.mark.parametrize("chunked", [False, True])
 def test_layerwise_decay_weight_decay_and_last_layer(chunked):
     model = TinyStudent(chunked=chunked)
-    groups = build_param_groups(model, layerwise_decay=0.5, patch_embed_lr_mult=0.2, exclude_tokens_from_weight_decay=True)
+    groups = build_param_groups(
+        model, layerwise_decay=0.5, patch_embed_lr_mult=0.2, exclude_tokens_from_weight_decay=True
+    )
     table = settings_by_name(groups)
     last_block = "backbone.blocks.1.2" if chunked else "backbone.blocks.2"
     first_block = "backbone.blocks.0.0" if chunked else "backbone.blocks.0"
@@ -98,14 +100,28 @@ def test_official_rule_decays_tokens_by_default():
     table = settings_by_name(build_param_groups(TinyViT()))
     for token in ("cls_token", "register_tokens", "mask_token", "pos_embed"):
         assert table[token][1] == 1.0, token
-    for exempt in ("norm.weight", "norm.bias", "blocks.0.qkv.bias", "blocks.0.norm1.weight", "blocks.0.ls1.gamma",
-                   "patch_embed.proj.bias"):
+    for exempt in (
+        "norm.weight",
+        "norm.bias",
+        "blocks.0.qkv.bias",
+        "blocks.0.norm1.weight",
+        "blocks.0.ls1.gamma",
+        "patch_embed.proj.bias",
+    ):
         assert table[exempt][1] == 0.0, exempt
     assert table["blocks.0.qkv.weight"][1] == 1.0 and table["patch_embed.proj.weight"][1] == 1.0
 
 
-@pytest.mark.parametrize("preset, exempt", [("dino_vits16", False), ("dinov2_vits14", False), ("dinov2_vitl14", False),
-                                            ("dinov2_vitg14", False), ("demo", True)])
+@pytest.mark.parametrize(
+    "preset, exempt",
+    [
+        ("dino_vits16", False),
+        ("dinov2_vits14", False),
+        ("dinov2_vitl14", False),
+        ("dinov2_vitg14", False),
+        ("demo", True),
+    ],
+)
 def test_presets_choose_the_token_weight_decay_rule(preset, exempt):
     from dino.config import compose
     from dino.train.loop import build_optimizer

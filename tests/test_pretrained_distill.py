@@ -16,8 +16,9 @@ from dino.train.loop import train
 from dino.train.pretrained import head_warmup_iters
 from tests.helpers import tiny_overrides, write_image_folder
 
-RELEASED = dict(arch="vit_tiny", patch_size=8, depth=2, embed_dim=48, img_size=32, init_values=1e-5,
-                num_register_tokens=1)
+RELEASED = dict(
+    arch="vit_tiny", patch_size=8, depth=2, embed_dim=48, img_size=32, init_values=1e-5, num_register_tokens=1
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +38,13 @@ def released(tmp_path_factory):
 
 
 def config(image_folder, output_dir, *extra):
-    return compose("train/demo", tiny_overrides(image_folder, output_dir, 8, "dino.loss_style=v2",
-                                                "ibot.loss_weight=1.0", *extra))
+    return compose(
+        "train/demo", tiny_overrides(image_folder, output_dir, 8, "dino.loss_style=v2", "ibot.loss_weight=1.0", *extra)
+    )
 
 
 def backbone_of(state: dict, prefix: str = "backbone.") -> dict:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def heads_of(state: dict) -> dict:
@@ -57,8 +59,12 @@ def losses_by_step(output_dir: Path) -> dict[int, float]:
 def test_continued_pretraining_warms_up_heads_on_a_frozen_backbone_then_unfreezes(tmp_path, image_folder, released):
     path, weights = released
     out = tmp_path / "run"
-    extra = (f"model.pretrained_weights={path}", "train.head_warmup_iters=2", "optim.backbone_lr_mult=0.25",
-             "optim.warmup_epochs=0")
+    extra = (
+        f"model.pretrained_weights={path}",
+        "train.head_warmup_iters=2",
+        "optim.backbone_lr_mult=0.25",
+        "optim.warmup_epochs=0",
+    )
     cfg = config(image_folder, out, *extra, "train.max_iters=2")
     train(cfg)
     assert cfg.model.num_register_tokens == 1 and cfg.model.layerscale == 1e-5  # the architecture followed the file
@@ -94,12 +100,22 @@ def test_continued_pretraining_warms_up_heads_on_a_frozen_backbone_then_unfreeze
 def test_our_training_checkpoint_brings_its_heads_and_head_sizes(tmp_path, image_folder, released):
     path, _ = released
     first = tmp_path / "first"
-    train(config(image_folder, first, f"model.pretrained_weights={path}", "train.max_iters=1",
-                 "train.head_warmup_iters=1"))
+    train(
+        config(
+            image_folder, first, f"model.pretrained_weights={path}", "train.max_iters=1", "train.head_warmup_iters=1"
+        )
+    )
     source = torch.load(first / "checkpoint.pth", weights_only=False)["teacher"]
     # another head size on the command line: the file's wins; lr 0 keeps the start visible after a step
-    cfg = config(image_folder, tmp_path / "second", f"model.pretrained_weights={first / 'checkpoint.pth'}",
-                 "dino.head_n_prototypes=32", "ibot.head_n_prototypes=32", "optim.lr=0", "train.max_iters=1")
+    cfg = config(
+        image_folder,
+        tmp_path / "second",
+        f"model.pretrained_weights={first / 'checkpoint.pth'}",
+        "dino.head_n_prototypes=32",
+        "ibot.head_n_prototypes=32",
+        "optim.lr=0",
+        "train.max_iters=1",
+    )
     train(cfg)
     assert cfg.dino.head_n_prototypes == 64
     state = torch.load(tmp_path / "second" / "checkpoint.pth", weights_only=False)
@@ -127,9 +143,16 @@ def test_distillation_keeps_the_teacher_fixed_and_the_student_learns(tmp_path, i
 
     monkeypatch.setattr(loop_module, "train_step", recording_step)
     out = tmp_path / "distilled"
-    distill = (f"distill.teacher={teacher_file}", "train.head_warmup_iters=3", "dino.centering=sinkhorn_knopp",
-               "optim.epochs=2", "optim.warmup_epochs=0", "optim.lr=0.002", "optim.freeze_last_layer=0",
-               "crops.local_crops_number=0")
+    distill = (
+        f"distill.teacher={teacher_file}",
+        "train.head_warmup_iters=3",
+        "dino.centering=sinkhorn_knopp",
+        "optim.epochs=2",
+        "optim.warmup_epochs=0",
+        "optim.lr=0.002",
+        "optim.freeze_last_layer=0",
+        "crops.local_crops_number=0",
+    )
     result = train(config(image_folder, out, *distill))
     assert result.global_step == 6 and len(seen) == 6
     assert all(torch.equal(s["backbone." + k], v) for s in seen for k, v in reference.items())
@@ -150,11 +173,17 @@ def test_distillation_keeps_the_teacher_fixed_and_the_student_learns(tmp_path, i
 def test_distillation_refuses_mismatched_prototypes_and_patch_grids(tmp_path, image_folder, released):
     path, _ = released
     first = tmp_path / "first"
-    train(config(image_folder, first, f"model.pretrained_weights={path}", "train.max_iters=1",
-                 "train.head_warmup_iters=1"))
+    train(
+        config(
+            image_folder, first, f"model.pretrained_weights={path}", "train.max_iters=1", "train.head_warmup_iters=1"
+        )
+    )
     with pytest.raises(UserError, match="prototypes must match; set dino.head_n_prototypes=64"):
-        train(config(image_folder, tmp_path / "a", f"distill.teacher={first / 'checkpoint.pth'}",
-                     "dino.head_n_prototypes=32"))
+        train(
+            config(
+                image_folder, tmp_path / "a", f"distill.teacher={first / 'checkpoint.pth'}", "dino.head_n_prototypes=32"
+            )
+        )
     with pytest.raises(UserError, match="different grids"):
         train(config(image_folder, tmp_path / "b", f"distill.teacher={path}", "model.patch_size=4"))
 
@@ -192,8 +221,17 @@ def test_feature_distillation_loss_matches_a_token_by_token_computation(kind):
 def test_lora_trains_adapters_on_a_frozen_backbone_and_exports_them_merged(tmp_path, image_folder, released):
     path, weights = released
     out = tmp_path / "lora"
-    train(config(image_folder, out, f"model.pretrained_weights={path}", "model.lora_rank=2",
-                 "train.head_warmup_iters=1", "optim.warmup_epochs=0", "train.max_iters=3"))
+    train(
+        config(
+            image_folder,
+            out,
+            f"model.pretrained_weights={path}",
+            "model.lora_rank=2",
+            "train.head_warmup_iters=1",
+            "optim.warmup_epochs=0",
+            "train.max_iters=3",
+        )
+    )
     state = torch.load(out / "checkpoint.pth", weights_only=False)
     assert all(torch.equal(backbone_of(state["student"])[k], v) for k, v in weights.items())  # frozen for good
     adapters = {k: v for k, v in state["student"].items() if k.startswith("lora.")}
@@ -232,19 +270,35 @@ def test_lora_merged_export_computes_what_the_adapted_network_computes():
     assert not any(p.requires_grad for p in backbone.parameters())
     assert all(p.requires_grad for p in adapters.parameters())
     with pytest.raises(UserError, match="fc2 runs fused"):
-        add_lora(MultiCropNetwork(build_backbone("vit_tiny", 8, depth=1, embed_dim=48), network.dino_head), 2,
-                 targets=("fc2",))
+        add_lora(
+            MultiCropNetwork(build_backbone("vit_tiny", 8, depth=1, embed_dim=48), network.dino_head),
+            2,
+            targets=("fc2",),
+        )
 
 
 def test_feature_distillation_trains_a_projection_onto_the_teacher_tokens(tmp_path, image_folder):
     torch.manual_seed(5)
     teacher_file = tmp_path / "teacher.safetensors"
-    save_backbone(build_backbone("vit_tiny", 8, depth=2, embed_dim=96, img_size=32), teacher_file,
-                  dict(arch="vit_tiny", patch_size=8, depth=2, embed_dim=96, img_size=32))
+    save_backbone(
+        build_backbone("vit_tiny", 8, depth=2, embed_dim=96, img_size=32),
+        teacher_file,
+        dict(arch="vit_tiny", patch_size=8, depth=2, embed_dim=96, img_size=32),
+    )
     out = tmp_path / "feature"
-    train(config(image_folder, out, f"distill.teacher={teacher_file}", "distill.feature_loss_weight=1.0",
-                 "distill.feature_loss=smooth_l1", "train.head_warmup_iters=0", "optim.warmup_epochs=0",
-                 "crops.local_crops_number=0", "train.max_iters=3"))
+    train(
+        config(
+            image_folder,
+            out,
+            f"distill.teacher={teacher_file}",
+            "distill.feature_loss_weight=1.0",
+            "distill.feature_loss=smooth_l1",
+            "train.head_warmup_iters=0",
+            "optim.warmup_epochs=0",
+            "crops.local_crops_number=0",
+            "train.max_iters=3",
+        )
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"feature"' in line]
     assert len(rows) == 3 and all(row["feature"] > 0 for row in rows)
     state = torch.load(out / "checkpoint.pth", weights_only=False)
@@ -262,8 +316,11 @@ def test_v1_and_v3_files_build_students_that_hold_their_weights(tmp_path, image_
     from dino.train.pretrained import build_pretrained_networks, prepare_config, take_prepared
 
     v1 = build_backbone("vit_tiny", 8, depth=2, embed_dim=48, img_size=32, init_values=None, use_mask_token=False)
-    save_backbone(v1, tmp_path / "v1.pth", dict(arch="vit_tiny", patch_size=8, depth=2, embed_dim=48, img_size=32,
-                                               init_values=None, use_mask_token=False))
+    save_backbone(
+        v1,
+        tmp_path / "v1.pth",
+        dict(arch="vit_tiny", patch_size=8, depth=2, embed_dim=48, img_size=32, init_values=None, use_mask_token=False),
+    )
     cfg = config(image_folder, tmp_path / "a", f"model.pretrained_weights={tmp_path / 'v1.pth'}")
     with caplog.at_level("INFO"):
         student, teacher, _ = build_pretrained_networks(cfg, take_prepared(cfg))
@@ -274,8 +331,9 @@ def test_v1_and_v3_files_build_students_that_hold_their_weights(tmp_path, image_
 
     v3 = dinov3_vision_transformer("vit_small", depth=2, embed_dim=48, num_heads=3, patch_size=8)
     save_backbone(v3, tmp_path / "v3.safetensors", None)
-    cfg = config(image_folder, tmp_path / "b", f"model.pretrained_weights={tmp_path / 'v3.safetensors'}",
-                 "model.patch_size=16")
+    cfg = config(
+        image_folder, tmp_path / "b", f"model.pretrained_weights={tmp_path / 'v3.safetensors'}", "model.patch_size=16"
+    )
     student, teacher, _ = build_pretrained_networks(cfg, take_prepared(cfg))
     assert isinstance(student.backbone, DinoV3VisionTransformer) and cfg.model.patch_size == 8
     assert all(torch.equal(student.backbone.state_dict()[k], v) for k, v in v3.state_dict().items())

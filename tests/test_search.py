@@ -28,17 +28,50 @@ def extracted(tmp_path_factory):
     for i in range(6):
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"img{i}.png")
     shutil.copy(images / "img2.png", images / "img2_copy.png")  # an exact duplicate
-    dispatch(["extract", "--pretrained_weights", str(root / "tiny.pth"), "--source", str(images), "--output_dir",
-              str(root / "feats"), "--crop_size", "28", "--resize_size", "32", "--num_workers", "0", "--device", "cpu",
-              "--progress", "false"])
+    dispatch(
+        [
+            "extract",
+            "--pretrained_weights",
+            str(root / "tiny.pth"),
+            "--source",
+            str(images),
+            "--output_dir",
+            str(root / "feats"),
+            "--crop_size",
+            "28",
+            "--resize_size",
+            "32",
+            "--num_workers",
+            "0",
+            "--device",
+            "cpu",
+            "--progress",
+            "false",
+        ]
+    )
     return root
 
 
 def test_search_returns_the_image_itself_first(extracted, tmp_path):
     images = extracted / "images"
     queries = [str(images / "img0.png"), str(images / "img4.png")]
-    result = dispatch(["search", "--features_dir", str(extracted / "feats"), "--queries", *queries, "--k", "3",
-                       "--output_dir", str(tmp_path), "--contact_sheet", "both", "--index", "torch"])
+    result = dispatch(
+        [
+            "search",
+            "--features_dir",
+            str(extracted / "feats"),
+            "--queries",
+            *queries,
+            "--k",
+            "3",
+            "--output_dir",
+            str(tmp_path),
+            "--contact_sheet",
+            "both",
+            "--index",
+            "torch",
+        ]
+    )
     for query, neighbours in zip(queries, result["results"]):
         assert neighbours[0][0] == query
         assert neighbours[0][1] == pytest.approx(1.0, abs=1e-5)
@@ -53,15 +86,39 @@ def test_search_embeds_a_new_query_image(extracted, tmp_path):
     # a copy outside the index is embedded with the model named in meta.json and finds its original
     outside = tmp_path / "query.png"
     shutil.copy(extracted / "images" / "img5.png", outside)
-    result = dispatch(["search", "--features_dir", str(extracted / "feats"), "--queries", str(outside), "--k", "1",
-                       "--output_dir", str(tmp_path / "out"), "--contact_sheet", "none", "--device", "cpu"])
+    result = dispatch(
+        [
+            "search",
+            "--features_dir",
+            str(extracted / "feats"),
+            "--queries",
+            str(outside),
+            "--k",
+            "1",
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--contact_sheet",
+            "none",
+            "--device",
+            "cpu",
+        ]
+    )
     path, similarity = result["results"][0][0]
     assert path == str(extracted / "images" / "img5.png") and similarity == pytest.approx(1.0, abs=1e-4)
 
 
 def test_duplicates_lists_the_exact_copy(extracted, tmp_path):
-    result = dispatch(["duplicates", "--features_dir", str(extracted / "feats"), "--threshold", "0.999",
-                       "--output", str(tmp_path / "dups.csv")])
+    result = dispatch(
+        [
+            "duplicates",
+            "--features_dir",
+            str(extracted / "feats"),
+            "--threshold",
+            "0.999",
+            "--output",
+            str(tmp_path / "dups.csv"),
+        ]
+    )
     assert result["num_pairs"] == 1
     first, second, similarity = result["pairs"][0]
     assert {first.rsplit("/", 1)[1], second.rsplit("/", 1)[1]} == {"img2.png", "img2_copy.png"}

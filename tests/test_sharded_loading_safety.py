@@ -70,8 +70,9 @@ def test_genuine_sharded_folder_still_loads(tmp_path):
     assert state["lr"] == 0.5 and state["progress"].tolist() == [0, 1, 2]
 
 
-@pytest.mark.parametrize("reader", ["load_sharded_network", "load_backbone", "consolidate", "saved_keys",
-                                    "load_sharded", "torch.hub"])
+@pytest.mark.parametrize(
+    "reader", ["load_sharded_network", "load_backbone", "consolidate", "saved_keys", "load_sharded", "torch.hub"]
+)
 def test_metadata_payload_is_refused_on_every_path(payload_folder, tmp_path, reader):
     folder, marker = payload_folder
     calls = {
@@ -80,8 +81,9 @@ def test_metadata_payload_is_refused_on_every_path(payload_folder, tmp_path, rea
         "consolidate": lambda: consolidate_main([str(folder), "--output", str(tmp_path / "out.pth")]),
         "saved_keys": lambda: saved_keys(folder),
         "load_sharded": lambda: load_sharded({"teacher": {}}, folder),
-        "torch.hub": lambda: torch.hub.load(str(_repo_root()), "dinov2_vits14", source="local", pretrained=False,
-                                            weights=str(folder)),
+        "torch.hub": lambda: torch.hub.load(
+            str(_repo_root()), "dinov2_vits14", source="local", pretrained=False, weights=str(folder)
+        ),
     }
     with pytest.raises(UserError, match="refusing the sharded checkpoint"):
         calls[reader]()
@@ -104,7 +106,9 @@ def test_fsdp_resume_refuses_a_metadata_payload(payload_folder):
 def test_payload_in_a_non_tensor_entry_is_refused(tmp_path):
     """The index is genuine but an optimiser hyper-parameter entry holds a payload (weights_only refuses it)."""
     marker = tmp_path / "pwned"
-    folder = _genuine_checkpoint(tmp_path / "ckpt", {"optimizer": {"param_groups": {"0": {"lr": _CreatesFile(marker)}}}})
+    folder = _genuine_checkpoint(
+        tmp_path / "ckpt", {"optimizer": {"param_groups": {"0": {"lr": _CreatesFile(marker)}}}}
+    )
     assert not marker.exists()
     with pytest.raises(UnsafeCheckpointError, match="optimizer.param_groups.0.lr"):
         load_sharded({"optimizer": {"param_groups": {"0": {"lr": 0.0}}}}, folder)

@@ -41,16 +41,19 @@ def test_mnist_sized_grayscale_data():
 def test_colour_data_of_128_px_keeps_solarisation_and_blur():
     choices = derive_small_data_choices(DataStats(num_images=20_000, image_side=128, grayscale=False)).as_overrides()
     assert choices["model.patch_size"] == 16 and choices["crops.global_crops_size"] == 128
-    assert choices["crops.local_crops_size"] == 48          # 128·3/7 = 54.9 → a multiple of 16
+    assert choices["crops.local_crops_size"] == 48  # 128·3/7 = 54.9 → a multiple of 16
     assert choices["crops.solarization_prob"] == 0.2
-    assert "crops.blur_probs" not in choices                # the preset's value stays at ≥ 96 px
-    assert choices["optim.epochs"] == 10 and choices["optim.warmup_epochs"] == 1   # 120k/20k = 6 → min 10
+    assert "crops.blur_probs" not in choices  # the preset's value stays at ≥ 96 px
+    assert choices["optim.epochs"] == 10 and choices["optim.warmup_epochs"] == 1  # 120k/20k = 6 → min 10
 
 
 def test_epochs_follow_the_dataset_size_within_bounds():
-    epochs = {n: derive_small_data_choices(DataStats(n, 32, False), images_seen=100_000, min_epochs=5,
-                                           max_epochs=50).as_overrides()["optim.epochs"]
-              for n in (500, 4000, 50_000)}
+    epochs = {
+        n: derive_small_data_choices(
+            DataStats(n, 32, False), images_seen=100_000, min_epochs=5, max_epochs=50
+        ).as_overrides()["optim.epochs"]
+        for n in (500, 4000, 50_000)
+    }
     assert epochs == {500: 50, 4000: 25, 50_000: 5}
 
 
@@ -67,8 +70,11 @@ def _write_pngs(folder, n, size, colour):
     rng = np.random.default_rng(0)
     for i in range(n):
         pixels = rng.integers(0, 255, (size, size), dtype=np.uint8)
-        image = Image.fromarray(pixels, "L") if not colour else Image.fromarray(
-            np.stack([pixels, pixels[::-1], pixels.T], axis=-1), "RGB")
+        image = (
+            Image.fromarray(pixels, "L")
+            if not colour
+            else Image.fromarray(np.stack([pixels, pixels[::-1], pixels.T], axis=-1), "RGB")
+        )
         image.save(folder / f"{i}.png")
 
 
@@ -89,7 +95,7 @@ def test_apply_recipe_fills_the_config_but_keeps_explicit_keys(capsys):
     printed = capsys.readouterr().out
     assert cfg.model.patch_size == 8 and cfg.crops.global_crops_size == 64 and cfg.crops.local_crops_size == 24
     assert cfg.crops.solarization_prob == 0.2
-    assert cfg.optim.epochs == 3                              # set by the user: kept
+    assert cfg.optim.epochs == 3  # set by the user: kept
     assert "small-data recipe for 1000 images, typical side 64 px, colour" in printed
     assert "kept the value you set" in printed and "model.patch_size" in printed
 
@@ -101,8 +107,10 @@ def test_recipe_is_off_without_recipe_auto():
 
 
 def test_explicit_keys_from_a_command_line():
-    keys = explicit_keys_from_argv(["--epochs", "5", "--data_path", "x", "crops.local_crops_size=16"],
-                                   {"--epochs": "optim.epochs", "--data_path": "train.data_path"})
+    keys = explicit_keys_from_argv(
+        ["--epochs", "5", "--data_path", "x", "crops.local_crops_size=16"],
+        {"--epochs": "optim.epochs", "--data_path": "train.data_path"},
+    )
     assert keys == {"optim.epochs", "train.data_path", "crops.local_crops_size"}
 
 
@@ -143,37 +151,55 @@ def _class_folders(root, per_class, size, seed):
             if label == 0:
                 pixels[:, : size // 2] += 200
             else:
-                pixels[:, size // 2:] += 200
+                pixels[:, size // 2 :] += 200
             Image.fromarray(pixels, "L").save(folder / f"{i}.png")
 
 
 def test_raw_pixels_baseline_and_monitor(tmp_path, capsys):
     _class_folders(tmp_path / "data" / "train", 6, 16, seed=0)
     _class_folders(tmp_path / "data" / "val", 3, 16, seed=1)
-    probe = KnnProbe.from_folders(str(tmp_path / "data" / "train"), str(tmp_path / "data" / "val"), 16, k=3,
-                                  temperature=0.07, batch_size=64, num_workers=0)
+    probe = KnnProbe.from_folders(
+        str(tmp_path / "data" / "train"),
+        str(tmp_path / "data" / "val"),
+        16,
+        k=3,
+        temperature=0.07,
+        batch_size=64,
+        num_workers=0,
+    )
     assert probe.raw_pixels_top1() == pytest.approx(100.0)
 
-    cfg = compose("train/small_data", [f"train.data_path={tmp_path / 'data' / 'train'}", "train.device=cpu",
-                                       "train.num_workers=0", "train.knn_k=3", "model.depth=1", "model.embed_dim=48",
-                                       "model.patch_size=8", "crops.global_crops_size=16", "crops.local_crops_size=8"])
+    cfg = compose(
+        "train/small_data",
+        [
+            f"train.data_path={tmp_path / 'data' / 'train'}",
+            "train.device=cpu",
+            "train.num_workers=0",
+            "train.knn_k=3",
+            "model.depth=1",
+            "model.embed_dim=48",
+            "model.patch_size=8",
+            "crops.global_crops_size=16",
+            "crops.local_crops_size=8",
+        ],
+    )
     logged = []
     monitor = KnnMonitor(cfg, every=2, log=logged.append)
     backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 8))
-    assert monitor.maybe_run(backbone, epoch=1) is None                      # not a multiple of 2
+    assert monitor.maybe_run(backbone, epoch=1) is None  # not a multiple of 2
     row = monitor.maybe_run(backbone, epoch=2)
     assert row["knn_raw_pixels"] == pytest.approx(100.0)
     assert 0.0 <= row["knn_random_init"] <= 100.0 and 0.0 <= row["knn_teacher"] <= 100.0
     assert logged == [row] and monitor.history == [row]
     assert "raw pixels 100.00 %" in capsys.readouterr().out
-    assert backbone.training                                                   # put back in train mode
+    assert backbone.training  # put back in train mode
 
 
 def test_monitor_is_off_without_a_val_split(tmp_path):
     _class_folders(tmp_path / "flat", 2, 8, seed=0)
     cfg = compose("train/small_data", [f"train.data_path={tmp_path / 'flat'}"])
     assert not KnnMonitor(cfg, every=1).active
-    assert not KnnMonitor(cfg).active                                         # knn_every_epochs: 0
+    assert not KnnMonitor(cfg).active  # knn_every_epochs: 0
 
 
 def test_report_table_and_verdict():
@@ -204,7 +230,7 @@ def test_export_digits_as_image_folders(tmp_path):
     assert meta["train"] == 100 and meta["val"] == 359 and meta["image_size"] == [32, 32]
     assert len(list((tmp_path / "digits" / "val").rglob("*.png"))) == 359
     assert sorted(p.name for p in (tmp_path / "digits" / "train").iterdir()) == [f"{d:02d}" for d in range(10)]
-    assert export_image_folder("digits", tmp_path / "digits", max_train=100) == train     # reused
+    assert export_image_folder("digits", tmp_path / "digits", max_train=100) == train  # reused
 
 
 # ------------------------------------------------------------------------------------------ main_dino.py hooks
@@ -219,8 +245,14 @@ def test_a_folder_of_small_images_defaults_to_the_small_data_preset(tmp_path, ca
     assert default_preset_for_data(argv) == ["--config", "small_data", *argv]
     assert "using the small_data preset" in capsys.readouterr().out
     assert default_preset_for_data([f"--data_path={tmp_path / 'large'}"]) == [f"--data_path={tmp_path / 'large'}"]
-    assert default_preset_for_data(["--config", "demo", "--data_path", str(tmp_path / "small")])[:2] == ["--config", "demo"]
-    assert default_preset_for_data(["--data_path", str(tmp_path / "missing")]) == ["--data_path", str(tmp_path / "missing")]
+    assert default_preset_for_data(["--config", "demo", "--data_path", str(tmp_path / "small")])[:2] == [
+        "--config",
+        "demo",
+    ]
+    assert default_preset_for_data(["--data_path", str(tmp_path / "missing")]) == [
+        "--data_path",
+        str(tmp_path / "missing"),
+    ]
 
 
 def test_recipe_for_cli_keeps_flags_and_overrides(tmp_path):
@@ -232,8 +264,8 @@ def test_recipe_for_cli_keeps_flags_and_overrides(tmp_path):
     cfg.model.patch_size = 16
     flag_keys = {name: flag.key for flag in FLAGS for name in flag.names}
     apply_recipe_for_cli(cfg, ["--patch_size", "16", "crops.local_crops_size=16"], flag_keys)
-    assert cfg.model.patch_size == 16 and cfg.crops.local_crops_size == 16       # set on the command line
-    assert cfg.crops.global_crops_size == 64 and cfg.optim.epochs == 300         # derived (4 images → max epochs)
+    assert cfg.model.patch_size == 16 and cfg.crops.local_crops_size == 16  # set on the command line
+    assert cfg.crops.global_crops_size == 64 and cfg.optim.epochs == 300  # derived (4 images → max epochs)
     cfg = compose("train/small_data", [f"train.data_path={tmp_path / 'data'}"])
     cfg.model.patch_size = 16
     apply_recipe_for_cli(cfg, ["--patch_size", "16"], flag_keys)

@@ -20,11 +20,13 @@ def hand_count_vit_forward(batch, image, patch, dim, depth, mlp_ratio=4):
     tokens = patches + 1  # [CLS]
     hidden = dim * mlp_ratio
     patch_embed = 2 * batch * patches * dim * 3 * patch * patch
-    per_block = (2 * batch * tokens * dim * 3 * dim  # qkv
-                 + 2 * batch * tokens * tokens * dim  # q kᵀ (all heads together: dim = heads × head_dim)
-                 + 2 * batch * tokens * tokens * dim  # attention × v
-                 + 2 * batch * tokens * dim * dim  # output projection
-                 + 2 * batch * tokens * dim * hidden * 2)  # fc1 + fc2
+    per_block = (
+        2 * batch * tokens * dim * 3 * dim  # qkv
+        + 2 * batch * tokens * tokens * dim  # q kᵀ (all heads together: dim = heads × head_dim)
+        + 2 * batch * tokens * tokens * dim  # attention × v
+        + 2 * batch * tokens * dim * dim  # output projection
+        + 2 * batch * tokens * dim * hidden * 2
+    )  # fc1 + fc2
     attention = 2 * (2 * batch * tokens * tokens * dim)
     return patch_embed, per_block * depth, attention * depth
 
@@ -32,8 +34,9 @@ def hand_count_vit_forward(batch, image, patch, dim, depth, mlp_ratio=4):
 @pytest.mark.parametrize("backend", ["sdpa", "explicit"])
 def test_vit_flops_match_hand_count(backend):
     batch, image, patch, dim, depth = 3, 32, 8, 48, 2
-    model = VisionTransformer(img_size=image, patch_size=patch, embed_dim=dim, depth=depth, num_heads=4,
-                              attn_backend=backend)
+    model = VisionTransformer(
+        img_size=image, patch_size=patch, embed_dim=dim, depth=depth, num_heads=4, attn_backend=backend
+    )
     x = torch.randn(batch, 3, image, image)
     patch_embed, blocks, attention = hand_count_vit_forward(batch, image, patch, dim, depth)
 
@@ -52,8 +55,11 @@ def test_vit_flops_match_hand_count(backend):
 
 def test_step_flops_are_cached_per_crop_layout():
     flops = StepFlops()
-    batch = {"collated_global_crops": torch.zeros(4, 3, 32, 32), "collated_local_crops": torch.zeros(8, 3, 16, 16),
-             "n_masked_patches": torch.tensor([5])}
+    batch = {
+        "collated_global_crops": torch.zeros(4, 3, 32, 32),
+        "collated_local_crops": torch.zeros(8, 3, 16, 16),
+        "n_masked_patches": torch.tensor([5]),
+    }
     assert flops.known(batch) is None
     flops.record(batch, 1234)
     assert flops.known(batch) == 1234

@@ -39,13 +39,24 @@ def losses_by_step(output_dir):
     return {row["step"]: row["loss"] for row in rows if "loss" in row}
 
 
-@pytest.mark.parametrize("recipe", [
-    ("dino.loss_style=v1", "model.drop_path_rate=0.1"),
-    ("dino.loss_style=v2", "ibot.loss_weight=1.0", "dino.koleo_loss_weight=0.1", "optim.clip_style=per_module",
-     "model.drop_path_rate=0.1", "model.drop_path_uniform=true", "model.drop_path_mode=subset",
-     "model.num_register_tokens=2"),
-    ("dino.loss_style=v2", "dino.centering=sinkhorn_knopp", "ibot.loss_weight=1.0", "ibot.separate_head=true"),
-], ids=["dino_v1", "dinov2_ibot_koleo", "sinkhorn_separate_ibot_head"])
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        ("dino.loss_style=v1", "model.drop_path_rate=0.1"),
+        (
+            "dino.loss_style=v2",
+            "ibot.loss_weight=1.0",
+            "dino.koleo_loss_weight=0.1",
+            "optim.clip_style=per_module",
+            "model.drop_path_rate=0.1",
+            "model.drop_path_uniform=true",
+            "model.drop_path_mode=subset",
+            "model.num_register_tokens=2",
+        ),
+        ("dino.loss_style=v2", "dino.centering=sinkhorn_knopp", "ibot.loss_weight=1.0", "ibot.separate_head=true"),
+    ],
+    ids=["dino_v1", "dinov2_ibot_koleo", "sinkhorn_separate_ibot_head"],
+)
 @pytest.mark.slow  # three interrupted-and-resumed trainings next to uninterrupted ones
 def test_interrupted_and_resumed_run_gives_the_same_losses(tmp_path, image_folder, recipe):
     straight = train(tiny_config(image_folder, tmp_path / "straight", *recipe))
@@ -164,10 +175,29 @@ def test_bad_inputs_are_clear_errors(tmp_path, image_folder):
 
 def test_flags_map_onto_config_keys(tmp_path, monkeypatch):
     captured = {}
-    monkeypatch.setattr(loop_module, "train", lambda cfg: captured.setdefault("cfg", cfg) and (_ for _ in ()).throw(SystemExit(0)))
+    monkeypatch.setattr(
+        loop_module, "train", lambda cfg: captured.setdefault("cfg", cfg) and (_ for _ in ()).throw(SystemExit(0))
+    )
     with pytest.raises(SystemExit):
-        cli_main(["--config", "dino_vits16", "--arch", "vit_base", "--batch_size_per_gpu", "32", "--out_dim", "4096",
-                  "--norm_last_layer", "false", "--global_crops_scale", "0.3", "1.0", "--hmp", "optim.lr=0.001"])
+        cli_main(
+            [
+                "--config",
+                "dino_vits16",
+                "--arch",
+                "vit_base",
+                "--batch_size_per_gpu",
+                "32",
+                "--out_dim",
+                "4096",
+                "--norm_last_layer",
+                "false",
+                "--global_crops_scale",
+                "0.3",
+                "1.0",
+                "--hmp",
+                "optim.lr=0.001",
+            ]
+        )
     cfg = captured["cfg"]
     assert cfg.model.arch == "vit_base" and cfg.train.batch_size_per_device == 32
     assert cfg.dino.head_n_prototypes == 4096 and cfg.dino.norm_last_layer is False
@@ -175,7 +205,9 @@ def test_flags_map_onto_config_keys(tmp_path, monkeypatch):
 
 
 def test_main_dino_help():
-    out = subprocess.run([sys.executable, "main_dino.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "main_dino.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0
     assert "--batch_size_per_gpu" in out.stdout and "optim.lr" in out.stdout and "dinov2_vits14" in out.stdout
 
@@ -187,7 +219,9 @@ def test_training_logs_pictures_to_tensorboard(tmp_path, image_folder):
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
     assert {"features/attention", "features/pca"} <= set(events.Tags()["images"])
-    assert {"train/loss", "train/teacher_entropy_batch", "train/lr", "train/teacher_temp"} <= set(events.Tags()["scalars"])
+    assert {"train/loss", "train/teacher_entropy_batch", "train/lr", "train/teacher_temp"} <= set(
+        events.Tags()["scalars"]
+    )
 
 
 def test_main_dino_runs_and_compares_knn_with_random_init(tmp_path):
@@ -195,10 +229,33 @@ def test_main_dino_runs_and_compares_knn_with_random_init(tmp_path):
     write_image_folder(tmp_path / "data" / "train", per_class=8)
     write_image_folder(tmp_path / "data" / "val", per_class=3, split_seed=1)
     out = tmp_path / "run"
-    args = [f"--data_path={tmp_path / 'data' / 'train'}", f"--output_dir={out}", "--epochs", "1", "--num_workers", "0",
-            "--batch_size_per_device", "8", "--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "32",
-            "--local_crops_size", "16", "--local_crops_number", "1", "--out_dim", "32", "train.knn_eval=true",
-            "model.depth=1", "model.embed_dim=48", "dino.head_hidden_dim=32", "dino.head_bottleneck_dim=16"]
+    args = [
+        f"--data_path={tmp_path / 'data' / 'train'}",
+        f"--output_dir={out}",
+        "--epochs",
+        "1",
+        "--num_workers",
+        "0",
+        "--batch_size_per_device",
+        "8",
+        "--arch",
+        "vit_tiny",
+        "--patch_size",
+        "8",
+        "--global_crops_size",
+        "32",
+        "--local_crops_size",
+        "16",
+        "--local_crops_number",
+        "1",
+        "--out_dim",
+        "32",
+        "train.knn_eval=true",
+        "model.depth=1",
+        "model.embed_dim=48",
+        "dino.head_hidden_dim=32",
+        "dino.head_bottleneck_dim=16",
+    ]
     result = cli_main(args)
     report = json.loads((out / "knn_check.json").read_text())
     assert result.knn == report

@@ -21,9 +21,16 @@ needs_inductor = pytest.mark.skipif(not HAVE_COMPILER, reason="torch.compile (in
 # A DINOv2 step: iBOT, KoLeo, LayerScale, uniform drop path. LayerScale starts at 1, not DINOv2's 1e-5: that
 # shrinks the block gradients towards AdamW's eps, where its normalised first steps turn rounding noise into
 # ±lr moves — two eager runs with 1 and 2 threads then differ by 3e-4 in the third loss already.
-RECIPE = ("optim.epochs=1", "dino.loss_style=v2", "dino.centering=softmax", "ibot.loss_weight=1.0",
-          "dino.koleo_loss_weight=0.1", "model.drop_path_rate=0.2", "model.drop_path_uniform=true",
-          "model.layerscale=1.0")
+RECIPE = (
+    "optim.epochs=1",
+    "dino.loss_style=v2",
+    "dino.centering=softmax",
+    "ibot.loss_weight=1.0",
+    "dino.koleo_loss_weight=0.1",
+    "model.drop_path_rate=0.2",
+    "model.drop_path_uniform=true",
+    "model.layerscale=1.0",
+)
 
 
 def comparable(key: str, value: torch.Tensor) -> torch.Tensor:
@@ -68,8 +75,9 @@ def test_compile_flag_sets_the_config_key():
 def test_compiled_blocks_give_the_eager_losses_and_checkpoint_keys(tmp_path, image_folder, fallback_random):
     eager = train(compose("train/demo", tiny_overrides(image_folder, tmp_path / "eager", 8, *RECIPE)))
     torch._dynamo.utils.counters.clear()
-    compiled = train(compose("train/demo", tiny_overrides(image_folder, tmp_path / "compiled", 8, *RECIPE,
-                                                          "train.compile=true")))
+    compiled = train(
+        compose("train/demo", tiny_overrides(image_folder, tmp_path / "compiled", 8, *RECIPE, "train.compile=true"))
+    )
     assert eager.global_step == compiled.global_step == 3
     # student (grad) at 2 crop sizes + teacher (no grad): a silent eager fallback would compile nothing
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3
@@ -85,8 +93,13 @@ def test_compiled_blocks_give_the_eager_losses_and_checkpoint_keys(tmp_path, ima
         assert list(a[part]) == list(b[part]), part
         assert not any("_orig_mod" in key for key in b[part]), part
         for key in a[part]:
-            torch.testing.assert_close(comparable(key, b[part][key]), comparable(key, a[part][key]), rtol=1e-4,
-                                       atol=1e-6, msg=lambda m, key=key, part=part: f"{part}.{key}: {m}")
+            torch.testing.assert_close(
+                comparable(key, b[part][key]),
+                comparable(key, a[part][key]),
+                rtol=1e-4,
+                atol=1e-6,
+                msg=lambda m, key=key, part=part: f"{part}.{key}: {m}",
+            )
     assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
     assert sorted(a["optimizer"]["state"]) == sorted(b["optimizer"]["state"])
 
@@ -94,5 +107,6 @@ def test_compiled_blocks_give_the_eager_losses_and_checkpoint_keys(tmp_path, ima
     b = torch.load(tmp_path / "compiled" / "teacher_backbone.pth", weights_only=True)
     assert list(a) == list(b) and "blocks.0.attn.qkv.weight" in b
     for key in a:
-        torch.testing.assert_close(comparable(key, b[key]), comparable(key, a[key]), rtol=1e-4, atol=1e-6,
-                                   msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(
+            comparable(key, b[key]), comparable(key, a[key]), rtol=1e-4, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}"
+        )

@@ -51,8 +51,13 @@ TRAIN_SCRIPT = textwrap.dedent("""
 def _start_training(tmp_path, image_folder, *extra):
     script = TRAIN_SCRIPT.format(root=str(ROOT), data=str(image_folder), out=str(tmp_path / "out"), extra=extra)
     # its own session: os.killpg reaches the trainer and its DataLoader workers, as `timeout` or a scheduler does
-    return subprocess.Popen([sys.executable, "-c", script], start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", script],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for(condition, process, seconds=240):
@@ -93,8 +98,16 @@ def test_after_kill_9_the_log_holds_every_step_the_checkpoint_covers_once_resume
     assert set(range(1, covered + 1)) <= set(steps)
 
     # the resumed run drops the lines logged after the checkpoint and logs those steps once, again
-    result = train(tiny_config(image_folder, tmp_path / "out", "train.checkpoint_every_iters=2", "optim.epochs=200",
-                               f"train.max_iters={covered + 2}", "train.batch_size_per_device=4"))
+    result = train(
+        tiny_config(
+            image_folder,
+            tmp_path / "out",
+            "train.checkpoint_every_iters=2",
+            "optim.epochs=200",
+            f"train.max_iters={covered + 2}",
+            "train.batch_size_per_device=4",
+        )
+    )
     assert result.global_step == covered + 2
     steps = logged_steps(tmp_path / "out")
     assert steps == list(range(1, covered + 3))
@@ -102,14 +115,22 @@ def test_after_kill_9_the_log_holds_every_step_the_checkpoint_covers_once_resume
 
 def test_a_second_run_in_a_locked_output_dir_names_the_holder(tmp_path, image_folder):
     out = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(ROOT)!r})
         from dino.io import DirectoryLock
         lock = DirectoryLock({str(out)!r}).acquire()
         print("locked", flush=True)
         time.sleep(120)
-    """)], stdout=subprocess.PIPE, text=True)
+    """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(DirectoryInUseError, match=f"in use by process {holder.pid}"):
@@ -183,8 +204,9 @@ def test_train_state_round_trips_through_state_dict(tmp_path, image_folder):
 
     student, teacher, kwargs = build_networks(cfg)
     objective = SelfDistillationObjective(cfg, int(cfg.crops.local_crops_number))
-    state = loop_module.TrainState(cfg, student, teacher, objective, loop_module.build_optimizer(cfg, student), None,
-                                   kwargs, 8, sharded=False)
+    state = loop_module.TrainState(
+        cfg, student, teacher, objective, loop_module.build_optimizer(cfg, student), None, kwargs, 8, sharded=False
+    )
     state.load_state_dict(saved)
     again = state.state_dict()
     assert (again["epoch"], again["global_step"], again["data_epoch"], again["data_batch"]) == (1, 3, 0, 3)

@@ -22,9 +22,19 @@ def image_folder(tmp_path_factory):
 
 
 def tiny_config(data_path, output_dir, *extra):
-    return compose("train/demo", tiny_overrides(
-        data_path, output_dir, 8, "optim.epochs=1", "optim.warmup_epochs=0", "ibot.loss_weight=1.0",
-        "dino.koleo_loss_weight=0.1", *extra))
+    return compose(
+        "train/demo",
+        tiny_overrides(
+            data_path,
+            output_dir,
+            8,
+            "optim.epochs=1",
+            "optim.warmup_epochs=0",
+            "ibot.loss_weight=1.0",
+            "dino.koleo_loss_weight=0.1",
+            *extra,
+        ),
+    )
 
 
 def losses_by_step(output_dir):
@@ -58,8 +68,12 @@ def test_losses_and_targets_are_fp32_under_bf16_autocast(tmp_path, image_folder)
         with torch.no_grad():
             teacher_out = teacher(batch["collated_global_crops"], None, None, batch["mask_indices_list"])
         targets = objective.teacher_targets(teacher_out, 0.04, batch.get("n_masked_patches"))
-        student_out = student(batch["collated_global_crops"], batch["collated_local_crops"], batch["collated_masks"],
-                              batch["mask_indices_list"])
+        student_out = student(
+            batch["collated_global_crops"],
+            batch["collated_local_crops"],
+            batch["collated_masks"],
+            batch["mask_indices_list"],
+        )
         loss, terms = objective(student_out, targets, batch["masks_weight"], n_images=8)
     assert student_out["global_cls_logits"].dtype == torch.bfloat16  # the networks ran in bf16
     assert targets["cls_probs"].dtype == torch.float32 and targets["patch_probs"].dtype == torch.float32

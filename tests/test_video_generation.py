@@ -61,8 +61,16 @@ def test_render_writes_one_overlay_per_frame(tmp_path):
     write_frames(tmp_path / "frames", 5, size=(40, 60))
     source = open_frames(tmp_path / "frames")
     assert source.num_frames == 5 and source.fps is None
-    count = render_attention_video(tiny_model(), source, tmp_path / "out", torch.device("cpu"), resize=32,
-                                   keep_fraction=0.6, batch_size=2, progress=False)
+    count = render_attention_video(
+        tiny_model(),
+        source,
+        tmp_path / "out",
+        torch.device("cpu"),
+        resize=32,
+        keep_fraction=0.6,
+        batch_size=2,
+        progress=False,
+    )
     written = sorted((tmp_path / "out").iterdir())
     assert count == 5 and [p.name for p in written] == [f"frame-{i:06d}.png" for i in range(5)]
     with Image.open(written[0]) as frame:
@@ -71,10 +79,18 @@ def test_render_writes_one_overlay_per_frame(tmp_path):
 
 def test_video_generation_cli_on_a_folder_of_frames(tmp_path, saved_backbone):
     write_frames(tmp_path / "frames", 4, suffix=".jpg")
-    count = video_script().main([
-        "--input_path", str(tmp_path / "frames"), "--output_path", str(tmp_path / "overlays"),
-        "--pretrained_weights", saved_backbone, "--device", "cpu",
-    ])
+    count = video_script().main(
+        [
+            "--input_path",
+            str(tmp_path / "frames"),
+            "--output_path",
+            str(tmp_path / "overlays"),
+            "--pretrained_weights",
+            saved_backbone,
+            "--device",
+            "cpu",
+        ]
+    )
     assert count == 4 and len(list((tmp_path / "overlays").glob("frame-*.png"))) == 4
 
 
@@ -104,11 +120,39 @@ def test_video_file_round_trip_with_pyav(tmp_path, saved_backbone):
     write_frames(tmp_path / "frames", 6)
     script = video_script()
     clip = tmp_path / "overlay.mp4"
-    assert script.main(["--input_path", str(tmp_path / "frames"), "--output_path", str(clip), "--fps", "5",
-                        "--pretrained_weights", saved_backbone, "--device", "cpu"]) == 6
+    assert (
+        script.main(
+            [
+                "--input_path",
+                str(tmp_path / "frames"),
+                "--output_path",
+                str(clip),
+                "--fps",
+                "5",
+                "--pretrained_weights",
+                saved_backbone,
+                "--device",
+                "cpu",
+            ]
+        )
+        == 6
+    )
     source = open_frames(clip)
     assert source.fps == pytest.approx(5.0)
     frames = list(source.frames)
     assert len(frames) == 6 and frames[0].size == (48, 32)
-    assert script.main(["--input_path", str(clip), "--output_path", str(tmp_path / "again"),
-                        "--pretrained_weights", saved_backbone, "--device", "cpu"]) == 6
+    assert (
+        script.main(
+            [
+                "--input_path",
+                str(clip),
+                "--output_path",
+                str(tmp_path / "again"),
+                "--pretrained_weights",
+                saved_backbone,
+                "--device",
+                "cpu",
+            ]
+        )
+        == 6
+    )

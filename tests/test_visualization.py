@@ -145,8 +145,9 @@ def test_head_mean_heatmaps():
 # ------------------------------------------------------------------------------------------ PCA
 
 
-def synthetic_grid(height: int, width: int, box: tuple[int, int, int, int], rng: np.random.Generator,
-                   dim: int = 24) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_grid(
+    height: int, width: int, box: tuple[int, int, int, int], rng: np.random.Generator, dim: int = 24
+) -> tuple[np.ndarray, np.ndarray]:
     """Patch features: background one cluster, a box of foreground patches another, made of two parts.
 
     The parts differ less from each other than the object from the background, as object parts do.
@@ -266,10 +267,23 @@ def test_visualize_attention_writes_pngs(tmp_path, saved_backbone):
     image_path = tmp_path / "photo.jpg"
     demo_image((40, 70)).save(image_path)
     out = tmp_path / "out"
-    written = load_script("visualize_attention").main([
-        "--image_path", str(image_path), "--pretrained_weights", saved_backbone, "--image_size", "32", "48",
-        "--threshold", "0.6", "--output_dir", str(out), "--device", "cpu",
-    ])
+    written = load_script("visualize_attention").main(
+        [
+            "--image_path",
+            str(image_path),
+            "--pretrained_weights",
+            saved_backbone,
+            "--image_size",
+            "32",
+            "48",
+            "--threshold",
+            "0.6",
+            "--output_dir",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     names = {Path(p).name for p in written}
     expected = {f"attn-head{i}.png" for i in range(4)} | {f"attn-mask-head{i}.png" for i in range(4)}
     assert expected | {"attn-overlay-grid.png", "input.png", "patch-norms.png"} == names
@@ -280,8 +294,9 @@ def test_visualize_attention_writes_pngs(tmp_path, saved_backbone):
 
 
 def test_visualize_attention_uses_a_demo_image_without_image_path(tmp_path, saved_backbone):
-    written = load_script("visualize_attention").main([
-        "--pretrained_weights", saved_backbone, "--image_size", "32", "--output_dir", str(tmp_path), "--device", "cpu"])
+    written = load_script("visualize_attention").main(
+        ["--pretrained_weights", saved_backbone, "--image_size", "32", "--output_dir", str(tmp_path), "--device", "cpu"]
+    )
     assert (tmp_path / "attn-overlay-grid.png").is_file()
     assert not any("mask" in p for p in written)
 
@@ -304,12 +319,24 @@ def test_visualize_pca_writes_grid_and_maps(tmp_path, saved_backbone):
         paths.append(tmp_path / f"image{seed}.png")
         demo_image(size, seed=seed).save(paths[-1])
     out = tmp_path / "out"
-    load_script("visualize_pca").main([
-        "--image_paths", *map(str, paths), "--pretrained_weights", saved_backbone, "--image_size", "32",
-        "--output_dir", str(out), "--device", "cpu",
-    ])
+    load_script("visualize_pca").main(
+        [
+            "--image_paths",
+            *map(str, paths),
+            "--pretrained_weights",
+            saved_backbone,
+            "--image_size",
+            "32",
+            "--output_dir",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert {p.name for p in out.iterdir()} == {"pca-grid.png", "pca-0.png", "pca-1.png"}
     with Image.open(out / "pca-1.png") as second:
         assert second.size == (32, 48)
     with pytest.raises(UserError, match="does not exist"):
-        load_script("visualize_pca").main(["--image_paths", str(tmp_path / "nope.png"), "--pretrained_weights", saved_backbone])
+        load_script("visualize_pca").main(
+            ["--image_paths", str(tmp_path / "nope.png"), "--pretrained_weights", saved_backbone]
+        )

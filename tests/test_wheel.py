@@ -49,8 +49,22 @@ def installed(tmp_path_factory):
     env["PIP_NO_INPUT"] = "1"
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
     source = copy_sources(work / "src")
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(work / "dist"),
-         str(source)], cwd=work, env=env)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(work / "dist"),
+            str(source),
+        ],
+        cwd=work,
+        env=env,
+    )
     wheels = list((work / "dist").glob("dino-*.whl"))
     assert len(wheels) == 1, wheels
 
@@ -63,16 +77,32 @@ def installed(tmp_path_factory):
     # checkout stays invisible, as .pth files in a folder added this way are not executed
     ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     Path(site.stdout.strip(), "_outer_site_packages.pth").write_text("\n".join(sorted(ours)) + "\n")
-    run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q",
-         str(wheels[0])], cwd=work, env=env)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--no-deps",
+            "--no-index",
+            "-q",
+            str(wheels[0]),
+        ],
+        cwd=work,
+        env=env,
+    )
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     return bin_dir, env, work
 
 
 def test_wheel_ships_presets_and_modules(installed):
     bin_dir, env, work = installed
-    code = ("import dino, dino.jobs.eval_knn, dino.config as c; print(dino.__file__); "
-            "print(c.package_config_dir()); print(','.join(c.list_presets('train')))")
+    code = (
+        "import dino, dino.jobs.eval_knn, dino.config as c; print(dino.__file__); "
+        "print(c.package_config_dir()); print(','.join(c.list_presets('train')))"
+    )
     out = run([str(bin_dir / "python"), "-c", code], cwd=work, env=env).stdout.splitlines()
     assert str(work / "venv") in out[0] and str(ROOT) not in out[0]  # the installed copy, not the checkout
     assert Path(out[1], "train", "dinov2_vits14.yaml").is_file() and Path(out[1], "inference", "extract.yaml").is_file()
@@ -95,6 +125,8 @@ def test_installed_dino_command_help_and_one_training_step(installed, tmp_path):
     overrides = [o for o in tiny_overrides(data, out, 4, "optim.epochs=1") if not o.startswith("train.device=")]
     run([dino, "train", "--device", "cpu", "--max_iters", "1", *overrides], cwd=tmp_path, env=env, timeout=600)
     assert (out / "checkpoint.pth").is_file() and (out / "teacher_backbone.safetensors").is_file()
-    check = ("from dino.hub import load_backbone; m = load_backbone('teacher_backbone.safetensors'); "
-             "print(m.embed_dim, len(m.blocks), m.patch_size)")
+    check = (
+        "from dino.hub import load_backbone; m = load_backbone('teacher_backbone.safetensors'); "
+        "print(m.embed_dim, len(m.blocks), m.patch_size)"
+    )
     assert run([str(bin_dir / "python"), "-c", check], cwd=out, env=env).stdout.split() == ["48", "2", "8"]

@@ -135,15 +135,24 @@ class DataAugmentationDINO:
             [global_crop(), *flip_and_colour, RandomGaussianBlur(blur_global1), normalize]
         )
         self.global_transform2 = transforms.Compose(
-            [global_crop(), *flip_and_colour, RandomGaussianBlur(blur_global2),
-             RandomSolarize(self.solarization_prob), normalize]
+            [
+                global_crop(),
+                *flip_and_colour,
+                RandomGaussianBlur(blur_global2),
+                RandomSolarize(self.solarization_prob),
+                normalize,
+            ]
         )
-        self.local_transform = transforms.Compose([
-            transforms.RandomResizedCrop(self.local_crops_size, scale=self.local_crops_scale, interpolation=BICUBIC),
-            *flip_and_colour,
-            RandomGaussianBlur(blur_local),
-            normalize,
-        ])
+        self.local_transform = transforms.Compose(
+            [
+                transforms.RandomResizedCrop(
+                    self.local_crops_size, scale=self.local_crops_scale, interpolation=BICUBIC
+                ),
+                *flip_and_colour,
+                RandomGaussianBlur(blur_local),
+                normalize,
+            ]
+        )
 
     def __call__(self, image: Image.Image) -> dict[str, list[torch.Tensor]]:
         return {

@@ -27,7 +27,16 @@ from dino.data.transforms import load_image_for, min_decode_side
 from dino.errors import UserError, require_path
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".webp",
+    ".tif",
+    ".tiff",
+    ".ppm",
+    ".pgm",
 )
 
 # Label given to images of unlabelled datasets.
@@ -153,8 +162,9 @@ class ImageListing(list):
         self.skipped: list[tuple[str, str]] = list(skipped)
 
 
-def list_images(root: str | os.PathLike, warn: bool = True, recursive: bool = True,
-                extensions: tuple[str, ...] | None = None) -> ImageListing:
+def list_images(
+    root: str | os.PathLike, warn: bool = True, recursive: bool = True, extensions: tuple[str, ...] | None = None
+) -> ImageListing:
     """All image files below `root`, as sorted absolute paths: the one lister for training, extraction and eval.
 
     - regular files only: a FIFO, socket or device named like an image is skipped (opening a FIFO blocks);
@@ -210,8 +220,11 @@ def list_images(root: str | os.PathLike, warn: bool = True, recursive: bool = Tr
     if skipped and warn:
         shown = "; ".join(f"{path}: {why}" for path, why in skipped[:3])
         more = f" (+{len(skipped) - 3} more)" if len(skipped) > 3 else ""
-        warnings.warn(f"skipped {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} under {root}: {shown}{more}",
-                      SkippedImageWarning, stacklevel=2)
+        warnings.warn(
+            f"skipped {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} under {root}: {shown}{more}",
+            SkippedImageWarning,
+            stacklevel=2,
+        )
     return listing
 
 
@@ -339,8 +352,9 @@ class ImageFolderDataset(ImageListDataset):
             samples.append((path, self.class_to_idx[parts[0]]))
             per_class[parts[0]] += 1
         if not samples:
-            raise UserError(f"no images found in the class folders of {self.root} "
-                            f"(extensions: {', '.join(IMAGE_EXTENSIONS)})")
+            raise UserError(
+                f"no images found in the class folders of {self.root} (extensions: {', '.join(IMAGE_EXTENSIONS)})"
+            )
         empty = [name for name in folders if per_class.get(name, 0) == 0]
         if empty:
             warnings.warn(f"{len(empty)} class folder(s) of {self.root} hold no images: {empty[:10]}", stacklevel=2)
@@ -373,8 +387,10 @@ class UnlabeledImageDataset(ImageListDataset):
                 raise UserError(f"file list {self.root} names no images")
             head = paths[:_FILE_LIST_CHECK]
             if not any(os.path.isfile(p) for p in head):
-                raise UserError(f"none of the first {len(head)} files in {self.root} exist (first: {head[0]}); "
-                                "relative entries are resolved against the list's own folder")
+                raise UserError(
+                    f"none of the first {len(head)} files in {self.root} exist (first: {head[0]}); "
+                    "relative entries are resolved against the list's own folder"
+                )
         super().__init__([(p, NO_LABEL) for p in paths], transform)
 
 

@@ -268,8 +268,12 @@ def ensure_demo_dataset(
     if image_size < 8:
         raise UserError(f"demo image size must be at least 8 px, got {image_size}")
     params = {
-        "version": GENERATOR_VERSION, "num_classes": int(num_classes), "train_per_class": int(train_per_class),
-        "val_per_class": int(val_per_class), "image_size": int(image_size), "seed": int(seed),
+        "version": GENERATOR_VERSION,
+        "num_classes": int(num_classes),
+        "train_per_class": int(train_per_class),
+        "val_per_class": int(val_per_class),
+        "image_size": int(image_size),
+        "seed": int(seed),
     }
     root = os.path.abspath(os.path.expanduser(os.fspath(root))) if root is not None else default_cache_root()
     tag = "v{version}-c{num_classes}-train{train_per_class}-val{val_per_class}-px{image_size}-seed{seed}"

@@ -61,8 +61,10 @@ class MaskingGenerator:
         return self.height, self.width
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({self.height}x{self.width}, blocks of {self.min_num_patches}.."
-                f"{self.max_num_patches} patches, aspect {self.min_aspect:.3g}..{self.max_aspect:.3g})")
+        return (
+            f"{type(self).__name__}({self.height}x{self.width}, blocks of {self.min_num_patches}.."
+            f"{self.max_num_patches} patches, aspect {self.min_aspect:.3g}..{self.max_aspect:.3g})"
+        )
 
     def _sample_block(self, min_area: int, max_area: int) -> tuple[int, int] | None:
         """A (height, width) with area in [min_area, max_area] and an admissible aspect, or None."""
@@ -108,7 +110,7 @@ class MaskingGenerator:
                 continue
             h, w = block
             top, left = self._place(mask, h, w, anchored=masked > 0 and missing < self.min_num_patches)
-            region = mask[top:top + h, left:left + w]
+            region = mask[top : top + h, left : left + w]
             added = region.size - int(region.sum())
             if 0 < added <= missing:
                 region[...] = True

@@ -84,8 +84,9 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int = 0) -> 
     return np.array(sorted(train)), np.array(sorted(val))
 
 
-def export_image_folder(name: str, root: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0,
-                        max_train: int | None = None) -> str:
+def export_image_folder(
+    name: str, root: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0, max_train: int | None = None
+) -> str:
     """Write dataset `name` as `root/train/<class>/*.png` and `root/val/<class>/*.png`; return the train folder.
 
     Idempotent: a finished export (marked by `root/export.json` with the same arguments) is reused.
@@ -108,6 +109,16 @@ def export_image_folder(name: str, root: str | os.PathLike, val_fraction: float 
             folder = root / split / f"{int(labels[index]):02d}"
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(images[index], mode="L").save(folder / f"{int(index):05d}.png")
-    marker.write_text(json.dumps({"args": meta, "train": len(train_idx), "val": len(val_idx),
-                                  "image_size": list(images.shape[1:]), "package": PACKAGE_OF[name]}, indent=1))
+    marker.write_text(
+        json.dumps(
+            {
+                "args": meta,
+                "train": len(train_idx),
+                "val": len(val_idx),
+                "image_size": list(images.shape[1:]),
+                "package": PACKAGE_OF[name],
+            },
+            indent=1,
+        )
+    )
     return str(root / "train")

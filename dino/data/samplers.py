@@ -122,7 +122,7 @@ class ShardedEpochSampler(Sampler[int]):
 
     def iter_with_positions(self) -> Iterator[tuple[int, int]]:
         """Yield `(dataset index, position in the epoch's global order)` for this rank from the start index."""
-        shard = self._epoch_order()[self.rank:: self.world_size]
+        shard = self._epoch_order()[self.rank :: self.world_size]
         for k in range(self.start_index, len(shard)):
             yield int(shard[k]), k * self.world_size + self.rank
 
@@ -133,8 +133,10 @@ class ShardedEpochSampler(Sampler[int]):
         return self.num_samples_per_epoch - self.start_index
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(size={self.dataset_size}, rank={self.rank}/{self.world_size}, "
-                f"epoch={self.epoch}, start_index={self.start_index}, shuffle={self.shuffle})")
+        return (
+            f"{type(self).__name__}(size={self.dataset_size}, rank={self.rank}/{self.world_size}, "
+            f"epoch={self.epoch}, start_index={self.start_index}, shuffle={self.shuffle})"
+        )
 
 
 # ------------------------------------------------------------------------------------ seeded loading
@@ -254,8 +256,10 @@ def make_data_loader(
     if n_samples is None:
         n_samples = len(sampler) if sampler is not None else len(dataset)
     if drop_last and n_samples < batch_size:
-        raise UserError(f"only {n_samples} images per rank, fewer than the batch size {batch_size}; "
-                        "lower the batch size or add images")
+        raise UserError(
+            f"only {n_samples} images per rank, fewer than the batch size {batch_size}; "
+            "lower the batch size or add images"
+        )
     collate_fn = collate_fn if collate_fn is not None else default_collate
     loader_dataset, loader_sampler = dataset, sampler
     if isinstance(sampler, ShardedEpochSampler):

@@ -45,11 +45,13 @@ def make_eval_transform(resize_size: int = 256, crop_size: int = 224) -> transfo
 
     if crop_size > resize_size:
         raise ValueError(f"crop_size {crop_size} is larger than resize_size {resize_size}")
-    transform = transforms.Compose([
-        transforms.Resize(resize_size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(crop_size),
-        make_normalize(),
-    ])
+    transform = transforms.Compose(
+        [
+            transforms.Resize(resize_size, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(crop_size),
+            make_normalize(),
+        ]
+    )
     transform.min_decode_side = int(resize_size)
     return transform
 
@@ -65,8 +67,12 @@ REDUCING_GAP = 2.0
 
 _EXIF_ORIENTATION = 0x0112
 _ORIENTATION_METHODS = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
 
@@ -91,12 +97,21 @@ def min_decode_side(transform) -> int | None:
     recorded = getattr(transform, "min_decode_side", None)
     if recorded:
         return int(recorded)
-    if all(hasattr(transform, a) for a in ("global_crops_size", "global_crops_scale", "local_crops_size",
-                                            "local_crops_scale", "local_crops_number")):
+    if all(
+        hasattr(transform, a)
+        for a in (
+            "global_crops_size",
+            "global_crops_scale",
+            "local_crops_size",
+            "local_crops_scale",
+            "local_crops_number",
+        )
+    ):
         sides = [random_resized_crop_min_side(int(transform.global_crops_size), float(transform.global_crops_scale[0]))]
         if int(transform.local_crops_number) > 0:
-            sides.append(random_resized_crop_min_side(int(transform.local_crops_size),
-                                                      float(transform.local_crops_scale[0])))
+            sides.append(
+                random_resized_crop_min_side(int(transform.local_crops_size), float(transform.local_crops_scale[0]))
+            )
         return max(sides)
     return None
 
@@ -147,8 +162,10 @@ def make_linear_train_transform(crop_size: int = 224) -> transforms.Compose:
     """Training transform of linear probes: RandomResizedCrop (bicubic), horizontal flip, normalise."""
     from torchvision import transforms
 
-    return transforms.Compose([
-        transforms.RandomResizedCrop(crop_size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(),
-        make_normalize(),
-    ])
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(crop_size, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.RandomHorizontalFlip(),
+            make_normalize(),
+        ]
+    )

@@ -56,8 +56,14 @@ class UnsafeCheckpointError(UserError):
 # storage index of the file system writer, torch.Size / dtypes / layouts, and the checkpoint path.
 _DCP_METADATA_CLASSES = {
     "torch.distributed.checkpoint.metadata": {
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
-        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
     },
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch.distributed.checkpoint._extension": {"StreamTransformExtension"},
@@ -72,7 +78,9 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         import torch
 
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+        if module == "torch" and isinstance(
+            getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)
+        ):
             return getattr(torch, name)
         if name in _DCP_METADATA_CLASSES.get(module, ()):
             return super().find_class(module, name)
@@ -88,30 +96,39 @@ def read_metadata_safely(directory: str | os.PathLike):
     try:
         metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
     except UnsafeCheckpointError as err:
-        raise UnsafeCheckpointError(f"refusing the sharded checkpoint {directory}: its {METADATA_FILE} {err}; "
-                                    "it was not written by torch.distributed.checkpoint (or was tampered with)") from None
+        raise UnsafeCheckpointError(
+            f"refusing the sharded checkpoint {directory}: its {METADATA_FILE} {err}; "
+            "it was not written by torch.distributed.checkpoint (or was tampered with)"
+        ) from None
     except OSError as err:
         raise UserError(f"cannot read the sharded checkpoint {directory}: {err.strerror or err}") from None
     except Exception as err:  # truncated or garbage pickle
-        raise UserError(f"cannot read the sharded checkpoint {directory}: its {METADATA_FILE} is damaged "
-                        f"({(str(err).splitlines() or [type(err).__name__])[0]})") from None
+        raise UserError(
+            f"cannot read the sharded checkpoint {directory}: its {METADATA_FILE} is damaged "
+            f"({(str(err).splitlines() or [type(err).__name__])[0]})"
+        ) from None
     if not isinstance(metadata, Metadata):
-        raise UnsafeCheckpointError(f"refusing the sharded checkpoint {directory}: {METADATA_FILE} holds a "
-                                    f"{type(metadata).__name__}, not checkpoint metadata")
+        raise UnsafeCheckpointError(
+            f"refusing the sharded checkpoint {directory}: {METADATA_FILE} holds a "
+            f"{type(metadata).__name__}, not checkpoint metadata"
+        )
     # Shard files must be plain names inside the folder (a crafted index must not read files elsewhere) and
     # regular files (a FIFO would block the load forever).
     names = set()
     for info in (metadata.storage_data or {}).values():
         name = getattr(info, "relative_path", None) if isinstance(info, _StorageInfo) else None
         if not isinstance(name, str) or not name or os.path.basename(name) != name or name in (".", ".."):
-            raise UnsafeCheckpointError(f"refusing the sharded checkpoint {directory}: its index points outside "
-                                        f"the folder ({name!r})")
+            raise UnsafeCheckpointError(
+                f"refusing the sharded checkpoint {directory}: its index points outside the folder ({name!r})"
+            )
         names.add(name)
     for name in sorted(names):
         try:
             mode = os.stat(Path(directory) / name).st_mode
         except FileNotFoundError:
-            raise UserError(f"the sharded checkpoint {directory} is incomplete: its shard file {name} is missing") from None
+            raise UserError(
+                f"the sharded checkpoint {directory} is incomplete: its shard file {name} is missing"
+            ) from None
         except OSError as err:
             raise UserError(f"cannot read the sharded checkpoint {directory}: {name}: {err.strerror or err}") from None
         if not stat.S_ISREG(mode):
@@ -146,8 +163,10 @@ def _safe_planner_class():
             try:
                 obj = torch.load(value, weights_only=True)
             except pickle.UnpicklingError as err:
-                raise UnsafeCheckpointError(f"refusing entry {read_item.dest_index.fqn!r} of a sharded checkpoint: "
-                                            f"{(str(err).splitlines() or [''])[0]}") from None
+                raise UnsafeCheckpointError(
+                    f"refusing entry {read_item.dest_index.fqn!r} of a sharded checkpoint: "
+                    f"{(str(err).splitlines() or [''])[0]}"
+                ) from None
             if self.flatten_state_dict:
                 set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
             else:
@@ -178,8 +197,9 @@ def find_sharded_checkpoint(directory: str | Path) -> Path | None:
     return None
 
 
-def save_sharded(state: dict[str, Any], directory: str | Path,
-                 write_extra: Callable[[Path], None] | None = None) -> None:
+def save_sharded(
+    state: dict[str, Any], directory: str | Path, write_extra: Callable[[Path], None] | None = None
+) -> None:
     """Collective: every rank writes its shards of `state` (tensors / DTensors, nested dicts) to `directory`.
 
     `write_extra(tmp_dir)` runs on every rank after the shards are written and before the swap, for small
@@ -237,8 +257,12 @@ def load_sharded(state: dict[str, Any], directory: str | Path, single_process: b
     read_metadata_safely(directory)  # refuse a crafted index here, before DCP wraps the error in its own
     try:
         with _single_process_is_intended():
-            dcp.load(state, storage_reader=safe_reader(directory), planner=safe_planner(),
-                     no_dist=single_process or not is_enabled())
+            dcp.load(
+                state,
+                storage_reader=safe_reader(directory),
+                planner=safe_planner(),
+                no_dist=single_process or not is_enabled(),
+            )
     except CheckpointException as err:  # a BaseException carrying each rank's error: surface ours as it is
         failures = [failure for failure, _ in err.failures.values()]
         for failure in failures:

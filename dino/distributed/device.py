@@ -63,7 +63,9 @@ def resolve_device_type(requested: str = "auto") -> str:
         "cpu": lambda: True,
     }[requested]()
     if not available:
-        raise UserError(f"--device {requested} was requested but no {requested.upper()} device is available; use --device auto or cpu")
+        raise UserError(
+            f"--device {requested} was requested but no {requested.upper()} device is available; use --device auto or cpu"
+        )
     return requested
 
 

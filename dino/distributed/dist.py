@@ -79,8 +79,12 @@ _timeout_s: float | None = None
 _HEARTBEAT_KEY = "dino/heartbeat/{rank}"
 # Where a rank is inside a step, in order: a rank behind the reporting one is what hung.
 _PHASES = ("data", "batch", "step", "done")
-_PHASE_TEXT = {"data": "waiting for its data", "batch": "had its batch but never entered the step",
-               "step": "inside the step's forward/backward", "done": "done with the step"}
+_PHASE_TEXT = {
+    "data": "waiting for its data",
+    "batch": "had its batch but never entered the step",
+    "step": "inside the step's forward/backward",
+    "done": "done with the step",
+}
 _last_beat: tuple[int, str] = (0, "done")
 
 
@@ -129,7 +133,9 @@ def describe_missing_ranks() -> str:
             behind.append(f"rank {rank} (never reported)")
             continue
         if (step, _PHASES.index(phase)) < mine:
-            behind.append(f"rank {rank} (step {step}, {_PHASE_TEXT[phase]}, last heard {now - float(seen_at):.0f} s ago)")
+            behind.append(
+                f"rank {rank} (step {step}, {_PHASE_TEXT[phase]}, last heard {now - float(seen_at):.0f} s ago)"
+            )
     if not behind:
         return "every other rank got as far as this one; the hang is inside the collective itself"
     return "did not answer: " + ", ".join(behind)
@@ -137,15 +143,22 @@ def describe_missing_ranks() -> str:
 
 def is_collective_timeout(err: BaseException) -> bool:
     text = str(err).lower()
-    return ("timed out" in text or "timeout" in text or "connection closed by peer" in text
-            or "connection reset" in text or type(err).__name__ == "DistBackendError")
+    return (
+        "timed out" in text
+        or "timeout" in text
+        or "connection closed by peer" in text
+        or "connection reset" in text
+        or type(err).__name__ == "DistBackendError"
+    )
 
 
 def collective_timeout_message(step: int, err: BaseException) -> str:
     limit = f"{_timeout_s:.0f} s" if _timeout_s else "the timeout"
     first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-    return (f"rank {get_rank()}: a collective at step {step} did not complete within {limit} (--dist_timeout); "
-            f"{describe_missing_ranks()} [{first}]")
+    return (
+        f"rank {get_rank()}: a collective at step {step} did not complete within {limit} (--dist_timeout); "
+        f"{describe_missing_ranks()} [{first}]"
+    )
 
 
 def barrier() -> None:

@@ -29,8 +29,14 @@ from dino.distributed.dist import get_world_size
 from dino.errors import UserError
 
 PARALLEL_CHOICES = ("ddp", "fsdp")
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp16": torch.float16, "float16": torch.float16}
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,7 @@ class FSDPSettings:
     def from_config(cls, fsdp_cfg, precision: str) -> "FSDPSettings":
         """`train.fsdp` keys (defaults in the YAML); `param_dtype: auto` follows `train.precision` bf16 (bf16
         parameters, fp32 reductions)."""
+
         def dtype(name, auto):
             name = "auto" if name is None else str(name).lower()
             if name == "auto":
@@ -97,8 +104,9 @@ def shard_network(network: nn.Module, ctx: DeviceContext, settings: FSDPSettings
     return network
 
 
-def shard_student_and_teacher(student: nn.Module, teacher: nn.Module, ctx: DeviceContext, mode: str,
-                              settings: FSDPSettings) -> bool:
+def shard_student_and_teacher(
+    student: nn.Module, teacher: nn.Module, ctx: DeviceContext, mode: str, settings: FSDPSettings
+) -> bool:
     """Shard both networks for `fsdp` with more than one process. Returns whether they are sharded.
 
     Must run before the optimiser is built (FSDP2 replaces the parameters by DTensors).

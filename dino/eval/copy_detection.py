@@ -66,8 +66,10 @@ def list_jpegs(folder: str) -> list[str]:
 
 def strong_positives(original_names: Sequence[str], strong_names: Sequence[str]) -> list[np.ndarray]:
     """For every strong copy, the indices of the originals whose names share its first 4 characters."""
-    return [np.asarray([j for j, original in enumerate(original_names) if original[:4] == query[:4]], dtype=np.int64)
-            for query in strong_names]
+    return [
+        np.asarray([j for j, original in enumerate(original_names) if original[:4] == query[:4]], dtype=np.int64)
+        for query in strong_names
+    ]
 
 
 @dataclass
@@ -98,7 +100,9 @@ def load_copydays(data_path: str) -> CopydaysData:
     for block in ("original", "strong"):
         folder = os.path.join(root, block)
         if not os.path.isdir(folder):
-            raise UserError(f"Copydays folder {folder} does not exist (expected <data_path>/original/*.jpg and <data_path>/strong/*.jpg)")
+            raise UserError(
+                f"Copydays folder {folder} does not exist (expected <data_path>/original/*.jpg and <data_path>/strong/*.jpg)"
+            )
     names = {}
     for block in ("original", "strong"):
         folder = os.path.join(root, block)
@@ -108,8 +112,10 @@ def load_copydays(data_path: str) -> CopydaysData:
     data = CopydaysData(root, names["original"], names["strong"])
     orphans = [name for name, positives in zip(data.strong_names, data.positives) if positives.size == 0]
     if orphans:
-        raise UserError(f"{len(orphans)} strong copies have no original sharing their first 4 characters in "
-                        f"{os.path.join(root, 'original')}: {', '.join(orphans[:5])}")
+        raise UserError(
+            f"{len(orphans)} strong copies have no original sharing their first 4 characters in "
+            f"{os.path.join(root, 'original')}: {', '.join(orphans[:5])}"
+        )
     return data
 
 
@@ -244,8 +250,15 @@ def run_copy_detection(cfg: Any) -> dict:
     transform = make_copydays_transform(int(cfg.imsize))
 
     def features_of(paths: list[str], desc: str) -> Tensor:
-        features, _ = extract_features(model, ImagePaths(paths, transform), device_ctx, batch_size=cfg.batch_size,
-                                       num_workers=cfg.num_workers, feature_fn=copydays_feature, desc=desc)
+        features, _ = extract_features(
+            model,
+            ImagePaths(paths, transform),
+            device_ctx,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+            feature_fn=copydays_feature,
+            desc=desc,
+        )
         return features
 
     if whitening_paths:
@@ -254,9 +267,11 @@ def run_copy_detection(cfg: Any) -> dict:
         whitening_source = "the database (originals + distractors)"
     else:
         whitening_source = "none (no whitening set, as DINO v1)"
-    logger.info(f"copy detection on Copydays strong: {len(data.strong_names)} queries, {len(data.original_names)} originals "
-                f"+ {len(distractor_paths)} distractors; [CLS] + GeM(p=4) patch tokens at {cfg.imsize}x{cfg.imsize}; "
-                f"whitening: {whitening_source}; AP over the top {cfg.top}")
+    logger.info(
+        f"copy detection on Copydays strong: {len(data.strong_names)} queries, {len(data.original_names)} originals "
+        f"+ {len(distractor_paths)} distractors; [CLS] + GeM(p=4) patch tokens at {cfg.imsize}x{cfg.imsize}; "
+        f"whitening: {whitening_source}; AP over the top {cfg.top}"
+    )
 
     queries = features_of(data.strong_paths, "query features")
     database = features_of(data.original_paths + distractor_paths, "database features")
@@ -289,9 +304,11 @@ def run_copy_detection(cfg: Any) -> dict:
         "top1_correct": int(sum(ranking[0, q] in p for q, p in enumerate(data.positives))),
     }
     if is_main_process():
-        print_table(["block", "queries", "database", "mAP"],
-                    [["strong", len(data.strong_names), database.shape[0], 100.0 * mean_ap]],
-                    title="Copydays copy detection (percent)")
+        print_table(
+            ["block", "queries", "database", "mAP"],
+            [["strong", len(data.strong_names), database.shape[0], 100.0 * mean_ap]],
+            title="Copydays copy detection (percent)",
+        )
         path = write_json(os.path.join(cfg.output_dir, "copy_detection.json"), results)
         logger.info(f"results written to {path}")
     barrier()

@@ -60,8 +60,10 @@ def read_sequence_names(data_path: str, split: str = "val", year: str = "2017") 
     """Sequence names listed in `ImageSets/<year>/<split>.txt` (blank lines ignored)."""
     path = split_file(data_path, split, year)
     if not os.path.isfile(path):
-        raise UserError(f"DAVIS split file {path} does not exist (expected the DAVIS-2017 layout: "
-                        f"JPEGImages/{RESOLUTION}/<seq>/*.jpg, Annotations/{RESOLUTION}/<seq>/*.png, ImageSets/{year}/{split}.txt)")
+        raise UserError(
+            f"DAVIS split file {path} does not exist (expected the DAVIS-2017 layout: "
+            f"JPEGImages/{RESOLUTION}/<seq>/*.jpg, Annotations/{RESOLUTION}/<seq>/*.png, ImageSets/{year}/{split}.txt)"
+        )
     with open(path, encoding="utf-8") as handle:
         names = [line.strip() for line in handle if line.strip()]
     if not names:
@@ -83,7 +85,9 @@ def load_davis(data_path: str, split: str = "val", year: str = "2017", need_fram
     for name in read_sequence_names(data_path, split, year):
         annotation_dir = os.path.join(data_path, "Annotations", RESOLUTION, name)
         if not os.path.isdir(annotation_dir):
-            raise UserError(f"annotation folder {annotation_dir} does not exist (sequence {name!r} is listed in {split_file(data_path, split, year)})")
+            raise UserError(
+                f"annotation folder {annotation_dir} does not exist (sequence {name!r} is listed in {split_file(data_path, split, year)})"
+            )
         annotations = _sorted_files(annotation_dir, ".png")
         if not annotations:
             raise UserError(f"annotation folder {annotation_dir} holds no .png annotations")
@@ -91,7 +95,9 @@ def load_davis(data_path: str, split: str = "val", year: str = "2017", need_fram
         if need_frames:
             frame_dir = os.path.join(data_path, "JPEGImages", RESOLUTION, name)
             if not os.path.isdir(frame_dir):
-                raise UserError(f"frame folder {frame_dir} does not exist (sequence {name!r} is listed in {split_file(data_path, split, year)})")
+                raise UserError(
+                    f"frame folder {frame_dir} does not exist (sequence {name!r} is listed in {split_file(data_path, split, year)})"
+                )
             frames = _sorted_files(frame_dir, ".jpg")
             if not frames:
                 raise UserError(f"frame folder {frame_dir} holds no .jpg frames")
@@ -146,10 +152,12 @@ def write_label_png(path: str, labels: np.ndarray, palette: list[int] | None = N
 # ------------------------------------------------------------------------------------------ metrics
 
 
-def db_eval_iou(annotation: np.ndarray, segmentation: np.ndarray, void_pixels: np.ndarray | None = None) -> np.ndarray | float:
+def db_eval_iou(
+    annotation: np.ndarray, segmentation: np.ndarray, void_pixels: np.ndarray | None = None
+) -> np.ndarray | float:
     """Region similarity J (DAVIS 2017 benchmark) of binary masks (…, H, W), per leading index.
 
-        J = |(S ∩ G) \\ void| / |(S ∪ G) \\ void|,   J = 1 when the union (outside void) is empty.
+    J = |(S ∩ G) \\ void| / |(S ∪ G) \\ void|,   J = 1 when the union (outside void) is empty.
     """
     annotation = np.asarray(annotation).astype(bool)
     segmentation = np.asarray(segmentation).astype(bool)
@@ -224,8 +232,12 @@ def boundary_tolerance(shape: tuple[int, int], bound_th: float = BOUNDARY_TOLERA
     return int(bound_th) if bound_th >= 1 else int(math.ceil(bound_th * math.hypot(*shape)))
 
 
-def f_measure(segmentation: np.ndarray, annotation: np.ndarray, void_pixels: np.ndarray | None = None,
-              bound_th: float = BOUNDARY_TOLERANCE) -> float:
+def f_measure(
+    segmentation: np.ndarray,
+    annotation: np.ndarray,
+    void_pixels: np.ndarray | None = None,
+    bound_th: float = BOUNDARY_TOLERANCE,
+) -> float:
     """Boundary F-measure of one frame (DAVIS 2017 benchmark `f_measure`).
 
     P = fraction of the segmentation's boundary pixels within the tolerance disk of the annotation's
@@ -251,18 +263,24 @@ def f_measure(segmentation: np.ndarray, annotation: np.ndarray, void_pixels: np.
     return float(2 * precision * recall / (precision + recall))
 
 
-def db_eval_boundary(annotation: np.ndarray, segmentation: np.ndarray, void_pixels: np.ndarray | None = None,
-                     bound_th: float = BOUNDARY_TOLERANCE) -> np.ndarray | float:
+def db_eval_boundary(
+    annotation: np.ndarray,
+    segmentation: np.ndarray,
+    void_pixels: np.ndarray | None = None,
+    bound_th: float = BOUNDARY_TOLERANCE,
+) -> np.ndarray | float:
     """Contour accuracy F of one frame (H, W) → float, or of a stack (T, H, W) → (T,) array."""
     annotation, segmentation = np.asarray(annotation), np.asarray(segmentation)
     if annotation.shape != segmentation.shape:
         raise ValueError(f"annotation {annotation.shape} and segmentation {segmentation.shape} differ in shape")
     if annotation.ndim == 2:
         return f_measure(segmentation, annotation, void_pixels, bound_th)
-    return np.array([
-        f_measure(segmentation[t], annotation[t], None if void_pixels is None else void_pixels[t], bound_th)
-        for t in range(annotation.shape[0])
-    ])
+    return np.array(
+        [
+            f_measure(segmentation[t], annotation[t], None if void_pixels is None else void_pixels[t], bound_th)
+            for t in range(annotation.shape[0])
+        ]
+    )
 
 
 def db_statistics(per_frame_values: np.ndarray) -> tuple[float, float, float]:
@@ -280,7 +298,7 @@ def db_statistics(per_frame_values: np.ndarray) -> tuple[float, float, float]:
         mean = float(np.nanmean(values)) if values.size else float("nan")
         recall = float(np.nanmean(values > 0.5)) if values.size else float("nan")
         ids = (np.round(np.linspace(1, len(values), 5) + 1e-10) - 1).astype(np.int64)
-        bins = [values[ids[i]: ids[i + 1] + 1] for i in range(4)]
+        bins = [values[ids[i] : ids[i + 1] + 1] for i in range(4)]
         first = np.nanmean(bins[0]) if bins[0].size else float("nan")
         last = np.nanmean(bins[3]) if bins[3].size else float("nan")
     return mean, recall, float(first - last)
@@ -295,7 +313,9 @@ def object_masks(labels: np.ndarray, num_objects: int) -> np.ndarray:
     return labels[None] == ids
 
 
-def evaluate_sequence(gt_labels: np.ndarray, predicted_labels: np.ndarray, sequence: str = "") -> tuple[np.ndarray, np.ndarray]:
+def evaluate_sequence(
+    gt_labels: np.ndarray, predicted_labels: np.ndarray, sequence: str = ""
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-object, per-frame J and F of one sequence, (num_objects, T-2) each.
 
     gt_labels, predicted_labels: (T, H, W) label maps of all annotated frames (void = 255 in the ground
@@ -305,14 +325,18 @@ def evaluate_sequence(gt_labels: np.ndarray, predicted_labels: np.ndarray, seque
     """
     gt_labels = np.where(gt_labels == VOID_LABEL, 0, gt_labels)
     if gt_labels.shape != predicted_labels.shape:
-        raise UserError(f"sequence {sequence}: predictions have shape {predicted_labels.shape[1:]} x {predicted_labels.shape[0]} frames, "
-                        f"ground truth {gt_labels.shape[1:]} x {gt_labels.shape[0]} frames")
+        raise UserError(
+            f"sequence {sequence}: predictions have shape {predicted_labels.shape[1:]} x {predicted_labels.shape[0]} frames, "
+            f"ground truth {gt_labels.shape[1:]} x {gt_labels.shape[0]} frames"
+        )
     num_objects = int(gt_labels[0].max())
     gt_scored, predicted_scored = gt_labels[1:-1], predicted_labels[1:-1]
     highest_prediction = int(predicted_scored.max()) if predicted_scored.size else 0
     if highest_prediction > num_objects:
-        raise UserError(f"sequence {sequence}: a prediction holds object id {highest_prediction} but the first "
-                        f"ground-truth frame has only {num_objects} objects")
+        raise UserError(
+            f"sequence {sequence}: a prediction holds object id {highest_prediction} but the first "
+            f"ground-truth frame has only {num_objects} objects"
+        )
     gt_objects = object_masks(gt_scored, num_objects)
     predicted_objects = object_masks(predicted_scored, num_objects)
     j = np.zeros((num_objects, gt_scored.shape[0]))
@@ -331,8 +355,9 @@ def read_sequence_labels(paths: list[str]) -> np.ndarray:
     return np.stack(frames)
 
 
-def evaluate_davis(data_path: str, results_path: str, split: str = "val", year: str = "2017",
-                   progress: bool = True) -> dict:
+def evaluate_davis(
+    data_path: str, results_path: str, split: str = "val", year: str = "2017", progress: bool = True
+) -> dict:
     """Score the palette PNGs under `results_path/<sequence>/<frame>.png` against the DAVIS ground truth.
 
     Returns {'global': {J&F-Mean, J-Mean, J-Recall, J-Decay, F-Mean, F-Recall, F-Decay},
@@ -353,8 +378,10 @@ def evaluate_davis(data_path: str, results_path: str, split: str = "val", year: 
         # the first and last frames are not scored, so their predictions need not exist
         for t in range(1, len(frame_names) - 1):
             if not os.path.isfile(prediction_paths[t]):
-                raise UserError(f"prediction {prediction_paths[t]} does not exist (expected one palette PNG per "
-                                f"annotated frame under <results>/<sequence>/)")
+                raise UserError(
+                    f"prediction {prediction_paths[t]} does not exist (expected one palette PNG per "
+                    f"annotated frame under <results>/<sequence>/)"
+                )
             predicted[t] = _read_prediction(prediction_paths[t], gt_labels.shape[1:])
         j, f = evaluate_sequence(gt_labels, predicted, sequence.name)
         for k in range(j.shape[0]):
@@ -364,21 +391,33 @@ def evaluate_davis(data_path: str, results_path: str, split: str = "val", year: 
                 stats[key].append(value)
             per_object[f"{sequence.name}_{k + 1}"] = {"J-Mean": jm, "F-Mean": fm, "J&F-Mean": (jm + fm) / 2}
     if not stats["JM"]:
-        raise UserError(f"no objects to evaluate: the first annotation of every sequence in {split_file(data_path, split, year)} is empty")
+        raise UserError(
+            f"no objects to evaluate: the first annotation of every sequence in {split_file(data_path, split, year)} is empty"
+        )
     means = {key: float(np.mean(values)) for key, values in stats.items()}
     global_results = {
         "J&F-Mean": (means["JM"] + means["FM"]) / 2,
-        "J-Mean": means["JM"], "J-Recall": means["JR"], "J-Decay": means["JD"],
-        "F-Mean": means["FM"], "F-Recall": means["FR"], "F-Decay": means["FD"],
+        "J-Mean": means["JM"],
+        "J-Recall": means["JR"],
+        "J-Decay": means["JD"],
+        "F-Mean": means["FM"],
+        "F-Recall": means["FR"],
+        "F-Decay": means["FD"],
     }
-    return {"global": global_results, "per_object": per_object, "num_objects": len(per_object),
-            "num_sequences": len(sequences)}
+    return {
+        "global": global_results,
+        "per_object": per_object,
+        "num_objects": len(per_object),
+        "num_sequences": len(sequences),
+    }
 
 
 def _read_prediction(path: str, shape: tuple[int, ...]) -> np.ndarray:
     labels, _ = read_label_png(path)
     if labels.shape != tuple(shape):
-        raise UserError(f"prediction {path} is {labels.shape[1]}x{labels.shape[0]}, the ground truth {shape[1]}x{shape[0]}")
+        raise UserError(
+            f"prediction {path} is {labels.shape[1]}x{labels.shape[0]}, the ground truth {shape[1]}x{shape[0]}"
+        )
     return labels
 
 

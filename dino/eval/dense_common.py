@@ -72,12 +72,13 @@ def center_pad(images: Tensor, multiple: int) -> tuple[Tensor, tuple[int, int, i
 def uncrop_padding(maps: Tensor, pads: tuple[int, int, int, int]) -> Tensor:
     left, right, top, bottom = pads
     height, width = maps.shape[-2:]
-    return maps[..., top:height - bottom, left:width - right]
+    return maps[..., top : height - bottom, left : width - right]
 
 
 @torch.no_grad()
-def backbone_features(model: nn.Module, images: Tensor, layers: Sequence[int], device_ctx: DeviceContext
-                      ) -> list[tuple[Tensor, Tensor]]:
+def backbone_features(
+    model: nn.Module, images: Tensor, layers: Sequence[int], device_ctx: DeviceContext
+) -> list[tuple[Tensor, Tensor]]:
     """(patch map (B, D, h, w), [CLS] (B, D)) of the given blocks, through the final norm, in float32.
     `images` must already be padded to a multiple of the patch size."""
     with device_ctx.autocast():
@@ -95,8 +96,15 @@ def patch_size_of(model: nn.Module) -> int:
 # --------------------------------------------------------------------------------------- schedule
 
 
-def poly_lr(base_lr: float, iteration: int, max_iters: int, warmup_iters: int = 0, warmup_ratio: float = 1e-6,
-            power: float = 1.0, min_lr: float = 0.0) -> float:
+def poly_lr(
+    base_lr: float,
+    iteration: int,
+    max_iters: int,
+    warmup_iters: int = 0,
+    warmup_ratio: float = 1e-6,
+    power: float = 1.0,
+    min_lr: float = 0.0,
+) -> float:
     """mmcv's `poly` policy with linear warm-up (by iteration): (base − min)(1 − t/T)^power + min, and during
     the first `warmup_iters` that value × (1 − (1 − t/warmup)(1 − warmup_ratio))."""
     progress = min(iteration, max_iters) / max(max_iters, 1)
@@ -107,8 +115,14 @@ def poly_lr(base_lr: float, iteration: int, max_iters: int, warmup_iters: int = 
     return lr
 
 
-def one_cycle_lr(max_lr: float, iteration: int, max_iters: int, pct_start: float = 0.3, div_factor: float = 25.0,
-                 final_div_factor: float = 1e4) -> float:
+def one_cycle_lr(
+    max_lr: float,
+    iteration: int,
+    max_iters: int,
+    pct_start: float = 0.3,
+    div_factor: float = 25.0,
+    final_div_factor: float = 1e4,
+) -> float:
     """mmcv's `OneCycle` policy (cosine, two phases, by iteration): max_lr/div_factor → max_lr over the first
     `pct_start` of the run, then → max_lr/div_factor/final_div_factor."""
     initial = max_lr / div_factor
@@ -143,45 +157,73 @@ class HeadTraining:
     log_every: int
     seed: int
     resume: bool
-    schedule: str                   # poly (with linear warm-up) | one_cycle
-    pct_start: float                # one_cycle
-    div_factor: float               # one_cycle
-    final_div_factor: float         # one_cycle
-    grad_clip: float                # max global gradient norm of the head (0: none)
+    schedule: str  # poly (with linear warm-up) | one_cycle
+    pct_start: float  # one_cycle
+    div_factor: float  # one_cycle
+    final_div_factor: float  # one_cycle
+    grad_clip: float  # max global gradient norm of the head (0: none)
     extra: dict = field(default_factory=dict)
 
     def lr_at(self, iteration: int) -> float:
         if self.schedule == "poly":
-            return poly_lr(self.lr, iteration, self.iterations, self.warmup_iters, self.warmup_ratio, self.power, self.min_lr)
+            return poly_lr(
+                self.lr, iteration, self.iterations, self.warmup_iters, self.warmup_ratio, self.power, self.min_lr
+            )
         if self.schedule == "one_cycle":
-            return one_cycle_lr(self.lr, iteration, self.iterations, self.pct_start, self.div_factor, self.final_div_factor)
+            return one_cycle_lr(
+                self.lr, iteration, self.iterations, self.pct_start, self.div_factor, self.final_div_factor
+            )
         raise UserError(f"train.schedule must be poly or one_cycle, got {self.schedule!r}")
 
 
 def training_from_config(train_cfg) -> HeadTraining:
     """A preset's `train` section as `HeadTraining` (every key is in the preset: the defaults live in the YAML)."""
     return HeadTraining(
-        iterations=int(train_cfg.iterations), batch_size_per_device=int(train_cfg.batch_size_per_device),
-        lr=float(train_cfg.lr), weight_decay=float(train_cfg.weight_decay),
-        betas=tuple(float(b) for b in train_cfg.betas), warmup_iters=int(train_cfg.warmup_iters),
-        warmup_ratio=float(train_cfg.warmup_ratio), power=float(train_cfg.power), min_lr=float(train_cfg.min_lr),
-        num_workers=int(train_cfg.num_workers), checkpoint_every=int(train_cfg.checkpoint_every),
-        eval_every=int(train_cfg.eval_every), log_every=int(train_cfg.log_every), seed=int(train_cfg.seed),
-        resume=bool(train_cfg.resume), schedule=str(train_cfg.schedule), pct_start=float(train_cfg.pct_start),
-        div_factor=float(train_cfg.div_factor), final_div_factor=float(train_cfg.final_div_factor),
+        iterations=int(train_cfg.iterations),
+        batch_size_per_device=int(train_cfg.batch_size_per_device),
+        lr=float(train_cfg.lr),
+        weight_decay=float(train_cfg.weight_decay),
+        betas=tuple(float(b) for b in train_cfg.betas),
+        warmup_iters=int(train_cfg.warmup_iters),
+        warmup_ratio=float(train_cfg.warmup_ratio),
+        power=float(train_cfg.power),
+        min_lr=float(train_cfg.min_lr),
+        num_workers=int(train_cfg.num_workers),
+        checkpoint_every=int(train_cfg.checkpoint_every),
+        eval_every=int(train_cfg.eval_every),
+        log_every=int(train_cfg.log_every),
+        seed=int(train_cfg.seed),
+        resume=bool(train_cfg.resume),
+        schedule=str(train_cfg.schedule),
+        pct_start=float(train_cfg.pct_start),
+        div_factor=float(train_cfg.div_factor),
+        final_div_factor=float(train_cfg.final_div_factor),
         grad_clip=float(train_cfg.grad_clip or 0.0),
     )
 
 
-def infinite_batches(dataset: Dataset, training: HeadTraining, device_ctx: DeviceContext, start_iteration: int
-                     ) -> Iterator[tuple]:
+def infinite_batches(
+    dataset: Dataset, training: HeadTraining, device_ctx: DeviceContext, start_iteration: int
+) -> Iterator[tuple]:
     """Batches forever: each rank its DistributedSampler shard, reshuffled (and re-augmented) per pass; a
     resumed run continues with the pass the interrupted one was in, at its position in the pass."""
-    sampler = DistributedSampler(dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=True,
-                                 seed=training.seed, drop_last=len(dataset) >= get_world_size())
-    loader = DataLoader(dataset, batch_size=training.batch_size_per_device, sampler=sampler, drop_last=False,
-                        num_workers=min(training.num_workers, os.cpu_count() or 1), pin_memory=device_ctx.pin_memory,
-                        persistent_workers=False)
+    sampler = DistributedSampler(
+        dataset,
+        num_replicas=get_world_size(),
+        rank=get_rank(),
+        shuffle=True,
+        seed=training.seed,
+        drop_last=len(dataset) >= get_world_size(),
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=training.batch_size_per_device,
+        sampler=sampler,
+        drop_last=False,
+        num_workers=min(training.num_workers, os.cpu_count() or 1),
+        pin_memory=device_ctx.pin_memory,
+        persistent_workers=False,
+    )
     steps = len(loader)
     if steps == 0:
         raise UserError("the training set is empty")
@@ -201,25 +243,39 @@ def infinite_batches(dataset: Dataset, training: HeadTraining, device_ctx: Devic
 # ------------------------------------------------------------------------------------- checkpoints
 
 
-def save_head_checkpoint(path: str, head: nn.Module, optimizer: torch.optim.Optimizer, iteration: int,
-                         signature: dict, history: list[dict]) -> None:
-    atomic_torch_save(dict(head=head.state_dict(), optimizer=optimizer.state_dict(), iteration=iteration,
-                           signature=signature, history=history), path)
+def save_head_checkpoint(
+    path: str, head: nn.Module, optimizer: torch.optim.Optimizer, iteration: int, signature: dict, history: list[dict]
+) -> None:
+    atomic_torch_save(
+        dict(
+            head=head.state_dict(),
+            optimizer=optimizer.state_dict(),
+            iteration=iteration,
+            signature=signature,
+            history=history,
+        ),
+        path,
+    )
 
 
-def load_head_checkpoint(path: str, head: nn.Module, optimizer: torch.optim.Optimizer, signature: dict
-                         ) -> tuple[int, list[dict]]:
+def load_head_checkpoint(
+    path: str, head: nn.Module, optimizer: torch.optim.Optimizer, signature: dict
+) -> tuple[int, list[dict]]:
     """Restore a checkpoint of the same probe (same signature); returns (iteration, history)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UserError(f"cannot read {path} to resume ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
-                        "delete it or pass train.resume=false") from None
+        raise UserError(
+            f"cannot read {path} to resume ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+            "delete it or pass train.resume=false"
+        ) from None
     stored = state.get("signature", {})
     if stored != signature:
         differing = sorted(k for k in set(stored) | set(signature) if stored.get(k) != signature.get(k))
-        raise UserError(f"{path} belongs to a different probe ({', '.join(differing)} differ); use another --output_dir, "
-                        "delete the checkpoint, or pass train.resume=false")
+        raise UserError(
+            f"{path} belongs to a different probe ({', '.join(differing)} differ); use another --output_dir, "
+            "delete the checkpoint, or pass train.resume=false"
+        )
     head.load_state_dict(state["head"])
     optimizer.load_state_dict(state["optimizer"])
     return int(state["iteration"]), list(state.get("history", []))
@@ -233,9 +289,18 @@ def summary_writer(output_dir: str, purge_step: int | None):
     return SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=purge_step)
 
 
-def train_head(head: nn.Module, train_set: Dataset, training: HeadTraining, device_ctx: DeviceContext, output_dir: str,
-               checkpoint_name: str, signature: dict, loss_fn: Callable[[nn.Module, tuple, int], Tensor],
-               evaluate_fn: Callable[[int, object], dict] | None = None, desc: str = "train") -> tuple[int, list[dict], object]:
+def train_head(
+    head: nn.Module,
+    train_set: Dataset,
+    training: HeadTraining,
+    device_ctx: DeviceContext,
+    output_dir: str,
+    checkpoint_name: str,
+    signature: dict,
+    loss_fn: Callable[[nn.Module, tuple, int], Tensor],
+    evaluate_fn: Callable[[int, object], dict] | None = None,
+    desc: str = "train",
+) -> tuple[int, list[dict], object]:
     """AdamW + the schedule of `training` (poly or one-cycle) over `training.iterations`; returns (iterations done, eval history, writer).
 
     `loss_fn(trained_head, batch, iteration)` → scalar loss; `evaluate_fn(iteration, writer)` → metrics dict (every
@@ -245,8 +310,9 @@ def train_head(head: nn.Module, train_set: Dataset, training: HeadTraining, devi
     if training.iterations < 0:
         raise UserError(f"train.iterations must be non-negative, got {training.iterations}")
     os.makedirs(output_dir, exist_ok=True)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=training.lr, betas=tuple(training.betas),
-                                  weight_decay=training.weight_decay)
+    optimizer = torch.optim.AdamW(
+        head.parameters(), lr=training.lr, betas=tuple(training.betas), weight_decay=training.weight_decay
+    )
     checkpoint_path = os.path.join(output_dir, checkpoint_name)
     start, history = 0, []
     if training.resume and os.path.isfile(checkpoint_path):
@@ -260,8 +326,15 @@ def train_head(head: nn.Module, train_set: Dataset, training: HeadTraining, devi
     if start >= training.iterations:
         return start, history, writer
     batches = infinite_batches(train_set, training, device_ctx, start)
-    progress = tqdm(range(start, training.iterations), desc=desc, disable=not is_main_process(), dynamic_ncols=True,
-                    leave=False, initial=start, total=training.iterations)
+    progress = tqdm(
+        range(start, training.iterations),
+        desc=desc,
+        disable=not is_main_process(),
+        dynamic_ncols=True,
+        leave=False,
+        initial=start,
+        total=training.iterations,
+    )
     trained.train()
     for iteration in progress:
         lr = training.lr_at(iteration)
@@ -269,8 +342,10 @@ def train_head(head: nn.Module, train_set: Dataset, training: HeadTraining, devi
             group["lr"] = lr
         loss = loss_fn(trained, next(batches), iteration)
         if not torch.isfinite(loss):
-            raise UserError(f"the head's loss is {float(loss)} at iteration {iteration}; lower train.lr and run again "
-                            f"(the run resumes from {checkpoint_path} if one was written)")
+            raise UserError(
+                f"the head's loss is {float(loss)} at iteration {iteration}; lower train.lr and run again "
+                f"(the run resumes from {checkpoint_path} if one was written)"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if training.grad_clip > 0:
@@ -282,7 +357,12 @@ def train_head(head: nn.Module, train_set: Dataset, training: HeadTraining, devi
             writer.add_scalar("train/loss", float(loss.detach()), done)
             writer.add_scalar("train/lr", lr, done)
             progress.set_postfix(loss=f"{float(loss.detach()):.4f}")
-        if evaluate_fn is not None and training.eval_every > 0 and done % training.eval_every == 0 and done < training.iterations:
+        if (
+            evaluate_fn is not None
+            and training.eval_every > 0
+            and done % training.eval_every == 0
+            and done < training.iterations
+        ):
             metrics = evaluate_fn(done, writer)
             history.append(dict(iteration=done, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
             trained.train()

@@ -53,14 +53,72 @@ logger = get_logger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
-CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-                      "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
-                      "bicycle")
+VOC_CLASSES = (
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
+CITYSCAPES_CLASSES = (
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
+)
 # Cityscapes labelIds → trainIds (cityscapesScripts `labels.py`); every other id is ignored
-CITYSCAPES_ID_TO_TRAINID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
-                            26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+CITYSCAPES_ID_TO_TRAINID = {
+    7: 0,
+    8: 1,
+    11: 2,
+    12: 3,
+    13: 4,
+    17: 5,
+    19: 6,
+    20: 7,
+    21: 8,
+    22: 9,
+    23: 10,
+    24: 11,
+    25: 12,
+    26: 13,
+    27: 14,
+    28: 15,
+    31: 16,
+    32: 17,
+    33: 18,
+}
 
 SEGMENTATION_DATASETS = ("ade20k", "voc2012", "cityscapes", "demo")
 DEPTH_DATASETS = ("nyu", "kitti")
@@ -114,7 +172,9 @@ def ade20k_files(root: str, split: str) -> SegmentationFiles:
     for path in (image_dir, label_dir):
         if not os.path.isdir(path):
             raise _layout_error("ADE20K", root, os.path.relpath(path, root), expected)
-    stems = sorted(os.path.splitext(f)[0] for f in os.listdir(image_dir) if f.lower().endswith((".jpg", ".jpeg", ".png")))
+    stems = sorted(
+        os.path.splitext(f)[0] for f in os.listdir(image_dir) if f.lower().endswith((".jpg", ".jpeg", ".png"))
+    )
     if not stems:
         raise _layout_error("ADE20K", root, f"any image in {os.path.relpath(image_dir, root)}", expected)
     images, labels = [], []
@@ -122,8 +182,11 @@ def ade20k_files(root: str, split: str) -> SegmentationFiles:
         label = os.path.join(label_dir, stem + ".png")
         if not os.path.isfile(label):
             raise _layout_error("ADE20K", root, os.path.relpath(label, root), expected)
-        image = next(os.path.join(image_dir, stem + ext) for ext in (".jpg", ".jpeg", ".png")
-                     if os.path.isfile(os.path.join(image_dir, stem + ext)))
+        image = next(
+            os.path.join(image_dir, stem + ext)
+            for ext in (".jpg", ".jpeg", ".png")
+            if os.path.isfile(os.path.join(image_dir, stem + ext))
+        )
         images.append(image)
         labels.append(label)
     return SegmentationFiles("ade20k", images, labels, 150, _ade20k_class_names(folder), reduce_zero_label=True)
@@ -147,8 +210,10 @@ def _ade20k_class_names(folder: str) -> list[str]:
 
 def voc2012_files(root: str, split: str) -> SegmentationFiles:
     folder = _find_root(root, "JPEGImages", ("VOC2012", os.path.join("VOCdevkit", "VOC2012")))
-    expected = ("VOC2012/JPEGImages, SegmentationClass (or SegmentationClassAug) and "
-                "ImageSets/Segmentation/{train,val}.txt (train_aug.txt for the augmented set)")
+    expected = (
+        "VOC2012/JPEGImages, SegmentationClass (or SegmentationClassAug) and "
+        "ImageSets/Segmentation/{train,val}.txt (train_aug.txt for the augmented set)"
+    )
     if folder is None:
         raise _layout_error("Pascal VOC 2012", root, "JPEGImages/", expected)
     lists = os.path.join(folder, "ImageSets", "Segmentation")
@@ -157,7 +222,9 @@ def voc2012_files(root: str, split: str) -> SegmentationFiles:
     if split == "train" and os.path.isdir(aug_dir) and os.path.isfile(os.path.join(lists, "train_aug.txt")):
         names, label_dir = _read_list(os.path.join(lists, "train_aug.txt")), aug_dir
     elif split == "train" and os.path.isdir(aug_dir) and os.path.isfile(os.path.join(lists, "aug.txt")):
-        names = list(dict.fromkeys(_read_list(os.path.join(lists, "train.txt")) + _read_list(os.path.join(lists, "aug.txt"))))
+        names = list(
+            dict.fromkeys(_read_list(os.path.join(lists, "train.txt")) + _read_list(os.path.join(lists, "aug.txt")))
+        )
         label_dir = aug_dir
     else:
         list_file = os.path.join(lists, f"{split}.txt")
@@ -205,9 +272,17 @@ def cityscapes_files(root: str, split: str) -> SegmentationFiles:
                 raise _layout_error("Cityscapes", root, os.path.relpath(train_ids, root), expected)
             images.append(os.path.join(city_dir, file))
     if not images:
-        raise _layout_error("Cityscapes", root, f"any *_leftImg8bit.png in {os.path.relpath(image_root, root)}", expected)
-    return SegmentationFiles("cityscapes", images, labels, 19, list(CITYSCAPES_CLASSES),
-                             label_map=_cityscapes_label_map() if mapped else None)
+        raise _layout_error(
+            "Cityscapes", root, f"any *_leftImg8bit.png in {os.path.relpath(image_root, root)}", expected
+        )
+    return SegmentationFiles(
+        "cityscapes",
+        images,
+        labels,
+        19,
+        list(CITYSCAPES_CLASSES),
+        label_map=_cityscapes_label_map() if mapped else None,
+    )
 
 
 # ------------------------------------------------------------------------- the demo segmentation set
@@ -231,8 +306,9 @@ def demo_segmentation_mask(pattern: str, seed, image_size: int) -> np.ndarray:
     return np.where(coverage > 0.5, class_id, 0).astype(np.uint8)
 
 
-def ensure_demo_segmentation(root: str | None = None, train_per_class: int = 80, val_per_class: int = 20,
-                             image_size: int = 64, seed: int = 0) -> str:
+def ensure_demo_segmentation(
+    root: str | None = None, train_per_class: int = 80, val_per_class: int = 20, image_size: int = 64, seed: int = 0
+) -> str:
     """The demo dataset's images (the same seeds, so its val split is the classification demo's val split)
     with their known masks, in `<root>/<tag>/{images,annotations}/{training,validation}/NNNN.png` plus
     `classes.txt`: 9 classes, background + the 8 patterns.  Generated once (in a staging folder renamed
@@ -258,10 +334,15 @@ def ensure_demo_segmentation(root: str | None = None, train_per_class: int = 80,
                 for index in range(per_class):
                     key = (seed, split_id, class_id, index)
                     name = f"{pattern}_{index:04d}.png"
-                    demo_dataset.make_demo_image(pattern, key, image_size).save(os.path.join(staging, "images", split, name))
+                    demo_dataset.make_demo_image(pattern, key, image_size).save(
+                        os.path.join(staging, "images", split, name)
+                    )
                     Image.fromarray(demo_segmentation_mask(pattern, key, image_size)).save(
-                        os.path.join(staging, "annotations", split, name))
-        atomic_write_text(os.path.join(staging, "classes.txt"), "\n".join(("background",) + demo_dataset.DEMO_PATTERNS) + "\n")
+                        os.path.join(staging, "annotations", split, name)
+                    )
+        atomic_write_text(
+            os.path.join(staging, "classes.txt"), "\n".join(("background",) + demo_dataset.DEMO_PATTERNS) + "\n"
+        )
         try:
             os.rename(staging, folder)
         except OSError:  # another process put its copy in place first
@@ -286,8 +367,13 @@ def demo_files(root: str, split: str) -> SegmentationFiles:
         raise _layout_error("demo segmentation", root, f"images/{sub} or annotations/{sub}", expected)
     names = sorted(f for f in os.listdir(image_dir) if f.endswith(".png"))
     classes = _read_list(classes_file)
-    return SegmentationFiles("demo", [os.path.join(image_dir, n) for n in names], [os.path.join(label_dir, n) for n in names],
-                             len(classes), classes)
+    return SegmentationFiles(
+        "demo",
+        [os.path.join(image_dir, n) for n in names],
+        [os.path.join(label_dir, n) for n in names],
+        len(classes),
+        classes,
+    )
 
 
 def segmentation_files(dataset: str, root: str, split: str) -> SegmentationFiles:
@@ -296,7 +382,8 @@ def segmentation_files(dataset: str, root: str, split: str) -> SegmentationFiles
     if not root or not os.path.isdir(root):
         raise UserError(f"--data_path {root!r} is not a folder (the {dataset} dataset root)")
     readers: dict[str, Callable[[str, str], SegmentationFiles]] = dict(
-        ade20k=ade20k_files, voc2012=voc2012_files, cityscapes=cityscapes_files)
+        ade20k=ade20k_files, voc2012=voc2012_files, cityscapes=cityscapes_files
+    )
     if dataset not in readers:
         raise UserError(f"unknown segmentation dataset {dataset!r}; choose one of {', '.join(readers)}")
     return readers[dataset](root, split)
@@ -352,7 +439,7 @@ class SegTrainAugmentation:
     pad to the crop (image 0, label 255)."""
 
     crop_size: tuple[int, int]
-    scale: tuple[int, int]                 # the values: eval/segmentation.yaml, section `augmentation`
+    scale: tuple[int, int]  # the values: eval/segmentation.yaml, section `augmentation`
     ratio_range: tuple[float, float]
     cat_max_ratio: float
     photometric: bool
@@ -374,13 +461,13 @@ class SegTrainAugmentation:
         top, left = crop_box()
         if self.cat_max_ratio < 1.0:
             for _ in range(10):
-                window = label[top:top + crop_h, left:left + crop_w]
+                window = label[top : top + crop_h, left : left + crop_w]
                 _, counts = np.unique(window[window != IGNORE_INDEX], return_counts=True)
                 if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
                     break
                 top, left = crop_box()
-        image_np = image_np[top:top + crop_h, left:left + crop_w]
-        label = label[top:top + crop_h, left:left + crop_w]
+        image_np = image_np[top : top + crop_h, left : left + crop_w]
+        label = label[top : top + crop_h, left : left + crop_w]
         if rng.random() < 0.5:
             image_np, label = image_np[:, ::-1], label[:, ::-1]
         if self.photometric:
@@ -398,8 +485,13 @@ class SegmentationDataset(Dataset):
     """Training: (augmented crop, label crop).  Evaluation (`augmentation=None`): (the image resized to
     `test_scale` keeping its ratio, the label at its original size, index)."""
 
-    def __init__(self, files: SegmentationFiles, augmentation: SegTrainAugmentation | None = None,
-                 test_scale: Sequence[int] | None = None, seed: int = 0):
+    def __init__(
+        self,
+        files: SegmentationFiles,
+        augmentation: SegTrainAugmentation | None = None,
+        test_scale: Sequence[int] | None = None,
+        seed: int = 0,
+    ):
         self.files = files
         self.augmentation = augmentation
         self.test_scale = tuple(test_scale) if test_scale else None
@@ -418,8 +510,10 @@ class SegmentationDataset(Dataset):
             label = label[..., 0]
         label = remap_labels(torch.from_numpy(label), self.files.label_map, self.files.reduce_zero_label).numpy()
         if label.shape != (image.height, image.width):
-            raise UserError(f"{self.files.labels[index]} is {label.shape[1]}x{label.shape[0]} but its image "
-                            f"{self.files.images[index]} is {image.width}x{image.height}")
+            raise UserError(
+                f"{self.files.labels[index]} is {label.shape[1]}x{label.shape[0]} but its image "
+                f"{self.files.images[index]} is {image.width}x{image.height}"
+            )
         return image, label
 
     def __getitem__(self, index: int):
@@ -429,8 +523,9 @@ class SegmentationDataset(Dataset):
             return self.augmentation(image, label, rng)
         if self.test_scale:
             factor = rescale_factor(image.height, image.width, self.test_scale)
-            image = image.resize((max(1, int(image.width * factor + 0.5)), max(1, int(image.height * factor + 0.5))),
-                                 Image.BILINEAR)
+            image = image.resize(
+                (max(1, int(image.width * factor + 0.5)), max(1, int(image.height * factor + 0.5))), Image.BILINEAR
+            )
         return to_normalized_tensor(image), torch.from_numpy(label).long(), index
 
 
@@ -444,11 +539,13 @@ class DepthFiles:
     depths: list[str]
     depth_scale: float = 1000.0
     kb_crop: bool = False
-    mat_path: str | None = None       # NYU labelled .mat: images/depths come from it (indices in `mat_indices`)
+    mat_path: str | None = None  # NYU labelled .mat: images/depths come from it (indices in `mat_indices`)
     mat_indices: list[int] | None = None
 
 
-def _split_lines(root: str, list_file: str, image_prefix: str = "", depth_prefix: str = "") -> tuple[list[str], list[str]]:
+def _split_lines(
+    root: str, list_file: str, image_prefix: str = "", depth_prefix: str = ""
+) -> tuple[list[str], list[str]]:
     images, depths, skipped = [], [], 0
     for line in _read_list(list_file):
         parts = line.split()
@@ -463,8 +560,10 @@ def _split_lines(root: str, list_file: str, image_prefix: str = "", depth_prefix
         logger.info(f"{os.path.basename(list_file)}: {skipped} lines without depth skipped")
     for path in images[:1] + depths[:1]:
         if not os.path.isfile(path):
-            raise UserError(f"{path} (listed in {list_file}) does not exist; paths in the list are relative to "
-                            f"{os.path.join(root, image_prefix or depth_prefix) if image_prefix else root}")
+            raise UserError(
+                f"{path} (listed in {list_file}) does not exist; paths in the list are relative to "
+                f"{os.path.join(root, image_prefix or depth_prefix) if image_prefix else root}"
+            )
     return images, depths
 
 
@@ -473,7 +572,9 @@ def nyu_files(root: str, split: str) -> DepthFiles:
     if os.path.isfile(mat):
         splits = os.path.join(root, "splits.mat")
         if not os.path.isfile(splits):
-            raise UserError(f"{root} holds nyu_depth_v2_labeled.mat but not splits.mat (the official train/test indices)")
+            raise UserError(
+                f"{root} holds nyu_depth_v2_labeled.mat but not splits.mat (the official train/test indices)"
+            )
         from scipy.io import loadmat
 
         key = {"train": "trainNdxs", "val": "testNdxs"}[split]
@@ -481,20 +582,27 @@ def nyu_files(root: str, split: str) -> DepthFiles:
         return DepthFiles("nyu", [], [], mat_path=mat, mat_indices=indices)
     list_file = os.path.join(root, {"train": "nyu_train.txt", "val": "nyu_test.txt"}[split])
     if not os.path.isfile(list_file):
-        raise UserError(f"{root} is not an NYU-Depth v2 folder: neither nyu_depth_v2_labeled.mat (+ splits.mat) nor "
-                        f"{os.path.basename(list_file)} (lines 'rgb_path depth_path focal', 16-bit depth PNGs in mm)")
+        raise UserError(
+            f"{root} is not an NYU-Depth v2 folder: neither nyu_depth_v2_labeled.mat (+ splits.mat) nor "
+            f"{os.path.basename(list_file)} (lines 'rgb_path depth_path focal', 16-bit depth PNGs in mm)"
+        )
     images, depths = _split_lines(root, list_file)
     return DepthFiles("nyu", images, depths, depth_scale=1000.0)
 
 
 def kitti_files(root: str, split: str) -> DepthFiles:
     list_file = os.path.join(root, {"train": "kitti_eigen_train.txt", "val": "kitti_eigen_test.txt"}[split])
-    for path, what in ((list_file, os.path.basename(list_file)), (os.path.join(root, "input"), "input/"),
-                       (os.path.join(root, "gt_depth"), "gt_depth/")):
+    for path, what in (
+        (list_file, os.path.basename(list_file)),
+        (os.path.join(root, "input"), "input/"),
+        (os.path.join(root, "gt_depth"), "gt_depth/"),
+    ):
         if not os.path.exists(path):
-            raise UserError(f"{root} is not a KITTI (Eigen split) folder: {what} is missing (expected "
-                            "kitti_eigen_{train,test}.txt listing 'image depth focal', images under input/, "
-                            "16-bit depth PNGs (m x 256) under gt_depth/)")
+            raise UserError(
+                f"{root} is not a KITTI (Eigen split) folder: {what} is missing (expected "
+                "kitti_eigen_{train,test}.txt listing 'image depth focal', images under input/, "
+                "16-bit depth PNGs (m x 256) under gt_depth/)"
+            )
     images, depths = _split_lines(root, list_file, "input", "gt_depth")
     return DepthFiles("kitti", images, depths, depth_scale=256.0, kb_crop=True)
 
@@ -556,7 +664,7 @@ class DepthTrainAugmentation:
 
     crop_size: tuple[int, int]
     nyu_crop: bool
-    rotate_degree: float                   # the values: eval/depth.yaml, per dataset
+    rotate_degree: float  # the values: eval/depth.yaml, per dataset
     brightness_range: tuple[float, float]
     color_prob: float
 
@@ -572,15 +680,16 @@ class DepthTrainAugmentation:
         crop_h, crop_w = min(self.crop_size[0], depth.shape[0]), min(self.crop_size[1], depth.shape[1])
         top = rng.randint(0, depth.shape[0] - crop_h)
         left = rng.randint(0, depth.shape[1] - crop_w)
-        image = image[top:top + crop_h, left:left + crop_w].astype(np.float32) / 255.0
-        depth = depth[top:top + crop_h, left:left + crop_w]
+        image = image[top : top + crop_h, left : left + crop_w].astype(np.float32) / 255.0
+        depth = depth[top : top + crop_h, left : left + crop_w]
         if rng.random() < self.color_prob:
             image = image ** rng.uniform(0.9, 1.1)
             image = image * rng.uniform(*self.brightness_range)
             image = image * np.array([rng.uniform(0.9, 1.1) for _ in range(3)], dtype=np.float32)
             image = image.clip(0, 1)
-        return to_normalized_tensor((image * 255.0).astype(np.float32).clip(0, 255)), \
-            torch.from_numpy(np.ascontiguousarray(depth, dtype=np.float32))
+        return to_normalized_tensor((image * 255.0).astype(np.float32).clip(0, 255)), torch.from_numpy(
+            np.ascontiguousarray(depth, dtype=np.float32)
+        )
 
 
 class DepthDataset(Dataset):
@@ -610,8 +719,10 @@ class DepthDataset(Dataset):
         with Image.open(self.files.depths[index]) as depth_image:
             depth = np.asarray(depth_image, dtype=np.float32) / self.files.depth_scale
         if depth.shape != image.shape[:2]:
-            raise UserError(f"{self.files.depths[index]} is {depth.shape[1]}x{depth.shape[0]} but its image is "
-                            f"{image.shape[1]}x{image.shape[0]}")
+            raise UserError(
+                f"{self.files.depths[index]} is {depth.shape[1]}x{depth.shape[0]} but its image is "
+                f"{image.shape[1]}x{image.shape[0]}"
+            )
         return image, depth
 
     def __getitem__(self, index: int):
@@ -623,7 +734,7 @@ class DepthDataset(Dataset):
             rng = random.Random(hash((self.seed, self.epoch, index)))
             return self.augmentation(np.ascontiguousarray(image), np.ascontiguousarray(depth), rng)
         box = kb_crop_box(*depth.shape) if self.files.kb_crop else (0, 0, *depth.shape)
-        image = image[box[0]:box[2], box[1]:box[3]]
+        image = image[box[0] : box[2], box[1] : box[3]]
         return to_normalized_tensor(np.ascontiguousarray(image)), torch.from_numpy(depth), torch.tensor(box), index
 
 
@@ -631,7 +742,7 @@ def denormalize(image: Tensor) -> np.ndarray:
     """(3, H, W) normalised tensor → (H, W, 3) uint8 picture."""
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (((image.detach().float().cpu() * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+    return ((image.detach().float().cpu() * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
 
 
 def palette(num_classes: int) -> np.ndarray:

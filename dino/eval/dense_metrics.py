@@ -35,8 +35,12 @@ IGNORE_INDEX = 255
 # ---------------------------------------------------------------------------------------- segmentation
 
 
-def remap_labels(label: Tensor, label_map: Mapping[int, int] | None = None, reduce_zero_label: bool = False,
-                 ignore_index: int = IGNORE_INDEX) -> Tensor:
+def remap_labels(
+    label: Tensor,
+    label_map: Mapping[int, int] | None = None,
+    reduce_zero_label: bool = False,
+    ignore_index: int = IGNORE_INDEX,
+) -> Tensor:
     """mmseg's ground-truth preparation: `label_map` (old → new, all at once), then ADE20K's zero-label
     reduction (0 → ignore, c → c − 1, and the ignore value stays the ignore value)."""
     label = label.long().clone()
@@ -51,8 +55,14 @@ def remap_labels(label: Tensor, label_map: Mapping[int, int] | None = None, redu
     return label
 
 
-def intersect_and_union(pred: Tensor, label: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX,
-                        label_map: Mapping[int, int] | None = None, reduce_zero_label: bool = False) -> Tensor:
+def intersect_and_union(
+    pred: Tensor,
+    label: Tensor,
+    num_classes: int,
+    ignore_index: int = IGNORE_INDEX,
+    label_map: Mapping[int, int] | None = None,
+    reduce_zero_label: bool = False,
+) -> Tensor:
     """Per-class (intersection, union, prediction, label) areas of one image: a (4, C) float64 tensor.
 
     `pred` holds class indices, `label` the ground truth as stored on disk (remapped here)."""
@@ -87,7 +97,9 @@ def segmentation_metrics(areas: Tensor, class_names: list[str] | None = None) ->
         return float(np.nanmean(values) * 100) if np.isfinite(values).any() else float("nan")
 
     return dict(
-        aAcc=all_acc * 100, mIoU=mean(iou), mAcc=mean(acc),
+        aAcc=all_acc * 100,
+        mIoU=mean(iou),
+        mAcc=mean(acc),
         per_class={name: dict(IoU=float(i * 100), Acc=float(a * 100)) for name, i, a in zip(names, iou, acc)},
     )
 
@@ -113,11 +125,17 @@ def eval_crop_mask(height: int, width: int, crop: str | None) -> np.ndarray:
         if (height, width) == (480, 640):
             mask[45:471, 41:601] = True
         else:
-            mask[round(45 / 480 * height):round(471 / 480 * height), round(41 / 640 * width):round(601 / 640 * width)] = True
+            mask[
+                round(45 / 480 * height) : round(471 / 480 * height), round(41 / 640 * width) : round(601 / 640 * width)
+            ] = True
     elif crop == "eigen":
-        mask[int(0.3324324 * height):int(0.91351351 * height), int(0.0359477 * width):int(0.96405229 * width)] = True
+        mask[int(0.3324324 * height) : int(0.91351351 * height), int(0.0359477 * width) : int(0.96405229 * width)] = (
+            True
+        )
     elif crop == "garg":
-        mask[int(0.40810811 * height):int(0.99189189 * height), int(0.03594771 * width):int(0.96405229 * width)] = True
+        mask[int(0.40810811 * height) : int(0.99189189 * height), int(0.03594771 * width) : int(0.96405229 * width)] = (
+            True
+        )
     else:
         raise ValueError(f"unknown evaluation crop {crop!r} (none, nyu, eigen, garg)")
     return mask
@@ -132,21 +150,28 @@ def depth_errors(gt: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     ratio = np.maximum(gt / pred, pred / gt)
     log_error = np.log(pred) - np.log(gt)
     return dict(
-        a1=float((ratio < 1.25).mean()), a2=float((ratio < 1.25 ** 2).mean()), a3=float((ratio < 1.25 ** 3).mean()),
-        abs_rel=float(np.mean(np.abs(gt - pred) / gt)), sq_rel=float(np.mean((gt - pred) ** 2 / gt)),
-        rmse=float(np.sqrt(np.mean((gt - pred) ** 2))), rmse_log=float(np.sqrt(np.mean(log_error ** 2))),
+        a1=float((ratio < 1.25).mean()),
+        a2=float((ratio < 1.25**2).mean()),
+        a3=float((ratio < 1.25**3).mean()),
+        abs_rel=float(np.mean(np.abs(gt - pred) / gt)),
+        sq_rel=float(np.mean((gt - pred) ** 2 / gt)),
+        rmse=float(np.sqrt(np.mean((gt - pred) ** 2))),
+        rmse_log=float(np.sqrt(np.mean(log_error**2))),
         log10=float(np.mean(np.abs(np.log10(gt) - np.log10(pred)))),
-        silog=float(np.sqrt(max(np.mean(log_error ** 2) - np.mean(log_error) ** 2, 0.0)) * 100),
+        silog=float(np.sqrt(max(np.mean(log_error**2) - np.mean(log_error) ** 2, 0.0)) * 100),
     )
 
 
-def image_depth_metrics(pred: np.ndarray | Tensor, gt: np.ndarray | Tensor, min_depth: float, max_depth: float,
-                        crop: str | None = None) -> dict[str, float]:
+def image_depth_metrics(
+    pred: np.ndarray | Tensor, gt: np.ndarray | Tensor, min_depth: float, max_depth: float, crop: str | None = None
+) -> dict[str, float]:
     """One image: valid mask (depth caps and crop), prediction clamped to the caps, `depth_errors`."""
-    pred = np.asarray(torch.as_tensor(pred).detach().cpu().double().numpy() if isinstance(pred, Tensor) else pred,
-                      dtype=np.float64).squeeze()
-    gt = np.asarray(torch.as_tensor(gt).detach().cpu().double().numpy() if isinstance(gt, Tensor) else gt,
-                    dtype=np.float64).squeeze()
+    pred = np.asarray(
+        torch.as_tensor(pred).detach().cpu().double().numpy() if isinstance(pred, Tensor) else pred, dtype=np.float64
+    ).squeeze()
+    gt = np.asarray(
+        torch.as_tensor(gt).detach().cpu().double().numpy() if isinstance(gt, Tensor) else gt, dtype=np.float64
+    ).squeeze()
     if pred.shape != gt.shape:
         raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in shape")
     pred = np.nan_to_num(pred, nan=min_depth, posinf=max_depth, neginf=min_depth).clip(min_depth, max_depth)

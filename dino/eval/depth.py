@@ -47,8 +47,17 @@ PICTURE_NAME = "depth_predictions.png"
 class LinearDepthHead(nn.Module):
     """BatchNorm + 1×1 conv on the (×`upsample`) concatenated patch (⊕ [CLS]) maps of `num_layers` blocks."""
 
-    def __init__(self, embed_dim: int, num_layers: int, min_depth: float, max_depth: float, classify: bool = True,
-                 n_bins: int = 256, use_cls_token: bool = True, upsample: int = 4):
+    def __init__(
+        self,
+        embed_dim: int,
+        num_layers: int,
+        min_depth: float,
+        max_depth: float,
+        classify: bool = True,
+        n_bins: int = 256,
+        use_cls_token: bool = True,
+        upsample: int = 4,
+    ):
         super().__init__()
         if not 0 < min_depth < max_depth:
             raise UserError(f"depth range must satisfy 0 < min_depth < max_depth, got {min_depth}, {max_depth}")
@@ -68,7 +77,9 @@ class LinearDepthHead(nn.Module):
         for patch, cls in features:
             if patch.shape[-2:] != size:
                 patch = F.interpolate(patch, size=size, mode="bilinear", align_corners=False)
-            maps.append(torch.cat([patch, cls[:, :, None, None].expand_as(patch)], dim=1) if self.use_cls_token else patch)
+            maps.append(
+                torch.cat([patch, cls[:, :, None, None].expand_as(patch)], dim=1) if self.use_cls_token else patch
+            )
         x = torch.cat(maps, dim=1)
         if self.upsample > 1:
             x = F.interpolate(x, size=[s * self.upsample for s in size], mode="bilinear", align_corners=False)
@@ -146,14 +157,16 @@ class DepthProbe:
 
 
 @torch.no_grad()
-def evaluate_depth(probe: DepthProbe, dataset: DepthDataset, crop: str, flip: bool, desc: str = "val",
-                   num_workers: int = 0) -> dict:
+def evaluate_depth(
+    probe: DepthProbe, dataset: DepthDataset, crop: str, flip: bool, desc: str = "val", num_workers: int = 0
+) -> dict:
     """Per-image metrics averaged over the validation images (each rank a strided shard, summed across ranks)."""
     was_training = probe.head.training
     probe.head.eval()
     indices = list(range(get_rank(), len(dataset), get_world_size()))
-    loader = DataLoader(Subset(dataset, indices), batch_size=None, shuffle=False,
-                        num_workers=min(num_workers, os.cpu_count() or 1))
+    loader = DataLoader(
+        Subset(dataset, indices), batch_size=None, shuffle=False, num_workers=min(num_workers, os.cpu_count() or 1)
+    )
     accumulator = DepthMetricAccumulator()
     for image, depth, box, _ in tqdm(loader, desc=desc, disable=not is_main_process(), dynamic_ncols=True, leave=False):
         prediction = probe.predict(image, box.tolist(), depth.shape, flip)
@@ -181,8 +194,13 @@ def prediction_picture(probe: DepthProbe, dataset: DepthDataset, count: int, fli
         gt = depth.numpy()
         top, left, bottom, right = box.tolist()
         vmax = float(max(gt.max(), prediction.max(), probe.head.min_depth * 2))
-        rows.append([denormalize(image), common.colorize_depth(gt[top:bottom, left:right], 0.0, vmax),
-                     common.colorize_depth(prediction[top:bottom, left:right], 0.0, vmax)])
+        rows.append(
+            [
+                denormalize(image),
+                common.colorize_depth(gt[top:bottom, left:right], 0.0, vmax),
+                common.colorize_depth(prediction[top:bottom, left:right], 0.0, vmax),
+            ]
+        )
     return common.picture_grid(rows) if rows else None
 
 
@@ -207,31 +225,58 @@ def run_depth(cfg) -> dict:
     model = load_eval_backbone(cfg.model, device_ctx)
     layers = common.select_layers(common.backbone_depth(model), int(cfg.head.layers), str(cfg.head.spacing))
     torch.manual_seed(training.seed)
-    head = LinearDepthHead(model.embed_dim, len(layers), min_depth, max_depth, classify=cfg.head.loss == "classification",
-                           n_bins=int(cfg.head.n_bins), use_cls_token=bool(cfg.head.use_cls_token),
-                           upsample=int(cfg.head.upsample))
+    head = LinearDepthHead(
+        model.embed_dim,
+        len(layers),
+        min_depth,
+        max_depth,
+        classify=cfg.head.loss == "classification",
+        n_bins=int(cfg.head.n_bins),
+        use_cls_token=bool(cfg.head.use_cls_token),
+        upsample=int(cfg.head.upsample),
+    )
     if get_world_size() > 1 and device_ctx.type == "cuda":  # SyncBN (as DINOv2's heads) runs on GPUs only
         head = nn.SyncBatchNorm.convert_sync_batchnorm(head)
     head = head.to(device_ctx.device)
     probe = DepthProbe(model, head, layers, device_ctx)
     augmentation = DepthTrainAugmentation(
-        crop_size=tuple(crop_size), nyu_crop=cfg.dataset == "nyu", rotate_degree=float(settings.rotate_degree),
-        brightness_range=tuple(float(b) for b in settings.brightness_range), color_prob=float(settings.color_prob))
+        crop_size=tuple(crop_size),
+        nyu_crop=cfg.dataset == "nyu",
+        rotate_degree=float(settings.rotate_degree),
+        brightness_range=tuple(float(b) for b in settings.brightness_range),
+        color_prob=float(settings.color_prob),
+    )
     train_set = DepthDataset(files_train, augmentation, seed=training.seed)
     val_set = DepthDataset(files_val)
     flip = bool(cfg.test.flip)
     global_batch = training.batch_size_per_device * get_world_size()
     protocol = dict(
-        dataset=cfg.dataset, checkpoint=cfg.model.pretrained_weights or "official release", head=cfg.protocol,
-        layers=[i + 1 for i in layers], output=f"{cfg.head.loss} ({int(cfg.head.n_bins)} bins)" if cfg.head.loss == "classification"
-        else "regression", depth_range=[min_depth, max_depth], eval_crop=eval_crop, train_crop=crop_size,
-        iterations=training.iterations, global_batch_size=global_batch,
-        optimizer=f"AdamW lr {training.lr:g} wd {training.weight_decay:g}, {training.schedule}", test_flip=flip,
+        dataset=cfg.dataset,
+        checkpoint=cfg.model.pretrained_weights or "official release",
+        head=cfg.protocol,
+        layers=[i + 1 for i in layers],
+        output=f"{cfg.head.loss} ({int(cfg.head.n_bins)} bins)" if cfg.head.loss == "classification" else "regression",
+        depth_range=[min_depth, max_depth],
+        eval_crop=eval_crop,
+        train_crop=crop_size,
+        iterations=training.iterations,
+        global_batch_size=global_batch,
+        optimizer=f"AdamW lr {training.lr:g} wd {training.weight_decay:g}, {training.schedule}",
+        test_flip=flip,
     )
-    logger.info(f"depth probe ({cfg.protocol}): {len(train_set)} train / {len(val_set)} val images; "
-                + "; ".join(f"{k}={v}" for k, v in protocol.items()))
-    signature = dict(dataset=cfg.dataset, layers=layers, embed_dim=int(model.embed_dim), loss=str(cfg.head.loss),
-                     n_bins=int(cfg.head.n_bins), depth_range=[min_depth, max_depth], iterations=training.iterations)
+    logger.info(
+        f"depth probe ({cfg.protocol}): {len(train_set)} train / {len(val_set)} val images; "
+        + "; ".join(f"{k}={v}" for k, v in protocol.items())
+    )
+    signature = dict(
+        dataset=cfg.dataset,
+        layers=layers,
+        embed_dim=int(model.embed_dim),
+        loss=str(cfg.head.loss),
+        n_bins=int(cfg.head.n_bins),
+        depth_range=[min_depth, max_depth],
+        iterations=training.iterations,
+    )
     warmup = int(cfg.head.sigloss_warmup_iters)
     gradient_weight = float(cfg.head.gradient_loss_weight)
 
@@ -248,12 +293,24 @@ def run_depth(cfg) -> dict:
     def evaluate_fn(iteration: int, writer) -> dict:
         metrics = evaluate_depth(probe, val_set, eval_crop, flip, f"val at {iteration}", training.num_workers)
         common.log_scalars(writer, "val", metrics, iteration)
-        logger.info(f"iteration {iteration}: RMSE {metrics['rmse']:.4f}, abs rel {metrics['abs_rel']:.4f}, "
-                    f"δ1 {metrics['a1']:.4f}")
+        logger.info(
+            f"iteration {iteration}: RMSE {metrics['rmse']:.4f}, abs rel {metrics['abs_rel']:.4f}, "
+            f"δ1 {metrics['a1']:.4f}"
+        )
         return metrics
 
-    done, history, writer = common.train_head(head, train_set, training, device_ctx, cfg.output_dir, CHECKPOINT_NAME,
-                                              signature, loss_fn, evaluate_fn, desc="depth head")
+    done, history, writer = common.train_head(
+        head,
+        train_set,
+        training,
+        device_ctx,
+        cfg.output_dir,
+        CHECKPOINT_NAME,
+        signature,
+        loss_fn,
+        evaluate_fn,
+        desc="depth head",
+    )
     metrics = evaluate_depth(probe, val_set, eval_crop, flip, "final val", training.num_workers)
     common.log_scalars(writer, "val", metrics, done)
     if not is_main_process():
@@ -264,10 +321,19 @@ def run_depth(cfg) -> dict:
         common.save_picture(picture, picture_path, writer, "val/predictions", done)
     if writer is not None:
         writer.close()
-    logger.info("  ".join(f"{name} {metrics[name]:.4f}" for name in DEPTH_METRICS)
-                + f"  ({files_val.name} test, {metrics['num_images']} images)")
-    summary = dict(protocol=protocol, num_train=len(train_set), num_val=len(val_set), iterations=done, history=history,
-                   picture=picture_path if picture is not None else None, **metrics)
+    logger.info(
+        "  ".join(f"{name} {metrics[name]:.4f}" for name in DEPTH_METRICS)
+        + f"  ({files_val.name} test, {metrics['num_images']} images)"
+    )
+    summary = dict(
+        protocol=protocol,
+        num_train=len(train_set),
+        num_val=len(val_set),
+        iterations=done,
+        history=history,
+        picture=picture_path if picture is not None else None,
+        **metrics,
+    )
     path = os.path.join(cfg.output_dir, RESULTS_NAME)
     atomic_write_json(path, common.json_safe(summary), indent=1)
     logger.info(f"results written to {path}")

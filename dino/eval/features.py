@@ -60,7 +60,9 @@ def get_block_tokens(model: nn.Module, images: Tensor, n_last_blocks: int) -> tu
     return model.get_intermediate_layers(images, n_last_blocks, return_class_token=True, norm=True)
 
 
-def multiblock_feature(block_tokens: Sequence[tuple[Tensor, Tensor]], n_last_blocks: int, avgpool_patchtokens: bool) -> Tensor:
+def multiblock_feature(
+    block_tokens: Sequence[tuple[Tensor, Tensor]], n_last_blocks: int, avgpool_patchtokens: bool
+) -> Tensor:
     """Input of a linear probe (DINOv2 `create_linear_input`; DINO v1 `--n_last_blocks --avgpool_patchtokens`).
 
     feature = concat(CLS_{L-n+1}, …, CLS_L) (‖ mean over patches of the last block's patch tokens, if avgpool),
@@ -100,7 +102,9 @@ def shard_indices(num_samples: int, rank: int, world_size: int, pad: bool = True
     return indices
 
 
-def assemble_in_dataset_order(features: Tensor, labels: Tensor, indices: Tensor, num_samples: int) -> tuple[Tensor, Tensor]:
+def assemble_in_dataset_order(
+    features: Tensor, labels: Tensor, indices: Tensor, num_samples: int
+) -> tuple[Tensor, Tensor]:
     """Put rows gathered from all ranks back at their dataset index; every index in range must be covered."""
     ordered_features = features.new_empty((num_samples, features.shape[1]))
     ordered_labels = labels.new_full((num_samples,), -1)
@@ -154,17 +158,31 @@ def _can_skip_unreadable(dataset: Dataset) -> bool:
 
 
 @torch.no_grad()  # not inference_mode: its tensors could not be used later by autograd (e.g. the log-reg fit)
-def _extract_local(model: nn.Module, dataset: Dataset, indices: Sequence[int], device_ctx: DeviceContext,
-                   batch_size: int, num_workers: int, feature_fn: FeatureFn | None, desc: str, progress: bool,
-                   skip_unreadable: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _extract_local(
+    model: nn.Module,
+    dataset: Dataset,
+    indices: Sequence[int],
+    device_ctx: DeviceContext,
+    batch_size: int,
+    num_workers: int,
+    feature_fn: FeatureFn | None,
+    desc: str,
+    progress: bool,
+    skip_unreadable: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """(features, labels, readable mask) of `dataset[i]` for `i` in `indices`; unreadable rows are zeros."""
     feature_fn = feature_fn or cls_token_feature
     skip_unreadable = skip_unreadable and _can_skip_unreadable(dataset)
     source = _Unreplaced(dataset) if skip_unreadable else dataset
     loader = DataLoader(
-        Subset(source, list(indices)), batch_size=batch_size, shuffle=False, drop_last=False,
-        num_workers=min(num_workers, os.cpu_count() or 1), pin_memory=device_ctx.pin_memory,
-        persistent_workers=False, **({"collate_fn": _collate_readable} if skip_unreadable else {}),
+        Subset(source, list(indices)),
+        batch_size=batch_size,
+        shuffle=False,
+        drop_last=False,
+        num_workers=min(num_workers, os.cpu_count() or 1),
+        pin_memory=device_ctx.pin_memory,
+        persistent_workers=False,
+        **({"collate_fn": _collate_readable} if skip_unreadable else {}),
     )
     features: list[Tensor] = []
     labels: list[Tensor] = []
@@ -203,8 +221,18 @@ def _extract(model, dataset, device_ctx, batch_size, num_workers, feature_fn, de
         raise UserError(f"cannot extract {desc}: the dataset is empty")
     rank, world_size = get_rank(), get_world_size()
     indices = shard_indices(num_samples, rank, world_size, pad=True)
-    features, labels, readable = _extract_local(model, dataset, indices, device_ctx, batch_size, num_workers,
-                                                feature_fn, desc, is_main_process(), skip_unreadable)
+    features, labels, readable = _extract_local(
+        model,
+        dataset,
+        indices,
+        device_ctx,
+        batch_size,
+        num_workers,
+        feature_fn,
+        desc,
+        is_main_process(),
+        skip_unreadable,
+    )
     if world_size == 1:
         return features, labels, readable
     # the process group may be NCCL, which gathers device tensors only
@@ -213,16 +241,23 @@ def _extract(model, dataset, device_ctx, batch_size, num_workers, feature_fn, de
     gathered_labels = all_gather_cat(labels.to(device)).cpu()
     gathered_readable = all_gather_cat(readable.to(device, torch.long)).cpu()
     gathered_indices = all_gather_cat(torch.as_tensor(indices, dtype=torch.long, device=device)).cpu()
-    ordered_features, ordered_labels = assemble_in_dataset_order(gathered_features, gathered_labels, gathered_indices,
-                                                                 num_samples)
+    ordered_features, ordered_labels = assemble_in_dataset_order(
+        gathered_features, gathered_labels, gathered_indices, num_samples
+    )
     ordered_readable = torch.zeros(num_samples, dtype=torch.long)
     ordered_readable[gathered_indices] = gathered_readable
     return ordered_features, ordered_labels, ordered_readable.bool()
 
 
-def extract_features(model: nn.Module, dataset: Dataset, device_ctx: DeviceContext, batch_size: int = 64,
-                     num_workers: int = 2, feature_fn: FeatureFn | None = None,
-                     desc: str = "features") -> tuple[Tensor, Tensor]:
+def extract_features(
+    model: nn.Module,
+    dataset: Dataset,
+    device_ctx: DeviceContext,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    feature_fn: FeatureFn | None = None,
+    desc: str = "features",
+) -> tuple[Tensor, Tensor]:
     """Features (N, D) float32 and labels (N,) int64 of a whole dataset, on the CPU, in dataset order.
 
     feature_fn(model, images) → (B, D) tensor; default: the normalised [CLS] token (`model(images)`).  Runs
@@ -234,9 +269,15 @@ def extract_features(model: nn.Module, dataset: Dataset, device_ctx: DeviceConte
     return features, labels
 
 
-def extract_readable_features(model: nn.Module, dataset: Dataset, device_ctx: DeviceContext, batch_size: int = 64,
-                              num_workers: int = 2, feature_fn: FeatureFn | None = None,
-                              desc: str = "features") -> tuple[Tensor, Tensor, list[int]]:
+def extract_readable_features(
+    model: nn.Module,
+    dataset: Dataset,
+    device_ctx: DeviceContext,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    feature_fn: FeatureFn | None = None,
+    desc: str = "features",
+) -> tuple[Tensor, Tensor, list[int]]:
     """As `extract_features`, but an unreadable image is left out instead of replaced by its neighbour.
 
     Returns (features, labels) of the readable images in dataset order and the dataset indices that were
@@ -253,14 +294,22 @@ def extract_readable_features(model: nn.Module, dataset: Dataset, device_ctx: De
 # ------------------------------------------------------------------------------------------ dump / load
 
 
-def dump_features(directory: str | os.PathLike, train_features: Tensor, train_labels: Tensor, test_features: Tensor,
-                  test_labels: Tensor, meta: dict | None = None) -> None:
+def dump_features(
+    directory: str | os.PathLike,
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    meta: dict | None = None,
+) -> None:
     """Save features as DINO v1 does (`trainfeat.pth`, `trainlabels.pth`, `testfeat.pth`, `testlabels.pth`).
 
     `meta` (e.g. class names, checkpoint) goes to `features_meta.json` next to them.  Every file is written
     atomically, so an interrupted dump never leaves a truncated file under the real name.
     """
-    tensors = dict(train_features=train_features, train_labels=train_labels, test_features=test_features, test_labels=test_labels)
+    tensors = dict(
+        train_features=train_features, train_labels=train_labels, test_features=test_features, test_labels=test_labels
+    )
     for name, tensor in tensors.items():
         atomic_torch_save(tensor.detach().cpu(), os.path.join(directory, FEATURE_FILES[name]))
     if meta is not None:
@@ -272,15 +321,19 @@ def load_features(directory: str | os.PathLike) -> tuple[Tensor, Tensor, Tensor,
     directory = require_path(directory, "--load_features folder", must_be_dir=True)
     missing = [f for f in FEATURE_FILES.values() if not os.path.isfile(os.path.join(directory, f))]
     if missing:
-        raise UserError(f"--load_features folder {directory} lacks {', '.join(missing)} "
-                        f"(expected the files written by --dump_features: {', '.join(FEATURE_FILES.values())})")
+        raise UserError(
+            f"--load_features folder {directory} lacks {', '.join(missing)} "
+            f"(expected the files written by --dump_features: {', '.join(FEATURE_FILES.values())})"
+        )
     loaded = []
     for name in ("train_features", "train_labels", "test_features", "test_labels"):
         path = os.path.join(directory, FEATURE_FILES[name])
         try:
             loaded.append(torch.load(path, map_location="cpu", weights_only=True))
         except Exception as err:  # any unreadable file is the user's to fix; say which
-            raise UserError(f"cannot read {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+            raise UserError(
+                f"cannot read {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            ) from None
     train_features, train_labels, test_features, test_labels = loaded
     if train_features.shape[0] != train_labels.shape[0] or test_features.shape[0] != test_labels.shape[0]:
         raise UserError(f"features and labels in {directory} have different lengths")
@@ -334,7 +387,9 @@ class EvalImageSizes:
     crop_size: int
 
 
-def resolve_image_sizes(resize_size: int | None, crop_size: int | None, native_size: int | None = None) -> EvalImageSizes:
+def resolve_image_sizes(
+    resize_size: int | None, crop_size: int | None, native_size: int | None = None
+) -> EvalImageSizes:
     """Fill unset sizes: the papers' 256 → 224, or for images of a known size (the demo dataset) crop =
     that size and resize = crop·256/224, keeping the protocol's crop ratio without upsampling small images."""
     if crop_size is None:
@@ -356,7 +411,9 @@ def demo_image_size(data_path: str) -> int | None:
         return None
 
 
-def build_train_val_datasets(data_path: str, train_transform, val_transform) -> tuple[ImageFolderDataset, ImageFolderDataset]:
+def build_train_val_datasets(
+    data_path: str, train_transform, val_transform
+) -> tuple[ImageFolderDataset, ImageFolderDataset]:
     """The ImageFolder pair `<data_path>/train` and `<data_path>/val` with identical class sets.
 
     Raises a UserError before any loader worker starts when a split is missing or the class folders differ
@@ -364,8 +421,10 @@ def build_train_val_datasets(data_path: str, train_transform, val_transform) -> 
     """
     for split in ("train", "val"):
         if not os.path.isdir(os.path.join(data_path, split)):
-            raise UserError(f"{data_path} has no '{split}' folder; the evaluation expects the ImageFolder layout "
-                            f"<data_path>/train/<class>/<image> and <data_path>/val/<class>/<image>")
+            raise UserError(
+                f"{data_path} has no '{split}' folder; the evaluation expects the ImageFolder layout "
+                f"<data_path>/train/<class>/<image> and <data_path>/val/<class>/<image>"
+            )
     train = ImageFolderDataset(os.path.join(data_path, "train"), train_transform)
     val = ImageFolderDataset(os.path.join(data_path, "val"), val_transform)
     check_same_classes(train.classes, val.classes)
@@ -380,9 +439,14 @@ def check_same_classes(train_classes: Sequence[str], val_classes: Sequence[str])
     if only_train or only_val:
         parts = []
         if only_train:
-            parts.append(f"only in train: {only_train[:10]}" + (f" (+{len(only_train) - 10} more)" if len(only_train) > 10 else ""))
+            parts.append(
+                f"only in train: {only_train[:10]}"
+                + (f" (+{len(only_train) - 10} more)" if len(only_train) > 10 else "")
+            )
         if only_val:
-            parts.append(f"only in val: {only_val[:10]}" + (f" (+{len(only_val) - 10} more)" if len(only_val) > 10 else ""))
+            parts.append(
+                f"only in val: {only_val[:10]}" + (f" (+{len(only_val) - 10} more)" if len(only_val) > 10 else "")
+            )
         raise UserError("train and val have different class folders; " + "; ".join(parts))
 
 
@@ -405,8 +469,12 @@ class SplitFeatures:
         return int(max(int(self.train_labels.max()), int(self.val_labels.max()))) + 1
 
 
-def features_from_config(cfg: DictConfig, device_ctx: DeviceContext, feature_fn: FeatureFn | None = None,
-                         feature_name: str = "L2-normalised final [CLS] token") -> SplitFeatures:
+def features_from_config(
+    cfg: DictConfig,
+    device_ctx: DeviceContext,
+    feature_fn: FeatureFn | None = None,
+    feature_name: str = "L2-normalised final [CLS] token",
+) -> SplitFeatures:
     """Train/val features an eval config asks for: read from `cfg.load_features`, or extracted with the
     backbone of `cfg.model` from `<cfg.data.data_path>/{train,val}` (resize + centre crop), then saved to
     `cfg.dump_features` when set.  Every rank returns the full features."""
@@ -424,14 +492,18 @@ def features_from_config(cfg: DictConfig, device_ctx: DeviceContext, feature_fn:
     model = load_eval_backbone(cfg.model, device_ctx)
     protocol.update(data_path=data_path, resize_size=sizes.resize_size, crop_size=sizes.crop_size)
     if is_main_process():
-        logger.info(f"features: {feature_name} of {protocol['checkpoint']}; images: {data_path}/{{train,val}}, "
-                    f"resize {sizes.resize_size} + centre crop {sizes.crop_size}; {len(train_set)} train / {len(val_set)} val, "
-                    f"{len(train_set.classes)} classes")
+        logger.info(
+            f"features: {feature_name} of {protocol['checkpoint']}; images: {data_path}/{{train,val}}, "
+            f"resize {sizes.resize_size} + centre crop {sizes.crop_size}; {len(train_set)} train / {len(val_set)} val, "
+            f"{len(train_set.classes)} classes"
+        )
     batch_size, workers = int(cfg.data.batch_size_per_device), int(cfg.data.num_workers)
     train_features, train_labels, train_skipped = extract_readable_features(
-        model, train_set, device_ctx, batch_size, workers, feature_fn, "train features")
+        model, train_set, device_ctx, batch_size, workers, feature_fn, "train features"
+    )
     val_features, val_labels, val_skipped = extract_readable_features(
-        model, val_set, device_ctx, batch_size, workers, feature_fn, "val features")
+        model, val_set, device_ctx, batch_size, workers, feature_fn, "val features"
+    )
     # an unreadable image is left out, not replaced by a neighbour (possibly of another class): say how many
     protocol.update(skipped_train=len(train_skipped), skipped_val=len(val_skipped))
     for name, dataset, skipped in (("train", train_set, train_skipped), ("val", val_set, val_skipped)):

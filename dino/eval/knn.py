@@ -45,11 +45,15 @@ def default_chunk_size(num_train: int, budget_elements: int = DEFAULT_SIMILARITY
 
 def _validate(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor) -> None:
     if train_features.ndim != 2 or test_features.ndim != 2:
-        raise UserError(f"k-NN needs 2-D feature matrices, got {tuple(train_features.shape)} and {tuple(test_features.shape)}")
+        raise UserError(
+            f"k-NN needs 2-D feature matrices, got {tuple(train_features.shape)} and {tuple(test_features.shape)}"
+        )
     if train_features.shape[0] == 0 or test_features.shape[0] == 0:
         raise UserError("k-NN needs at least one training and one test feature")
     if train_features.shape[1] != test_features.shape[1]:
-        raise UserError(f"train features have dimension {train_features.shape[1]} but test features {test_features.shape[1]}")
+        raise UserError(
+            f"train features have dimension {train_features.shape[1]} but test features {test_features.shape[1]}"
+        )
     if train_labels.shape[0] != train_features.shape[0] or test_labels.shape[0] != test_features.shape[0]:
         raise UserError("every feature needs exactly one label")
     if int(train_labels.min()) < 0:
@@ -69,9 +73,17 @@ def clip_k_values(k_values: Sequence[int], num_train: int) -> dict[int, int]:
 
 
 @torch.no_grad()
-def knn_classify(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
-                 k_values: Sequence[int] = (10, 20, 100, 200), temperature: float = 0.07, num_classes: int | None = None,
-                 chunk_size: int | None = None, device: torch.device | str | None = None) -> dict[int, tuple[float, float | None]]:
+def knn_classify(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    k_values: Sequence[int] = (10, 20, 100, 200),
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk_size: int | None = None,
+    device: torch.device | str | None = None,
+) -> dict[int, tuple[float, float | None]]:
     """Weighted k-NN accuracy: {k: (top-1 %, top-5 %)}; top-5 is None with fewer than 5 classes.
 
     Features are L2-normalised here (cosine similarity).  `chunk_size` test images are compared with the
@@ -96,11 +108,11 @@ def knn_classify(train_features: Tensor, train_labels: Tensor, test_features: Te
     top1_correct = {k: 0 for k in used_k}
     top5_correct = {k: 0 for k in used_k}
     for start in range(0, test_features.shape[0], chunk_size):
-        queries = F.normalize(test_features[start:start + chunk_size].to(device, torch.float32), dim=1)
-        targets = test_labels[start:start + chunk_size].to(device, torch.long)
-        similarity = queries @ bank.T                                    # (chunk, num_train)
-        top_sim, top_index = similarity.topk(max_k, dim=1)              # sorted, most similar first
-        neighbour_labels = bank_labels[top_index]                       # (chunk, max_k)
+        queries = F.normalize(test_features[start : start + chunk_size].to(device, torch.float32), dim=1)
+        targets = test_labels[start : start + chunk_size].to(device, torch.long)
+        similarity = queries @ bank.T  # (chunk, num_train)
+        top_sim, top_index = similarity.topk(max_k, dim=1)  # sorted, most similar first
+        neighbour_labels = bank_labels[top_index]  # (chunk, max_k)
         # exp((s - s_max)/T) = exp(s/T) / exp(s_max/T): one constant per test image, so the class ranking is
         # that of exp(s/T), and small temperatures cannot overflow float32
         weights = torch.exp((top_sim - top_sim[:, :1]) / temperature)
@@ -139,8 +151,10 @@ def run_knn(cfg) -> dict:
         k_values = [int(k) for k in cfg.knn.nb_knn]
         temperature = float(cfg.knn.temperature)
     except (TypeError, ValueError):
-        raise UserError(f"--nb_knn needs integers and --temperature a number, got {list(cfg.knn.nb_knn)!r} "
-                        f"and {cfg.knn.temperature!r}") from None
+        raise UserError(
+            f"--nb_knn needs integers and --temperature a number, got {list(cfg.knn.nb_knn)!r} "
+            f"and {cfg.knn.temperature!r}"
+        ) from None
     # everything the user can get wrong is checked before minutes (or hours) of feature extraction
     problems = []
     if not k_values:
@@ -164,16 +178,29 @@ def run_knn(cfg) -> dict:
         barrier()
         return {}
 
-    results = knn_classify(split.train_features, split.train_labels, split.val_features, split.val_labels, k_values,
-                           temperature, num_classes=split.num_classes, device=device_ctx.device)
+    results = knn_classify(
+        split.train_features,
+        split.train_labels,
+        split.val_features,
+        split.val_labels,
+        k_values,
+        temperature,
+        num_classes=split.num_classes,
+        device=device_ctx.device,
+    )
     skipped = split.protocol.get("skipped_val", 0)
-    logger.info(f"weighted k-NN (T={temperature}) on {len(split.train_labels)} train / {len(split.val_labels)} val images, "
-                f"{split.num_classes} classes" + (f" ({skipped} unreadable val image(s) skipped)" if skipped else ""))
+    logger.info(
+        f"weighted k-NN (T={temperature}) on {len(split.train_labels)} train / {len(split.val_labels)} val images, "
+        f"{split.num_classes} classes" + (f" ({skipped} unreadable val image(s) skipped)" if skipped else "")
+    )
     logger.info(format_knn_table(results))
     summary = dict(
         protocol=dict(split.protocol, k=k_values, temperature=temperature, weights="exp(cos/T)"),
-        num_train=len(split.train_labels), num_val=len(split.val_labels), num_classes=split.num_classes,
-        num_skipped_train=split.protocol.get("skipped_train", 0), num_skipped_val=split.protocol.get("skipped_val", 0),
+        num_train=len(split.train_labels),
+        num_val=len(split.val_labels),
+        num_classes=split.num_classes,
+        num_skipped_train=split.protocol.get("skipped_train", 0),
+        num_skipped_val=split.protocol.get("skipped_val", 0),
         results={str(k): dict(top1=top1, top5=top5) for k, (top1, top5) in results.items()},
     )
     path = os.path.join(cfg.output_dir, "knn_results.json")

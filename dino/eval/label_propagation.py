@@ -59,7 +59,9 @@ def frame_size_for(height: int, width: int, short_side: int = 480) -> tuple[int,
     """(H', W') DINO v1 resizes a frame to: shorter side = short_side, longer side scaled and rounded down
     to a multiple of 64."""
     if short_side < SIZE_MULTIPLE:
-        raise UserError(f"frame size {short_side} is below {SIZE_MULTIPLE}; the longer side is rounded to a multiple of {SIZE_MULTIPLE}")
+        raise UserError(
+            f"frame size {short_side} is below {SIZE_MULTIPLE}; the longer side is rounded to a multiple of {SIZE_MULTIPLE}"
+        )
     if height > width:
         return int((short_side * height / width) // SIZE_MULTIPLE * SIZE_MULTIPLE), short_side
     return short_side, int((short_side * width / height) // SIZE_MULTIPLE * SIZE_MULTIPLE)
@@ -81,7 +83,9 @@ def read_frame(path: str, short_side: int = 480) -> tuple[Tensor, int, int]:
     return (resized - mean) / std, original_height, original_width
 
 
-def first_frame_labels(annotation: np.ndarray, frame_shape: tuple[int, int], patch_size: int, num_objects: int) -> Tensor:
+def first_frame_labels(
+    annotation: np.ndarray, frame_shape: tuple[int, int], patch_size: int, num_objects: int
+) -> Tensor:
     """One-hot (1 + num_objects, h, w) labels of the first annotation on the patch grid of a frame of
     `frame_shape` (nearest-neighbour shrink; void pixels as background)."""
     height, width = frame_shape
@@ -109,18 +113,28 @@ def patch_features(model: nn.Module, frame: Tensor) -> tuple[Tensor, int, int]:
 # ------------------------------------------------------------------------------------------ propagation
 
 
-def neighbourhood_mask(h: int, w: int, radius: int, targets: Tensor | None = None, device: torch.device | None = None) -> Tensor:
+def neighbourhood_mask(
+    h: int, w: int, radius: int, targets: Tensor | None = None, device: torch.device | None = None
+) -> Tensor:
     """(h·w sources, len(targets)) boolean: source within the (2r+1)×(2r+1) window around each target."""
     positions = torch.arange(h * w, device=device)
     targets = positions if targets is None else targets
     rows, cols = positions // w, positions % w
-    return (((rows[:, None] - (targets // w)[None]).abs() <= radius)
-            & ((cols[:, None] - (targets % w)[None]).abs() <= radius))
+    return ((rows[:, None] - (targets // w)[None]).abs() <= radius) & (
+        (cols[:, None] - (targets % w)[None]).abs() <= radius
+    )
 
 
-def propagate_labels(target_features: Tensor, context_features: Sequence[Tensor], context_labels: Sequence[Tensor],
-                     h: int, w: int, topk: int = 5, size_mask_neighborhood: int = 12,
-                     temperature: float = AFFINITY_TEMPERATURE) -> Tensor:
+def propagate_labels(
+    target_features: Tensor,
+    context_features: Sequence[Tensor],
+    context_labels: Sequence[Tensor],
+    h: int,
+    w: int,
+    topk: int = 5,
+    size_mask_neighborhood: int = 12,
+    temperature: float = AFFINITY_TEMPERATURE,
+) -> Tensor:
     """Soft labels (C, h, w) of a target frame from its context frames (DINO v1 `label_propagation`).
 
     target_features: (h·w, D) L2-normalised; context_features: M tensors (h·w, D), L2-normalised;
@@ -162,17 +176,28 @@ def normalise_channels(labels: Tensor) -> Tensor:
 
 def labels_to_mask(soft_labels: Tensor, patch_size: int, original_size: tuple[int, int]) -> np.ndarray:
     """(C, h, w) soft labels → uint8 label map at the original (height, width)."""
-    upsampled = F.interpolate(soft_labels[None], scale_factor=patch_size, mode="bilinear", align_corners=False,
-                              recompute_scale_factor=False)[0]
+    upsampled = F.interpolate(
+        soft_labels[None], scale_factor=patch_size, mode="bilinear", align_corners=False, recompute_scale_factor=False
+    )[0]
     hard = normalise_channels(upsampled).argmax(dim=0).to(torch.uint8).cpu().numpy()
     height, width = original_size
     return np.array(Image.fromarray(hard).resize((width, height), Image.NEAREST))
 
 
 @torch.inference_mode()
-def segment_video(model: nn.Module, frame_paths: Sequence[str], first_annotation: np.ndarray, device: torch.device,
-                  n_last_frames: int = 7, size_mask_neighborhood: int = 12, topk: int = 5, frame_size: int = 480,
-                  autocast=None, progress: bool = True, desc: str = "") -> list[np.ndarray]:
+def segment_video(
+    model: nn.Module,
+    frame_paths: Sequence[str],
+    first_annotation: np.ndarray,
+    device: torch.device,
+    n_last_frames: int = 7,
+    size_mask_neighborhood: int = 12,
+    topk: int = 5,
+    frame_size: int = 480,
+    autocast=None,
+    progress: bool = True,
+    desc: str = "",
+) -> list[np.ndarray]:
     """Label maps (original size, uint8) of every frame; the first is the given annotation."""
     from contextlib import nullcontext
 
@@ -184,7 +209,9 @@ def segment_video(model: nn.Module, frame_paths: Sequence[str], first_annotation
     first_frame, _, _ = read_frame(frame_paths[0], frame_size)
     with autocast():
         first_features, h, w = patch_features(model, first_frame.to(device))
-    first_labels = first_frame_labels(first_annotation, tuple(first_frame.shape[-2:]), model.patch_size, num_objects).to(device)
+    first_labels = first_frame_labels(
+        first_annotation, tuple(first_frame.shape[-2:]), model.patch_size, num_objects
+    ).to(device)
     if first_labels.shape[-2:] != (h, w):
         raise RuntimeError(f"annotation grid {tuple(first_labels.shape[-2:])} differs from the feature grid {(h, w)}")
     recent: deque[tuple[Tensor, Tensor]] = deque(maxlen=max(0, n_last_frames))
@@ -196,7 +223,9 @@ def segment_video(model: nn.Module, frame_paths: Sequence[str], first_annotation
         if (fh, fw) != (h, w):
             raise UserError(f"{path} has a different size from the first frame of its sequence")
         context = [(first_features, first_labels)] + list(recent)
-        soft = propagate_labels(features, [c[0] for c in context], [c[1] for c in context], h, w, topk, size_mask_neighborhood)
+        soft = propagate_labels(
+            features, [c[0] for c in context], [c[1] for c in context], h, w, topk, size_mask_neighborhood
+        )
         if n_last_frames > 0:
             recent.append((features, soft))
         masks.append(labels_to_mask(soft.float(), model.patch_size, (original_height, original_width)))
@@ -206,8 +235,9 @@ def segment_video(model: nn.Module, frame_paths: Sequence[str], first_annotation
 # ------------------------------------------------------------------------------------------------ run
 
 
-def write_sequence_predictions(sequence: DavisSequence, masks: Sequence[np.ndarray], output_dir: str,
-                               palette: list[int] | None) -> None:
+def write_sequence_predictions(
+    sequence: DavisSequence, masks: Sequence[np.ndarray], output_dir: str, palette: list[int] | None
+) -> None:
     """`<output_dir>/<sequence>/<frame>.png` for every frame, the DAVIS results layout."""
     folder = os.path.join(output_dir, sequence.name)
     for path, mask in zip(sequence.frame_paths, masks):
@@ -224,27 +254,42 @@ def run_video_segmentation(cfg: Any) -> dict:
     from dino.eval.tables import print_table, write_json
 
     if not cfg.data_path:
-        raise UserError("--data_path is required: the DAVIS-2017 folder holding JPEGImages/, Annotations/ and ImageSets/")
+        raise UserError(
+            "--data_path is required: the DAVIS-2017 folder holding JPEGImages/, Annotations/ and ImageSets/"
+        )
     sequences = load_davis(cfg.data_path, cfg.split, need_frames=not cfg.eval_only)
     output_dir = cfg.output_dir
     if not cfg.eval_only:
         device_ctx = DeviceContext.create(cfg.device, precision=str(cfg.precision))
         init_distributed(device_ctx.backend)
         model = load_eval_backbone(cfg.model, device_ctx)
-        logger.info(f"label propagation on DAVIS {cfg.split}: {len(sequences)} sequences; last-block patch features "
-                    f"(patch {model.patch_size}), frames at {cfg.frame_size}p, n_last_frames {cfg.n_last_frames}, "
-                    f"size_mask_neighborhood {cfg.size_mask_neighborhood}, topk {cfg.topk}")
+        logger.info(
+            f"label propagation on DAVIS {cfg.split}: {len(sequences)} sequences; last-block patch features "
+            f"(patch {model.patch_size}), frames at {cfg.frame_size}p, n_last_frames {cfg.n_last_frames}, "
+            f"size_mask_neighborhood {cfg.size_mask_neighborhood}, topk {cfg.topk}"
+        )
         rank, world_size = get_rank(), get_world_size()
         for index, sequence in enumerate(sequences):
             if index % world_size != rank:  # sequences are independent: each rank takes every W-th one
                 continue
-            annotation_path = os.path.join(os.path.dirname(sequence.annotation_paths[0]),
-                                           os.path.splitext(os.path.basename(sequence.frame_paths[0]))[0] + ".png")
+            annotation_path = os.path.join(
+                os.path.dirname(sequence.annotation_paths[0]),
+                os.path.splitext(os.path.basename(sequence.frame_paths[0]))[0] + ".png",
+            )
             first_annotation, palette = read_label_png(annotation_path)
-            masks = segment_video(model, sequence.frame_paths, first_annotation, device_ctx.device, int(cfg.n_last_frames),
-                                  int(cfg.size_mask_neighborhood), int(cfg.topk), int(cfg.frame_size),
-                                  autocast=device_ctx.autocast, progress=is_main_process(),
-                                  desc=f"[{index + 1}/{len(sequences)}] {sequence.name}")
+            masks = segment_video(
+                model,
+                sequence.frame_paths,
+                first_annotation,
+                device_ctx.device,
+                int(cfg.n_last_frames),
+                int(cfg.size_mask_neighborhood),
+                int(cfg.topk),
+                int(cfg.frame_size),
+                autocast=device_ctx.autocast,
+                progress=is_main_process(),
+                desc=f"[{index + 1}/{len(sequences)}] {sequence.name}",
+            )
             write_sequence_predictions(sequence, masks, output_dir, palette)
         barrier()
     results: dict = {}
@@ -255,15 +300,23 @@ def run_video_segmentation(cfg: Any) -> dict:
             "results": scores["global"],
             "per_object": scores["per_object"],
             "protocol": {
-                "split": cfg.split, "sequences": scores["num_sequences"], "objects": scores["num_objects"],
-                "eval_only": bool(cfg.eval_only), "n_last_frames": int(cfg.n_last_frames),
-                "size_mask_neighborhood": int(cfg.size_mask_neighborhood), "topk": int(cfg.topk),
+                "split": cfg.split,
+                "sequences": scores["num_sequences"],
+                "objects": scores["num_objects"],
+                "eval_only": bool(cfg.eval_only),
+                "n_last_frames": int(cfg.n_last_frames),
+                "size_mask_neighborhood": int(cfg.size_mask_neighborhood),
+                "topk": int(cfg.topk),
                 "frame_size": int(cfg.frame_size),
                 "pretrained_weights": None if cfg.eval_only else (cfg.model.pretrained_weights or "official"),
             },
         }
-        print_table(list(GLOBAL_MEASURES), [[scores["global"][m] for m in GLOBAL_MEASURES]],
-                    title=f"DAVIS-2017 {cfg.split} ({scores['num_objects']} objects)", decimals=3)
+        print_table(
+            list(GLOBAL_MEASURES),
+            [[scores["global"][m] for m in GLOBAL_MEASURES]],
+            title=f"DAVIS-2017 {cfg.split} ({scores['num_objects']} objects)",
+            decimals=3,
+        )
         path = write_json(os.path.join(output_dir, "davis_results.json"), results)
         write_davis_csv(scores, output_dir, cfg.split)
         logger.info(f"results written to {path}")

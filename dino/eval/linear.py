@@ -72,7 +72,9 @@ class ProbeSetting:
         return f"blocks{self.n_last_blocks}_avgpool{'T' if self.avgpool_patchtokens else 'F'}_lr{self.lr:g}"
 
 
-def probe_grid(learning_rates: Sequence[float], n_last_blocks: Sequence[int], avgpool_patchtokens: Sequence[bool]) -> list[ProbeSetting]:
+def probe_grid(
+    learning_rates: Sequence[float], n_last_blocks: Sequence[int], avgpool_patchtokens: Sequence[bool]
+) -> list[ProbeSetting]:
     """All combinations, grouped by input (so classifiers reading the same input sit together)."""
     if not learning_rates or not n_last_blocks or not avgpool_patchtokens:
         raise UserError("the linear grid needs at least one learning rate, one n_last_blocks and one avgpool setting")
@@ -82,8 +84,12 @@ def probe_grid(learning_rates: Sequence[float], n_last_blocks: Sequence[int], av
     for n in n_last_blocks:
         if int(n) < 1:
             raise UserError(f"n_last_blocks must be at least 1, got {n}")
-    return [ProbeSetting(int(n), bool(pool), float(lr))
-            for n in dict.fromkeys(n_last_blocks) for pool in dict.fromkeys(avgpool_patchtokens) for lr in dict.fromkeys(learning_rates)]
+    return [
+        ProbeSetting(int(n), bool(pool), float(lr))
+        for n in dict.fromkeys(n_last_blocks)
+        for pool in dict.fromkeys(avgpool_patchtokens)
+        for lr in dict.fromkeys(learning_rates)
+    ]
 
 
 def scale_lr(base_lr: float, global_batch_size: int) -> float:
@@ -106,7 +112,9 @@ class LinearProbeGrid(nn.Module):
         self.num_classes = num_classes
         self.classifiers = nn.ModuleList()
         for setting in self.settings:
-            layer = nn.Linear(multiblock_feature_dim(embed_dim, setting.n_last_blocks, setting.avgpool_patchtokens), num_classes)
+            layer = nn.Linear(
+                multiblock_feature_dim(embed_dim, setting.n_last_blocks, setting.avgpool_patchtokens), num_classes
+            )
             # DINO v1 / DINOv2 LinearClassifier init
             nn.init.normal_(layer.weight, mean=0.0, std=0.01)
             nn.init.zeros_(layer.bias)
@@ -152,7 +160,9 @@ class LinearTrainingSettings:
 
 
 @torch.no_grad()
-def backbone_tokens(model: nn.Module, images: Tensor, n_blocks: int, device_ctx: DeviceContext) -> list[tuple[Tensor, Tensor]]:
+def backbone_tokens(
+    model: nn.Module, images: Tensor, n_blocks: int, device_ctx: DeviceContext
+) -> list[tuple[Tensor, Tensor]]:
     """Block outputs of the frozen backbone (autocast as configured), in float32 for the classifiers."""
     with device_ctx.autocast():
         tokens = get_block_tokens(model, images, n_blocks)
@@ -164,7 +174,9 @@ def _classifier_grid(grid: nn.Module) -> LinearProbeGrid:
     return grid.module if isinstance(grid, nn.parallel.DistributedDataParallel) else grid
 
 
-def make_optimizer(grid: LinearProbeGrid, global_batch_size: int, momentum: float, weight_decay: float) -> torch.optim.SGD:
+def make_optimizer(
+    grid: LinearProbeGrid, global_batch_size: int, momentum: float, weight_decay: float
+) -> torch.optim.SGD:
     """SGD with one parameter group per classifier, at its scaled lr (`initial_lr` keeps the peak value)."""
     groups = []
     for setting, classifier in zip(grid.settings, grid.classifiers):
@@ -182,16 +194,28 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, iteration: int, total_i
 
 
 @torch.no_grad()
-def evaluate_probes(model: nn.Module, grid: LinearProbeGrid, dataset: Dataset, device_ctx: DeviceContext,
-                    batch_size: int, num_workers: int, desc: str = "val") -> list[dict]:
+def evaluate_probes(
+    model: nn.Module,
+    grid: LinearProbeGrid,
+    dataset: Dataset,
+    device_ctx: DeviceContext,
+    batch_size: int,
+    num_workers: int,
+    desc: str = "val",
+) -> list[dict]:
     """Top-1 / top-5 (%) of every classifier on `dataset` (top-5 None below 5 classes); each rank scores a
     strided shard and the counts are summed across ranks."""
     grid = _classifier_grid(grid)
     was_training = grid.training
     grid.eval()
     indices = shard_indices(len(dataset), get_rank(), get_world_size(), pad=False)
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False,
-                        num_workers=min(num_workers, os.cpu_count() or 1), pin_memory=device_ctx.pin_memory)
+    loader = DataLoader(
+        Subset(dataset, indices),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=min(num_workers, os.cpu_count() or 1),
+        pin_memory=device_ctx.pin_memory,
+    )
     num_top = min(5, grid.num_classes)
     # rows: classifiers; columns: top-1 hits, top-5 hits, images
     counts = torch.zeros(len(grid.settings), 3, dtype=torch.float64, device=device_ctx.device)
@@ -206,8 +230,12 @@ def evaluate_probes(model: nn.Module, grid: LinearProbeGrid, dataset: Dataset, d
     grid.train(was_training)
     counts = counts.cpu()
     return [
-        dict(name=setting.name, **asdict(setting), top1=100.0 * float(c[0] / c[2]),
-             top5=100.0 * float(c[1] / c[2]) if grid.num_classes >= 5 else None)
+        dict(
+            name=setting.name,
+            **asdict(setting),
+            top1=100.0 * float(c[0] / c[2]),
+            top5=100.0 * float(c[1] / c[2]) if grid.num_classes >= 5 else None,
+        )
         for setting, c in zip(grid.settings, counts)
     ]
 
@@ -220,14 +248,25 @@ def grid_signature(grid: LinearProbeGrid) -> dict:
     return dict(settings=[asdict(s) for s in grid.settings], num_classes=grid.num_classes, embed_dim=grid.embed_dim)
 
 
-def save_linear_checkpoint(path: str, grid: LinearProbeGrid, optimizer: torch.optim.Optimizer, epoch: int,
-                           history: list[dict]) -> None:
+def save_linear_checkpoint(
+    path: str, grid: LinearProbeGrid, optimizer: torch.optim.Optimizer, epoch: int, history: list[dict]
+) -> None:
     """Classifiers, optimiser, completed epochs and val history, written atomically."""
-    atomic_torch_save(dict(classifiers=grid.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch,
-                           history=history, **grid_signature(grid)), path)
+    atomic_torch_save(
+        dict(
+            classifiers=grid.state_dict(),
+            optimizer=optimizer.state_dict(),
+            epoch=epoch,
+            history=history,
+            **grid_signature(grid),
+        ),
+        path,
+    )
 
 
-def load_linear_checkpoint(path: str, grid: LinearProbeGrid, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict]]:
+def load_linear_checkpoint(
+    path: str, grid: LinearProbeGrid, optimizer: torch.optim.Optimizer
+) -> tuple[int, list[dict]]:
     """Restore a checkpoint of the same grid; returns (completed epochs, val history).
 
     A checkpoint of another grid (other lrs, block counts, classes or backbone width) is a UserError
@@ -236,14 +275,18 @@ def load_linear_checkpoint(path: str, grid: LinearProbeGrid, optimizer: torch.op
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a damaged file is the user's to remove; say which
-        raise UserError(f"cannot read {path} to resume ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
-                        "delete it or pass linear.resume=false") from None
+        raise UserError(
+            f"cannot read {path} to resume ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+            "delete it or pass linear.resume=false"
+        ) from None
     expected = grid_signature(grid)
     stored = {key: state.get(key) for key in expected}
     if stored != expected:
         differing = [key for key in expected if stored[key] != expected[key]]
-        raise UserError(f"{path} belongs to a different linear probe run ({', '.join(differing)} differ); use another "
-                        "--output_dir, delete the checkpoint, or pass linear.resume=false")
+        raise UserError(
+            f"{path} belongs to a different linear probe run ({', '.join(differing)} differ); use another "
+            "--output_dir, delete the checkpoint, or pass linear.resume=false"
+        )
     grid.load_state_dict(state["classifiers"])
     optimizer.load_state_dict(state["optimizer"])
     return int(state["epoch"]), list(state.get("history", []))
@@ -261,9 +304,16 @@ def _summary_writer(output_dir: str, purge_step: int | None):
     return SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=purge_step)
 
 
-def train_linear_probes(model: nn.Module, train_set: Dataset, val_set: Dataset, num_classes: int,
-                        settings: Sequence[ProbeSetting], training: LinearTrainingSettings, device_ctx: DeviceContext,
-                        output_dir: str) -> dict:
+def train_linear_probes(
+    model: nn.Module,
+    train_set: Dataset,
+    val_set: Dataset,
+    num_classes: int,
+    settings: Sequence[ProbeSetting],
+    training: LinearTrainingSettings,
+    device_ctx: DeviceContext,
+    output_dir: str,
+) -> dict:
     """Train the grid on `train_set` with the frozen `model`, evaluate on `val_set`, pick the best.
 
     `model` must be on `device_ctx.device` and expose `get_intermediate_layers` and `embed_dim`; datasets
@@ -288,8 +338,14 @@ def train_linear_probes(model: nn.Module, train_set: Dataset, val_set: Dataset, 
             logger.info(f"resuming the linear probes from {checkpoint_path} after epoch {start_epoch}")
 
     sampler = DistributedSampler(train_set, num_replicas=world_size, rank=get_rank(), shuffle=True, seed=training.seed)
-    loader = DataLoader(train_set, batch_size=training.batch_size_per_device, sampler=sampler, drop_last=False,
-                        num_workers=min(training.num_workers, os.cpu_count() or 1), pin_memory=device_ctx.pin_memory)
+    loader = DataLoader(
+        train_set,
+        batch_size=training.batch_size_per_device,
+        sampler=sampler,
+        drop_last=False,
+        num_workers=min(training.num_workers, os.cpu_count() or 1),
+        pin_memory=device_ctx.pin_memory,
+    )
     steps_per_epoch = len(loader)
     total_iterations = training.epochs * steps_per_epoch
     trained_grid: nn.Module = grid
@@ -302,8 +358,13 @@ def train_linear_probes(model: nn.Module, train_set: Dataset, val_set: Dataset, 
     for epoch in range(start_epoch, training.epochs):
         sampler.set_epoch(epoch)
         trained_grid.train()
-        progress = tqdm(loader, desc=f"linear epoch {epoch + 1}/{training.epochs}", disable=not is_main_process(),
-                        dynamic_ncols=True, leave=False)
+        progress = tqdm(
+            loader,
+            desc=f"linear epoch {epoch + 1}/{training.epochs}",
+            disable=not is_main_process(),
+            dynamic_ncols=True,
+            leave=False,
+        )
         for step, (images, labels) in enumerate(progress):
             iteration = epoch * steps_per_epoch + step
             lr_factor = set_learning_rates(optimizer, iteration, total_iterations)
@@ -324,8 +385,15 @@ def train_linear_probes(model: nn.Module, train_set: Dataset, val_set: Dataset, 
                 writer.add_scalar("train/lr_factor", lr_factor, iteration)
         last_epoch = epoch + 1 == training.epochs
         if last_epoch or (training.val_every_epochs > 0 and (epoch + 1) % training.val_every_epochs == 0):
-            results = evaluate_probes(model, grid, val_set, device_ctx, training.batch_size_per_device, training.num_workers,
-                                      desc=f"val after epoch {epoch + 1}")
+            results = evaluate_probes(
+                model,
+                grid,
+                val_set,
+                device_ctx,
+                training.batch_size_per_device,
+                training.num_workers,
+                desc=f"val after epoch {epoch + 1}",
+            )
             best = results[best_classifier(results)]
             history.append(dict(epoch=epoch + 1, best=best["name"], best_top1=best["top1"]))
             if writer is not None:
@@ -343,11 +411,17 @@ def train_linear_probes(model: nn.Module, train_set: Dataset, val_set: Dataset, 
         writer.close()
 
     if final is None:  # nothing left to train (a finished run resumed, or --epochs 0)
-        final = evaluate_probes(model, grid, val_set, device_ctx, training.batch_size_per_device, training.num_workers,
-                                desc="final val")
+        final = evaluate_probes(
+            model, grid, val_set, device_ctx, training.batch_size_per_device, training.num_workers, desc="final val"
+        )
     best = final[best_classifier(final)]
-    return dict(best=dict(best, scaled_lr=scale_lr(best["lr"], global_batch)), classifiers=final, history=history,
-                epochs=training.epochs, global_batch_size=global_batch)
+    return dict(
+        best=dict(best, scaled_lr=scale_lr(best["lr"], global_batch)),
+        classifiers=final,
+        history=history,
+        epochs=training.epochs,
+        global_batch_size=global_batch,
+    )
 
 
 def format_probe_table(classifiers: Sequence[dict], best_name: str, limit: int = 10) -> str:
@@ -356,7 +430,9 @@ def format_probe_table(classifiers: Sequence[dict], best_name: str, limit: int =
     lines = [f"{'classifier':<32}  {'top-1':>7}  {'top-5':>7}"]
     for row in ranked:
         top5 = f"{row['top5']:>7.2f}" if row["top5"] is not None else f"{'-':>7}"
-        lines.append(f"{row['name']:<32}  {row['top1']:>7.2f}  {top5}" + ("  <- best" if row["name"] == best_name else ""))
+        lines.append(
+            f"{row['name']:<32}  {row['top1']:>7.2f}  {top5}" + ("  <- best" if row["name"] == best_name else "")
+        )
     return "\n".join(lines)
 
 
@@ -370,51 +446,74 @@ def _as_list(value: Any) -> list:
 
 def grid_from_config(linear_cfg) -> list[ProbeSetting]:
     """The grid of `configs/eval/linear.yaml`: `learning_rates × n_last_blocks × avgpool_patchtokens`."""
-    return probe_grid([float(lr) for lr in _as_list(linear_cfg.learning_rates)],
-                      [int(n) for n in _as_list(linear_cfg.n_last_blocks)],
-                      [bool(p) for p in _as_list(linear_cfg.avgpool_patchtokens)])
+    return probe_grid(
+        [float(lr) for lr in _as_list(linear_cfg.learning_rates)],
+        [int(n) for n in _as_list(linear_cfg.n_last_blocks)],
+        [bool(p) for p in _as_list(linear_cfg.avgpool_patchtokens)],
+    )
 
 
 def run_linear(cfg) -> dict:
     """`eval_linear.py` (protocol linear): datasets, frozen backbone, grid training, table, JSON results."""
     if cfg.load_features:
-        raise UserError("--load_features works with --protocol logreg only: the linear probes train on augmented images")
+        raise UserError(
+            "--load_features works with --protocol logreg only: the linear probes train on augmented images"
+        )
     settings = grid_from_config(cfg.linear)
     training = LinearTrainingSettings(
-        epochs=int(cfg.linear.epochs), batch_size_per_device=int(cfg.data.batch_size_per_device),
-        num_workers=int(cfg.data.num_workers), momentum=float(cfg.linear.momentum),
-        weight_decay=float(cfg.linear.weight_decay), val_every_epochs=int(cfg.linear.val_every_epochs),
-        seed=int(cfg.linear.seed), resume=bool(cfg.linear.resume),
+        epochs=int(cfg.linear.epochs),
+        batch_size_per_device=int(cfg.data.batch_size_per_device),
+        num_workers=int(cfg.data.num_workers),
+        momentum=float(cfg.linear.momentum),
+        weight_decay=float(cfg.linear.weight_decay),
+        val_every_epochs=int(cfg.linear.val_every_epochs),
+        seed=int(cfg.linear.seed),
+        resume=bool(cfg.linear.resume),
     )
     device_ctx = DeviceContext.create(cfg.device, precision=str(cfg.precision))
     init_distributed(device_ctx.backend)
     data_path = feats.resolve_data_path(cfg.data.data_path)
     sizes = feats.resolve_image_sizes(cfg.data.resize_size, cfg.data.crop_size, feats.demo_image_size(data_path))
     train_set, val_set = feats.build_train_val_datasets(
-        data_path, make_linear_train_transform(sizes.crop_size), make_eval_transform(sizes.resize_size, sizes.crop_size))
+        data_path, make_linear_train_transform(sizes.crop_size), make_eval_transform(sizes.resize_size, sizes.crop_size)
+    )
     model = feats.load_eval_backbone(cfg.model, device_ctx)
     global_batch = training.batch_size_per_device * get_world_size()
     lrs = sorted({s.lr for s in settings})
     protocol = dict(
-        checkpoint=cfg.model.pretrained_weights or "official release", data_path=data_path,
-        train_transform=f"RandomResizedCrop {sizes.crop_size} + flip", eval_transform=f"resize {sizes.resize_size} + centre crop {sizes.crop_size}",
-        base_learning_rates=lrs, lr_scaling="base lr x global batch / 256", global_batch_size=global_batch,
-        n_last_blocks=sorted({s.n_last_blocks for s in settings}), avgpool_patchtokens=sorted({s.avgpool_patchtokens for s in settings}),
-        optimizer=f"SGD momentum {training.momentum}, weight decay {training.weight_decay}, cosine to 0", epochs=training.epochs,
+        checkpoint=cfg.model.pretrained_weights or "official release",
+        data_path=data_path,
+        train_transform=f"RandomResizedCrop {sizes.crop_size} + flip",
+        eval_transform=f"resize {sizes.resize_size} + centre crop {sizes.crop_size}",
+        base_learning_rates=lrs,
+        lr_scaling="base lr x global batch / 256",
+        global_batch_size=global_batch,
+        n_last_blocks=sorted({s.n_last_blocks for s in settings}),
+        avgpool_patchtokens=sorted({s.avgpool_patchtokens for s in settings}),
+        optimizer=f"SGD momentum {training.momentum}, weight decay {training.weight_decay}, cosine to 0",
+        epochs=training.epochs,
     )
     if is_main_process():
-        logger.info(f"linear protocol: {len(settings)} classifiers on {len(train_set)} train / {len(val_set)} val images, "
-                    f"{len(train_set.classes)} classes; " + "; ".join(f"{k}={v}" for k, v in protocol.items()))
-    result = train_linear_probes(model, train_set, val_set, len(train_set.classes), settings, training, device_ctx, cfg.output_dir)
+        logger.info(
+            f"linear protocol: {len(settings)} classifiers on {len(train_set)} train / {len(val_set)} val images, "
+            f"{len(train_set.classes)} classes; " + "; ".join(f"{k}={v}" for k, v in protocol.items())
+        )
+    result = train_linear_probes(
+        model, train_set, val_set, len(train_set.classes), settings, training, device_ctx, cfg.output_dir
+    )
     if not is_main_process():
         return {}
     best = result["best"]
     logger.info(format_probe_table(result["classifiers"], best["name"]))
     top5 = f", top-5 {best['top5']:.2f}" if best["top5"] is not None else ""
-    logger.info(f"best linear probe: top-1 {best['top1']:.2f}{top5} with the last {best['n_last_blocks']} block(s)' [CLS]"
-                f"{' + average-pooled patch tokens' if best['avgpool_patchtokens'] else ''}, base lr {best['lr']:g} "
-                f"(scaled {best['scaled_lr']:g})")
-    summary = dict(protocol=protocol, num_train=len(train_set), num_val=len(val_set), num_classes=len(train_set.classes), **result)
+    logger.info(
+        f"best linear probe: top-1 {best['top1']:.2f}{top5} with the last {best['n_last_blocks']} block(s)' [CLS]"
+        f"{' + average-pooled patch tokens' if best['avgpool_patchtokens'] else ''}, base lr {best['lr']:g} "
+        f"(scaled {best['scaled_lr']:g})"
+    )
+    summary = dict(
+        protocol=protocol, num_train=len(train_set), num_val=len(val_set), num_classes=len(train_set.classes), **result
+    )
     path = os.path.join(cfg.output_dir, RESULTS_NAME)
     write_json_atomic(summary, path)
     logger.info(f"results written to {path}")

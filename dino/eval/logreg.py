@@ -49,8 +49,15 @@ def c_grid(log10_min: float, log10_max: float, num: int) -> list[float]:
     return [float(c) for c in torch.logspace(log10_min, log10_max, num, dtype=torch.float64)]
 
 
-def fit_logistic_regression(features: Tensor, labels: Tensor, num_classes: int, c_value: float, max_iter: int = 1000,
-                            init: LinearModel | None = None, device: torch.device | str | None = None) -> LinearModel:
+def fit_logistic_regression(
+    features: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    c_value: float,
+    max_iter: int = 1000,
+    init: LinearModel | None = None,
+    device: torch.device | str | None = None,
+) -> LinearModel:
     """Minimise L(W, b) above with full-batch L-BFGS; `init` warm-starts (used along a sweep of C)."""
     if c_value <= 0:
         raise UserError(f"the inverse regularisation C must be positive, got {c_value}")
@@ -63,8 +70,15 @@ def fit_logistic_regression(features: Tensor, labels: Tensor, num_classes: int, 
     weight.requires_grad_(True)
     bias.requires_grad_(True)
     penalty = 1.0 / (2.0 * c_value * num_samples)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
-                                  tolerance_grad=1e-7, tolerance_change=1e-10, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-7,
+        tolerance_change=1e-10,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> Tensor:
         optimizer.zero_grad()
@@ -105,9 +119,16 @@ class RegularisationSweep:
     best_c: float
 
 
-def sweep_regularisation(features: Tensor, labels: Tensor, num_classes: int, c_values: Sequence[float],
-                         holdout_fraction: float = 0.1, seed: int = 0, max_iter: int = 1000,
-                         device: torch.device | str | None = None) -> RegularisationSweep:
+def sweep_regularisation(
+    features: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    c_values: Sequence[float],
+    holdout_fraction: float = 0.1,
+    seed: int = 0,
+    max_iter: int = 1000,
+    device: torch.device | str | None = None,
+) -> RegularisationSweep:
     """Fit each C on the fit part of a stratified split and pick the best held-out top-1.
 
     C goes from small to large and each fit starts from the previous solution (weaker regularisation
@@ -118,21 +139,34 @@ def sweep_regularisation(features: Tensor, labels: Tensor, num_classes: int, c_v
     accuracies: list[float] = []
     model = None
     for c_value in ordered:
-        model = fit_logistic_regression(features[fit_idx], labels[fit_idx], num_classes, c_value, max_iter, model, device)
+        model = fit_logistic_regression(
+            features[fit_idx], labels[fit_idx], num_classes, c_value, max_iter, model, device
+        )
         accuracies.append(topk_accuracy(model.logits(features[held_idx].to(model.weight.device)), labels[held_idx], 1))
     best = max(range(len(ordered)), key=lambda i: (accuracies[i], -i))
     return RegularisationSweep(ordered, accuracies, ordered[best])
 
 
-def logistic_regression_eval(train_features: Tensor, train_labels: Tensor, val_features: Tensor, val_labels: Tensor,
-                             num_classes: int, c_values: Sequence[float], holdout_fraction: float = 0.1, seed: int = 0,
-                             max_iter: int = 1000, device: torch.device | str | None = None) -> dict:
+def logistic_regression_eval(
+    train_features: Tensor,
+    train_labels: Tensor,
+    val_features: Tensor,
+    val_labels: Tensor,
+    num_classes: int,
+    c_values: Sequence[float],
+    holdout_fraction: float = 0.1,
+    seed: int = 0,
+    max_iter: int = 1000,
+    device: torch.device | str | None = None,
+) -> dict:
     """The whole protocol: normalise, sweep C on held-out train data, refit on all train data, score val.
 
     Returns {best_c, sweep: [{c, holdout_top1}], top1, top5 (None below 5 classes)} in percent.
     """
     if train_features.shape[1] != val_features.shape[1]:
-        raise UserError(f"train features have dimension {train_features.shape[1]} but val features {val_features.shape[1]}")
+        raise UserError(
+            f"train features have dimension {train_features.shape[1]} but val features {val_features.shape[1]}"
+        )
     if int(train_labels.min()) < 0:
         raise UserError("logistic regression needs labelled training images (found negative labels)")
     train_x, val_x = F.normalize(train_features.float(), dim=1), F.normalize(val_features.float(), dim=1)
@@ -164,24 +198,45 @@ def run_logreg(cfg) -> dict:
     device_ctx = DeviceContext.create(cfg.device, precision=str(cfg.precision))
     init_distributed(device_ctx.backend)
     if is_main_process():
-        logger.info(f"log-reg protocol: L2-normalised features, L-BFGS (max {settings.max_iter} iterations), "
-                    f"C in 10^[{settings.c_log10_min} … {settings.c_log10_max}] ({len(c_values)} values) chosen on "
-                    f"{100 * float(settings.holdout_fraction):g}% of train held out, refit on all train")
+        logger.info(
+            f"log-reg protocol: L2-normalised features, L-BFGS (max {settings.max_iter} iterations), "
+            f"C in 10^[{settings.c_log10_min} … {settings.c_log10_max}] ({len(c_values)} values) chosen on "
+            f"{100 * float(settings.holdout_fraction):g}% of train held out, refit on all train"
+        )
     split = features_from_config(cfg, device_ctx)
     if not is_main_process():
         barrier()
         return {}
-    result = logistic_regression_eval(split.train_features, split.train_labels, split.val_features, split.val_labels,
-                                      split.num_classes, c_values, float(settings.holdout_fraction), int(settings.seed),
-                                      int(settings.max_iter), device_ctx.device)
+    result = logistic_regression_eval(
+        split.train_features,
+        split.train_labels,
+        split.val_features,
+        split.val_labels,
+        split.num_classes,
+        c_values,
+        float(settings.holdout_fraction),
+        int(settings.seed),
+        int(settings.max_iter),
+        device_ctx.device,
+    )
     logger.info(format_sweep_table(result))
     top5 = f", top-5 {result['top5']:.2f}" if result["top5"] is not None else ""
-    logger.info(f"logistic regression (C={result['best_c']:.3g}) on {len(split.val_labels)} val images: "
-                f"top-1 {result['top1']:.2f}{top5}")
+    logger.info(
+        f"logistic regression (C={result['best_c']:.3g}) on {len(split.val_labels)} val images: "
+        f"top-1 {result['top1']:.2f}{top5}"
+    )
     summary = dict(
-        protocol=dict(split.protocol, method="multinomial logistic regression, L-BFGS", c_values=c_values,
-                      holdout_fraction=float(settings.holdout_fraction), max_iter=int(settings.max_iter)),
-        num_train=len(split.train_labels), num_val=len(split.val_labels), num_classes=split.num_classes, **result,
+        protocol=dict(
+            split.protocol,
+            method="multinomial logistic regression, L-BFGS",
+            c_values=c_values,
+            holdout_fraction=float(settings.holdout_fraction),
+            max_iter=int(settings.max_iter),
+        ),
+        num_train=len(split.train_labels),
+        num_val=len(split.val_labels),
+        num_classes=split.num_classes,
+        **result,
     )
     path = os.path.join(cfg.output_dir, "logreg_results.json")
     write_json_atomic(summary, path)

@@ -34,7 +34,7 @@ def exact_search(database: Tensor, queries: Tensor, k: int, chunk_rows: int = 65
     best_scores = queries.new_empty((queries.shape[0], 0))
     best_ids = torch.empty((queries.shape[0], 0), dtype=torch.long, device=queries.device)
     for start in range(0, num_rows, chunk_rows):
-        scores = queries @ database[start:start + chunk_rows].T
+        scores = queries @ database[start : start + chunk_rows].T
         ids = torch.arange(start, start + scores.shape[1], device=scores.device).expand_as(scores)
         if scores.shape[1] > k:
             scores, top = scores.topk(k, dim=1)

@@ -164,7 +164,9 @@ def protocol_ground_truth(gnd: Sequence[dict], protocol: str) -> list[dict]:
     return result
 
 
-def evaluate_protocols(ranks: np.ndarray, gnd: Sequence[dict], kappas: Sequence[int] = DEFAULT_KAPPAS) -> dict[str, RetrievalScores]:
+def evaluate_protocols(
+    ranks: np.ndarray, gnd: Sequence[dict], kappas: Sequence[int] = DEFAULT_KAPPAS
+) -> dict[str, RetrievalScores]:
     """`compute_map` under the Easy, Medium and Hard protocols; gnd holds the raw revisitop query dicts."""
     return {protocol: compute_map(ranks, protocol_ground_truth(gnd, protocol), kappas) for protocol in PROTOCOLS}
 
@@ -177,11 +179,21 @@ class _GroundTruthUnpickler(pickle.Unpickler):
     rest means a tampered file cannot run code."""
 
     _ALLOWED = {
-        ("builtins", "list"), ("builtins", "dict"), ("builtins", "tuple"), ("builtins", "set"),
-        ("builtins", "int"), ("builtins", "float"), ("builtins", "str"), ("builtins", "bytes"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+        ("builtins", "list"),
+        ("builtins", "dict"),
+        ("builtins", "tuple"),
+        ("builtins", "set"),
+        ("builtins", "int"),
+        ("builtins", "float"),
+        ("builtins", "str"),
+        ("builtins", "bytes"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str):
@@ -246,8 +258,10 @@ def load_revisitop(data_path: str, dataset: str) -> RevisitopData:
     if dataset not in REVISITOP_DATASETS:
         from dino.errors import suggest
 
-        raise UserError(f"unknown retrieval dataset {dataset!r}; choose one of {', '.join(REVISITOP_DATASETS)}."
-                        + suggest(dataset, REVISITOP_DATASETS))
+        raise UserError(
+            f"unknown retrieval dataset {dataset!r}; choose one of {', '.join(REVISITOP_DATASETS)}."
+            + suggest(dataset, REVISITOP_DATASETS)
+        )
     data_path = require_path(data_path, "--data_path", must_be_dir=True)
     root = _dataset_folder(data_path, dataset)
     layout = f"expected <data_path>/{dataset}/jpg/*.jpg and <data_path>/{dataset}/gnd_{dataset}.pkl"
@@ -272,8 +286,10 @@ def load_revisitop(data_path: str, dataset: str) -> RevisitopData:
             raise UserError(f"{gnd_path}: ground truth of query {q} ({query_names[q]}) lacks {missing_keys}")
         indices = np.concatenate([np.asarray(query[k], dtype=np.int64).ravel() for k in ("easy", "hard", "junk")])
         if indices.size and (indices.min() < 0 or indices.max() >= len(db_names)):
-            raise UserError(f"{gnd_path}: query {q} refers to database index {int(indices.max())}, "
-                            f"but imlist has {len(db_names)} images")
+            raise UserError(
+                f"{gnd_path}: query {q} refers to database index {int(indices.max())}, "
+                f"but imlist has {len(db_names)} images"
+            )
     data = RevisitopData(dataset, root, db_names, query_names, gnd)
     missing = [p for p in dict.fromkeys(data.db_paths + data.query_paths) if not os.path.isfile(p)]
     if missing:
@@ -326,7 +342,9 @@ def crop_to_patch_multiple(images: Tensor, patch_size: int) -> Tensor:
     reads anyway.  A side shorter than one patch is resized up to p (bilinear) so tiny crops still work."""
     height, width = images.shape[-2:]
     if height < patch_size or width < patch_size:
-        images = F.interpolate(images, size=(max(height, patch_size), max(width, patch_size)), mode="bilinear", align_corners=False)
+        images = F.interpolate(
+            images, size=(max(height, patch_size), max(width, patch_size)), mode="bilinear", align_corners=False
+        )
         height, width = images.shape[-2:]
     return images[..., : height - height % patch_size, : width - width % patch_size]
 
@@ -338,7 +356,11 @@ def make_retrieval_feature_fn(patch_size: int, multiscale: bool):
         scales = MULTISCALE_FACTORS if multiscale else (1.0,)
         total = None
         for scale in scales:
-            scaled = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+            scaled = (
+                images
+                if scale == 1.0
+                else F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+            )
             features = model(crop_to_patch_multiple(scaled, patch_size)).float()
             total = features if total is None else total + features
         return F.normalize(total / len(scales), dim=-1, p=2)
@@ -349,7 +371,9 @@ def make_retrieval_feature_fn(patch_size: int, multiscale: bool):
 # ------------------------------------------------------------------------------------------- ranking
 
 
-def rank_database(db_features: Tensor, query_features: Tensor, backend: str = "auto", top: int | None = None) -> np.ndarray:
+def rank_database(
+    db_features: Tensor, query_features: Tensor, backend: str = "auto", top: int | None = None
+) -> np.ndarray:
     """(n_db or top, n_queries) database indices sorted by decreasing cosine similarity to each query.
 
     Features are L2-normalised here, so the inner product is the cosine.  backend: 'torch', 'faiss' (an exact
@@ -408,19 +432,35 @@ def run_retrieval(cfg: Any) -> dict:
     model = load_eval_backbone(cfg.model, device_ctx)
     kappas = [int(k) for k in cfg.kappas]
     crop = bool(cfg.crop_queries)
-    logger.info(f"retrieval on {data.name}: {len(data.db_names)} database images (+{len(distractor_paths)} distractors), "
-                f"{len(data.query_names)} queries; [CLS] feature, thumbnail {cfg.imsize}px, "
-                f"{'multi-scale (1, 1/√2, 1/2) mean' if cfg.multiscale else 'single scale'}, "
-                f"queries {'cropped to their bbx' if crop else 'not cropped (DINO v1)'}")
+    logger.info(
+        f"retrieval on {data.name}: {len(data.db_names)} database images (+{len(distractor_paths)} distractors), "
+        f"{len(data.query_names)} queries; [CLS] feature, thumbnail {cfg.imsize}px, "
+        f"{'multi-scale (1, 1/√2, 1/2) mean' if cfg.multiscale else 'single scale'}, "
+        f"queries {'cropped to their bbx' if crop else 'not cropped (DINO v1)'}"
+    )
 
     feature_fn = make_retrieval_feature_fn(model.patch_size, bool(cfg.multiscale))
     db_set = RetrievalImages(data.db_paths + distractor_paths, cfg.imsize)
     query_set = RetrievalImages(data.query_paths, cfg.imsize, data.query_boxes if crop else None)
     # images differ in size, hence batch size 1 (as DINO v1)
-    db_features, _ = extract_features(model, db_set, device_ctx, batch_size=1, num_workers=cfg.num_workers,
-                                      feature_fn=feature_fn, desc="database features")
-    query_features, _ = extract_features(model, query_set, device_ctx, batch_size=1, num_workers=cfg.num_workers,
-                                         feature_fn=feature_fn, desc="query features")
+    db_features, _ = extract_features(
+        model,
+        db_set,
+        device_ctx,
+        batch_size=1,
+        num_workers=cfg.num_workers,
+        feature_fn=feature_fn,
+        desc="database features",
+    )
+    query_features, _ = extract_features(
+        model,
+        query_set,
+        device_ctx,
+        batch_size=1,
+        num_workers=cfg.num_workers,
+        feature_fn=feature_fn,
+        desc="query features",
+    )
 
     ranks = rank_database(db_features, query_features, cfg.ranking)
     per_protocol = evaluate_protocols(ranks, data.gnd, kappas)
@@ -438,8 +478,10 @@ def run_retrieval(cfg: Any) -> dict:
             "pretrained_weights": cfg.model.pretrained_weights or "official",
         },
         "results": {p: _scores_as_dict(s, kappas) for p, s in per_protocol.items()},
-        "per_query_ap": {p: {name: (100.0 * ap if not math.isnan(ap) else None) for name, ap in zip(data.query_names, s.aps)}
-                         for p, s in per_protocol.items()},
+        "per_query_ap": {
+            p: {name: (100.0 * ap if not math.isnan(ap) else None) for name, ap in zip(data.query_names, s.aps)}
+            for p, s in per_protocol.items()
+        },
     }
     if is_main_process():
         headers = ["protocol", "mAP"] + [f"mP@{k}" for k in kappas]

@@ -64,15 +64,19 @@ class LinearSegmentationHead(nn.Module):
     def forward(self, features: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
         maps = [patch for patch, _ in features]
         size = maps[0].shape[-2:]
-        maps = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
-                for m in maps]
+        maps = [
+            m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+            for m in maps
+        ]
         return self.conv_seg(self.bn(torch.cat(maps, dim=1)))
 
 
 class SegmentationProbe:
     """A frozen backbone, the blocks it reads, and a head: logits of image batches at their own size."""
 
-    def __init__(self, model: nn.Module, head: LinearSegmentationHead, layers: Sequence[int], device_ctx: DeviceContext):
+    def __init__(
+        self, model: nn.Module, head: LinearSegmentationHead, layers: Sequence[int], device_ctx: DeviceContext
+    ):
         self.model, self.head, self.layers, self.device_ctx = model, head, list(layers), device_ctx
         self.patch_size = common.patch_size_of(model)
 
@@ -141,14 +145,16 @@ def common_rescale(height: int, width: int, scale: Sequence[int]) -> float:
 
 
 @torch.no_grad()
-def evaluate_segmentation(probe: SegmentationProbe, dataset: SegmentationDataset, test, desc: str = "val",
-                          num_workers: int = 0) -> dict:
+def evaluate_segmentation(
+    probe: SegmentationProbe, dataset: SegmentationDataset, test, desc: str = "val", num_workers: int = 0
+) -> dict:
     """Areas summed over the validation images (each rank a strided shard, summed across ranks) → metrics."""
     was_training = probe.head.training
     probe.head.eval()
     indices = list(range(get_rank(), len(dataset), get_world_size()))
-    loader = DataLoader(Subset(dataset, indices), batch_size=None, shuffle=False,
-                        num_workers=min(num_workers, os.cpu_count() or 1))
+    loader = DataLoader(
+        Subset(dataset, indices), batch_size=None, shuffle=False, num_workers=min(num_workers, os.cpu_count() or 1)
+    )
     areas = torch.zeros(4, probe.head.num_classes, dtype=torch.float64, device=probe.device_ctx.device)
     for image, label, _ in tqdm(loader, desc=desc, disable=not is_main_process(), dynamic_ncols=True, leave=False):
         prediction = probe.predict(image, label.shape, test).argmax(dim=0).cpu()
@@ -201,23 +207,43 @@ def run_segmentation(cfg) -> dict:
         head = nn.SyncBatchNorm.convert_sync_batchnorm(head)
     head = head.to(device_ctx.device)
     probe = SegmentationProbe(model, head, layers, device_ctx)
-    train_set = SegmentationDataset(files_train, SegTrainAugmentation(
-        crop_size=tuple(crop), scale=tuple(int(s) for s in aug.scale), ratio_range=tuple(float(r) for r in aug.ratio_range),
-        cat_max_ratio=float(aug.cat_max_ratio), photometric=bool(aug.photometric)), seed=training.seed)
+    train_set = SegmentationDataset(
+        files_train,
+        SegTrainAugmentation(
+            crop_size=tuple(crop),
+            scale=tuple(int(s) for s in aug.scale),
+            ratio_range=tuple(float(r) for r in aug.ratio_range),
+            cat_max_ratio=float(aug.cat_max_ratio),
+            photometric=bool(aug.photometric),
+        ),
+        seed=training.seed,
+    )
     val_set = SegmentationDataset(files_val)
     global_batch = training.batch_size_per_device * get_world_size()
     protocol = dict(
-        dataset=cfg.dataset, checkpoint=cfg.model.pretrained_weights or "official release", head=cfg.protocol,
-        layers=[i + 1 for i in layers], iterations=training.iterations, global_batch_size=global_batch,
+        dataset=cfg.dataset,
+        checkpoint=cfg.model.pretrained_weights or "official release",
+        head=cfg.protocol,
+        layers=[i + 1 for i in layers],
+        iterations=training.iterations,
+        global_batch_size=global_batch,
         optimizer=f"AdamW lr {training.lr:g} wd {training.weight_decay:g}, poly^{training.power:g} after "
-                  f"{training.warmup_iters} warm-up iterations", train_crop=crop,
+        f"{training.warmup_iters} warm-up iterations",
+        train_crop=crop,
         test=f"{cfg.test.mode} crop {list(cfg.test.crop_size)} stride {list(cfg.test.stride)}, scale {list(cfg.test.scale)}, "
-             f"ratios {list(cfg.test.ratios)}, flip {bool(cfg.test.flip)}",
+        f"ratios {list(cfg.test.ratios)}, flip {bool(cfg.test.flip)}",
     )
-    logger.info(f"segmentation probe ({cfg.protocol}): {len(train_set)} train / {len(val_set)} val images, "
-                f"{files_train.num_classes} classes; " + "; ".join(f"{k}={v}" for k, v in protocol.items()))
-    signature = dict(dataset=cfg.dataset, layers=layers, embed_dim=int(model.embed_dim), num_classes=files_train.num_classes,
-                     iterations=training.iterations)
+    logger.info(
+        f"segmentation probe ({cfg.protocol}): {len(train_set)} train / {len(val_set)} val images, "
+        f"{files_train.num_classes} classes; " + "; ".join(f"{k}={v}" for k, v in protocol.items())
+    )
+    signature = dict(
+        dataset=cfg.dataset,
+        layers=layers,
+        embed_dim=int(model.embed_dim),
+        num_classes=files_train.num_classes,
+        iterations=training.iterations,
+    )
 
     def loss_fn(trained_head: nn.Module, batch, iteration: int) -> Tensor:
         images, labels = batch
@@ -229,13 +255,24 @@ def run_segmentation(cfg) -> dict:
 
     def evaluate_fn(iteration: int, writer) -> dict:
         metrics = evaluate_segmentation(probe, val_set, cfg.test, f"val at {iteration}", training.num_workers)
-        common.log_scalars(writer, "val", dict(mIoU=metrics["mIoU"], mAcc=metrics["mAcc"],
-                                                                    aAcc=metrics["aAcc"]), iteration)
+        common.log_scalars(
+            writer, "val", dict(mIoU=metrics["mIoU"], mAcc=metrics["mAcc"], aAcc=metrics["aAcc"]), iteration
+        )
         logger.info(f"iteration {iteration}: mIoU {metrics['mIoU']:.2f}, mAcc {metrics['mAcc']:.2f}")
         return dict(mIoU=metrics["mIoU"], mAcc=metrics["mAcc"], aAcc=metrics["aAcc"])
 
-    done, history, writer = common.train_head(head, train_set, training, device_ctx, cfg.output_dir, CHECKPOINT_NAME,
-                                              signature, loss_fn, evaluate_fn, desc="segmentation head")
+    done, history, writer = common.train_head(
+        head,
+        train_set,
+        training,
+        device_ctx,
+        cfg.output_dir,
+        CHECKPOINT_NAME,
+        signature,
+        loss_fn,
+        evaluate_fn,
+        desc="segmentation head",
+    )
     metrics = evaluate_segmentation(probe, val_set, cfg.test, "final val", training.num_workers)
     common.log_scalars(writer, "val", dict(mIoU=metrics["mIoU"], mAcc=metrics["mAcc"], aAcc=metrics["aAcc"]), done)
     if not is_main_process():
@@ -247,10 +284,19 @@ def run_segmentation(cfg) -> dict:
     if writer is not None:
         writer.close()
     logger.info(format_segmentation_table(metrics))
-    logger.info(f"mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}  aAcc {metrics['aAcc']:.2f} "
-                f"({files_val.name} val, {len(val_set)} images)")
-    summary = dict(protocol=protocol, num_train=len(train_set), num_val=len(val_set), iterations=done, history=history,
-                   picture=picture_path if picture is not None else None, **metrics)
+    logger.info(
+        f"mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}  aAcc {metrics['aAcc']:.2f} "
+        f"({files_val.name} val, {len(val_set)} images)"
+    )
+    summary = dict(
+        protocol=protocol,
+        num_train=len(train_set),
+        num_val=len(val_set),
+        iterations=done,
+        history=history,
+        picture=picture_path if picture is not None else None,
+        **metrics,
+    )
     path = os.path.join(cfg.output_dir, RESULTS_NAME)
     atomic_write_json(path, common.json_safe(summary), indent=1)
     logger.info(f"results written to {path}")

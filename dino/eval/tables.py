@@ -23,7 +23,9 @@ def format_value(value: Any, decimals: int = 2) -> str:
     return str(value)
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None, decimals: int = 2) -> str:
+def format_table(
+    headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None, decimals: int = 2
+) -> str:
     """A left-aligned text table: a title line, the header, a rule, one line per row."""
     cells = [[str(h) for h in headers]] + [[format_value(v, decimals) for v in row] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(headers))]
@@ -34,7 +36,9 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: s
     return "\n".join(lines)
 
 
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None, decimals: int = 2) -> None:
+def print_table(
+    headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None, decimals: int = 2
+) -> None:
     logger.info(format_table(headers, rows, title, decimals))
 
 

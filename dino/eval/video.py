@@ -117,7 +117,9 @@ class FrameFolderWriter:
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
         if self.folder.exists() and not self.folder.is_dir():
-            raise UserError(f"output path {self.folder} exists and is not a folder; choose a folder or a video file name")
+            raise UserError(
+                f"output path {self.folder} exists and is not a folder; choose a folder or a video file name"
+            )
         self.folder.mkdir(parents=True, exist_ok=True)
         self.num_frames = 0
 
@@ -171,8 +173,11 @@ class VideoFileWriter:
             self.stream.width, self.stream.height = self.size
             self.stream.pix_fmt = "yuv420p"
         if frame.size != self.size:
-            frame = frame.crop((0, 0, *self.size)) if frame.width >= self.size[0] and frame.height >= self.size[1] \
+            frame = (
+                frame.crop((0, 0, *self.size))
+                if frame.width >= self.size[0] and frame.height >= self.size[1]
                 else frame.resize(self.size, Image.BILINEAR)
+            )
         video_frame = self.av.VideoFrame.from_image(frame.convert("RGB"))
         for packet in self.stream.encode(video_frame):
             self.container.mux(packet)
@@ -215,9 +220,16 @@ def _batches_of_equal_size(frames: Iterable[Image.Image], batch_size: int) -> It
 
 
 @torch.no_grad()
-def attention_overlays(model: torch.nn.Module, frames: Iterable[Image.Image], device: torch.device,
-                       resize: ImageSize = None, keep_fraction: float | None = None, batch_size: int = 8,
-                       alpha: float = 0.5, colormap: str = "jet") -> Iterator[Image.Image]:
+def attention_overlays(
+    model: torch.nn.Module,
+    frames: Iterable[Image.Image],
+    device: torch.device,
+    resize: ImageSize = None,
+    keep_fraction: float | None = None,
+    batch_size: int = 8,
+    alpha: float = 0.5,
+    colormap: str = "jet",
+) -> Iterator[Image.Image]:
     """Each frame, resized to a patch multiple, with its [CLS] attention overlaid.
 
     The overlay is the mean over heads (min-max scaled per frame) or, with `keep_fraction`, the share of
@@ -231,9 +243,17 @@ def attention_overlays(model: torch.nn.Module, frames: Iterable[Image.Image], de
             yield overlay(frame, heatmap, alpha=alpha, colormap=colormap)
 
 
-def render_attention_video(model: torch.nn.Module, source: FrameSource, output_path: str | os.PathLike,
-                           device: torch.device, fps: float | None = None, resize: ImageSize = None,
-                           keep_fraction: float | None = None, batch_size: int = 8, progress: bool = True) -> int:
+def render_attention_video(
+    model: torch.nn.Module,
+    source: FrameSource,
+    output_path: str | os.PathLike,
+    device: torch.device,
+    fps: float | None = None,
+    resize: ImageSize = None,
+    keep_fraction: float | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> int:
     """Write the attention overlay of every frame of `source` to `output_path`; returns the number of frames.
 
     fps: output frame rate for video files (default: the input's, else 30).  Shows a tqdm progress bar.

@@ -31,16 +31,51 @@ ImageSize = int | tuple[int, int] | None  # shorter side, (height, width), or ke
 
 # Colour maps as evenly spaced anchor colours, linearly interpolated (samples of matplotlib's maps).
 COLORMAPS: dict[str, tuple[RGB, ...]] = {
-    "viridis": ((68, 1, 84), (71, 44, 122), (59, 81, 139), (44, 113, 142), (33, 144, 141),
-                (39, 173, 129), (92, 200, 99), (170, 220, 50), (253, 231, 37)),
-    "inferno": ((0, 0, 4), (31, 12, 72), (85, 15, 109), (136, 34, 106), (186, 54, 85),
-                (227, 89, 51), (249, 140, 10), (249, 201, 50), (252, 255, 164)),
-    "jet": ((0, 0, 128), (0, 0, 255), (0, 128, 255), (0, 255, 255), (128, 255, 128),
-            (255, 255, 0), (255, 128, 0), (255, 0, 0), (128, 0, 0)),
+    "viridis": (
+        (68, 1, 84),
+        (71, 44, 122),
+        (59, 81, 139),
+        (44, 113, 142),
+        (33, 144, 141),
+        (39, 173, 129),
+        (92, 200, 99),
+        (170, 220, 50),
+        (253, 231, 37),
+    ),
+    "inferno": (
+        (0, 0, 4),
+        (31, 12, 72),
+        (85, 15, 109),
+        (136, 34, 106),
+        (186, 54, 85),
+        (227, 89, 51),
+        (249, 140, 10),
+        (249, 201, 50),
+        (252, 255, 164),
+    ),
+    "jet": (
+        (0, 0, 128),
+        (0, 0, 255),
+        (0, 128, 255),
+        (0, 255, 255),
+        (128, 255, 128),
+        (255, 255, 0),
+        (255, 128, 0),
+        (255, 0, 0),
+        (128, 0, 0),
+    ),
     "gray": ((0, 0, 0), (255, 255, 255)),
 }
-MASK_COLORS: tuple[RGB, ...] = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-                                (145, 30, 180), (70, 240, 240), (240, 50, 230))
+MASK_COLORS: tuple[RGB, ...] = (
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+)
 
 
 # ----------------------------------------------------------------------------------------- model → maps
@@ -51,8 +86,10 @@ def _patch_grid(model: torch.nn.Module, images: Tensor) -> tuple[int, int]:
     height, width = images.shape[-2:]
     patch = model.patch_size
     if height % patch or width % patch:
-        raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {patch}; "
-                         "resize with resize_to_patch_multiple first")
+        raise ValueError(
+            f"image size {height}x{width} is not a multiple of the patch size {patch}; "
+            "resize with resize_to_patch_multiple first"
+        )
     return height // patch, width // patch
 
 
@@ -179,8 +216,9 @@ def _border_mask(height: int, width: int) -> Tensor:
     return border
 
 
-def pca_feature_maps(patch_features: Sequence[Tensor | np.ndarray], fg_threshold: float = 0.5,
-                     remove_background: bool = True) -> PCAFeatureMaps:
+def pca_feature_maps(
+    patch_features: Sequence[Tensor | np.ndarray], fg_threshold: float = 0.5, remove_background: bool = True
+) -> PCAFeatureMaps:
     """The two-step PCA picture of the DINOv2 paper, jointly over several images.
 
     patch_features: one (h_i, w_i, D) grid of patch features per image (grids may differ in size).
@@ -196,8 +234,10 @@ def pca_feature_maps(patch_features: Sequence[Tensor | np.ndarray], fg_threshold
 
     With `remove_background=False` step 1 is skipped and every patch is coloured.
     """
-    grids = [(g if isinstance(g, Tensor) else torch.from_numpy(np.asarray(g))).detach().cpu().double()
-             for g in patch_features]
+    grids = [
+        (g if isinstance(g, Tensor) else torch.from_numpy(np.asarray(g))).detach().cpu().double()
+        for g in patch_features
+    ]
     if not grids:
         raise ValueError("pca_feature_maps needs at least one feature grid")
     shapes = [tuple(g.shape[:2]) for g in grids]
@@ -267,7 +307,9 @@ def image_to_tensor(image: Image.Image) -> Tensor:
     return make_normalize()(image.convert("RGB"))
 
 
-def tensor_to_image(image: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Image.Image:
+def tensor_to_image(
+    image: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> Image.Image:
     """Inverse of `image_to_tensor`: a normalised (3, H, W) tensor back to a PIL RGB image."""
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
@@ -275,8 +317,9 @@ def tensor_to_image(image: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: S
     return Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), mode="RGB")
 
 
-def colorize(values: np.ndarray | Tensor, colormap: str = "viridis", vmin: float | None = None,
-             vmax: float | None = None) -> Image.Image:
+def colorize(
+    values: np.ndarray | Tensor, colormap: str = "viridis", vmin: float | None = None, vmax: float | None = None
+) -> Image.Image:
     """A 2-D array as a PIL RGB image through a colour map; values are scaled from [vmin, vmax] (default: min, max)."""
     if colormap not in COLORMAPS:
         raise ValueError(f"unknown colormap {colormap!r}; choose from {', '.join(COLORMAPS)}")
@@ -296,21 +339,25 @@ def _resize_map_image(picture: Image.Image, size: tuple[int, int], smooth: bool)
     return picture if picture.size == size else picture.resize(size, Image.BILINEAR if smooth else Image.NEAREST)
 
 
-def heatmap_image(values: np.ndarray | Tensor, size: tuple[int, int] | None = None, colormap: str = "viridis",
-                  smooth: bool = False) -> Image.Image:
+def heatmap_image(
+    values: np.ndarray | Tensor, size: tuple[int, int] | None = None, colormap: str = "viridis", smooth: bool = False
+) -> Image.Image:
     """Colourised (h, w) map resized to `size` (width, height); patch blocks stay sharp unless `smooth`."""
     picture = colorize(values, colormap)
     return picture if size is None else _resize_map_image(picture, size, smooth)
 
 
-def overlay(image: Image.Image, values: np.ndarray | Tensor, alpha: float = 0.5, colormap: str = "jet",
-            smooth: bool = False) -> Image.Image:
+def overlay(
+    image: Image.Image, values: np.ndarray | Tensor, alpha: float = 0.5, colormap: str = "jet", smooth: bool = False
+) -> Image.Image:
     """Blend a colourised (h, w) map, resized to the image, over the image (`alpha` = weight of the map)."""
     colored = heatmap_image(values, image.size, colormap, smooth)
     return Image.blend(image.convert("RGB"), colored, alpha)
 
 
-def overlay_mask(image: Image.Image, mask: np.ndarray | Tensor, color: RGB = MASK_COLORS[0], alpha: float = 0.5) -> Image.Image:
+def overlay_mask(
+    image: Image.Image, mask: np.ndarray | Tensor, color: RGB = MASK_COLORS[0], alpha: float = 0.5
+) -> Image.Image:
     """Tint the pixels of a (h, w) boolean mask (resized to the image) with `color` and outline its contour."""
     mask_array = np.asarray(mask.detach().cpu() if isinstance(mask, Tensor) else mask, dtype=bool)
     mask_image = Image.fromarray(mask_array.astype(np.uint8) * 255, mode="L").resize(image.size, Image.NEAREST)
@@ -325,8 +372,9 @@ def overlay_mask(image: Image.Image, mask: np.ndarray | Tensor, color: RGB = MAS
     return Image.fromarray(pixels.round().astype(np.uint8), mode="RGB")
 
 
-def make_grid(images: Sequence[Image.Image], columns: int | None = None, padding: int = 4,
-              background: RGB = (255, 255, 255)) -> Image.Image:
+def make_grid(
+    images: Sequence[Image.Image], columns: int | None = None, padding: int = 4, background: RGB = (255, 255, 255)
+) -> Image.Image:
     """Tile images row by row (`columns` per row, default all in one row); cells take the largest image's size."""
     if not images:
         raise ValueError("make_grid needs at least one image")
@@ -334,7 +382,9 @@ def make_grid(images: Sequence[Image.Image], columns: int | None = None, padding
     rows = math.ceil(len(images) / columns)
     cell_w = max(im.width for im in images)
     cell_h = max(im.height for im in images)
-    grid = Image.new("RGB", (columns * cell_w + (columns + 1) * padding, rows * cell_h + (rows + 1) * padding), background)
+    grid = Image.new(
+        "RGB", (columns * cell_w + (columns + 1) * padding, rows * cell_h + (rows + 1) * padding), background
+    )
     for index, im in enumerate(images):
         row, col = divmod(index, columns)
         x = padding + col * (cell_w + padding) + (cell_w - im.width) // 2
@@ -376,7 +426,9 @@ def demo_image(size: tuple[int, int] = (224, 320), seed: int = 0) -> Image.Image
     stripe_a, stripe_b = colour(), colour()
     stripes = max(3, int(bw // (unit * 0.05)))
     for i in range(stripes):
-        draw.rectangle((x0 + i * bw / stripes, y0, x0 + (i + 1) * bw / stripes, y0 + bh), fill=stripe_a if i % 2 else stripe_b)
+        draw.rectangle(
+            (x0 + i * bw / stripes, y0, x0 + (i + 1) * bw / stripes, y0 + bh), fill=stripe_a if i % 2 else stripe_b
+        )
     tx, ty, ts = W * rng.uniform(0.7, 0.8), H * rng.uniform(0.55, 0.75), unit * rng.uniform(0.15, 0.22)
     draw.polygon([(tx, ty - ts), (tx - ts, ty + ts * 0.8), (tx + ts, ty + ts * 0.8)], fill=colour())
     return picture.resize((width, height), Image.LANCZOS)
@@ -409,8 +461,13 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def attention_figure_for_tensorboard(model: torch.nn.Module, images: Tensor, max_heads: int | None = 6,
-                                     mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Tensor:
+def attention_figure_for_tensorboard(
+    model: torch.nn.Module,
+    images: Tensor,
+    max_heads: int | None = 6,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Tensor:
     """One picture of the last block's [CLS] attention for `SummaryWriter.add_image(tag, figure, step)`.
 
     model: the backbone (a DistributedDataParallel wrapper is unwrapped).
@@ -431,9 +488,14 @@ def attention_figure_for_tensorboard(model: torch.nn.Module, images: Tensor, max
     return _to_chw_uint8(make_grid(tiles, columns=heads + 2, padding=2))
 
 
-def pca_figure_for_tensorboard(model: torch.nn.Module, images: Tensor, fg_threshold: float = 0.5,
-                               remove_background: bool = True, mean: Sequence[float] = IMAGENET_MEAN,
-                               std: Sequence[float] = IMAGENET_STD) -> Tensor:
+def pca_figure_for_tensorboard(
+    model: torch.nn.Module,
+    images: Tensor,
+    fg_threshold: float = 0.5,
+    remove_background: bool = True,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Tensor:
     """The joint PCA feature maps of a batch for `SummaryWriter.add_image(tag, figure, step)`.
 
     Top row: the inputs; bottom row: `pca_feature_maps` of their patch features, one block per patch.
@@ -454,17 +516,38 @@ def pca_figure_for_tensorboard(model: torch.nn.Module, images: Tensor, fg_thresh
 def backbone_flags() -> list[Flag]:
     """The flags every visualisation script shares to pick a backbone and a device."""
     return [
-        Flag(names=("--pretrained_weights",), key="pretrained_weights",
-             help="checkpoint file (ours or official), URL or hub name (e.g. dinov2_vits14_reg); "
-                  "empty: download the official weights for --arch / --patch_size"),
-        Flag(names=("--arch",), key="arch", help="ViT size; empty: read from the checkpoint (vit_small for the download)"),
-        Flag(names=("--patch_size",), key="patch_size", type=int,
-             help="patch size; empty: read from the checkpoint (16 for the download)"),
-        Flag(names=("--num_register_tokens",), key="num_register_tokens", type=int,
-             help="register tokens; empty: read from the checkpoint (0 for the download)"),
-        Flag(names=("--checkpoint_key",), key="checkpoint_key", help="which weights of a training checkpoint (teacher or student)"),
-        Flag(names=("--allow_pickle",), key="allow_pickle", type=bool_flag,
-             help="allow checkpoints holding pickled Python objects (only for files you trust)"),
+        Flag(
+            names=("--pretrained_weights",),
+            key="pretrained_weights",
+            help="checkpoint file (ours or official), URL or hub name (e.g. dinov2_vits14_reg); "
+            "empty: download the official weights for --arch / --patch_size",
+        ),
+        Flag(
+            names=("--arch",), key="arch", help="ViT size; empty: read from the checkpoint (vit_small for the download)"
+        ),
+        Flag(
+            names=("--patch_size",),
+            key="patch_size",
+            type=int,
+            help="patch size; empty: read from the checkpoint (16 for the download)",
+        ),
+        Flag(
+            names=("--num_register_tokens",),
+            key="num_register_tokens",
+            type=int,
+            help="register tokens; empty: read from the checkpoint (0 for the download)",
+        ),
+        Flag(
+            names=("--checkpoint_key",),
+            key="checkpoint_key",
+            help="which weights of a training checkpoint (teacher or student)",
+        ),
+        Flag(
+            names=("--allow_pickle",),
+            key="allow_pickle",
+            type=bool_flag,
+            help="allow checkpoints holding pickled Python objects (only for files you trust)",
+        ),
         Flag(names=("--device",), key="device", help="auto, cuda, hpu, mps or cpu"),
     ]
 
@@ -473,9 +556,14 @@ def load_backbone_for_visualization(cfg, device: torch.device) -> torch.nn.Modul
     """The eval-mode backbone a visualisation config names (see `backbone_flags`), on `device`."""
     from dino.hub import resolve_backbone
 
-    model = resolve_backbone(cfg.pretrained_weights or None, arch=cfg.arch or None, patch_size=cfg.patch_size,
-                             checkpoint_key=cfg.checkpoint_key, num_register_tokens=cfg.num_register_tokens,
-                             allow_pickle=bool(cfg.allow_pickle))
+    model = resolve_backbone(
+        cfg.pretrained_weights or None,
+        arch=cfg.arch or None,
+        patch_size=cfg.patch_size,
+        checkpoint_key=cfg.checkpoint_key,
+        num_register_tokens=cfg.num_register_tokens,
+        allow_pickle=bool(cfg.allow_pickle),
+    )
     return model.to(device).eval()
 
 

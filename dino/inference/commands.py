@@ -44,19 +44,29 @@ def prepare_fast_model(model, precision: str, compile_model: bool, device_ctx, c
         raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     int8 = precision.startswith("int8")
     if int8 and device_ctx.type != "cpu":
-        raise UserError(f"--precision {precision} (int8 quantisation) runs on the CPU only; use --device cpu or --precision bf16")
+        raise UserError(
+            f"--precision {precision} (int8 quantisation) runs on the CPU only; use --device cpu or --precision bf16"
+        )
     if precision == "int8_static" and calibration is None:
         raise UserError("--precision int8_static needs calibration images")
     dtype = torch.bfloat16 if precision == "bf16" else None
     images = calibration if isinstance(calibration, torch.Tensor) else None
-    fast = optimize_for_inference(model.cpu() if int8 else model, dtype=dtype, int8=int8, compile=compile_model,
-                                  device=device_ctx.device, calibration_images=images if precision == "int8_static" else None,
-                                  copy=copy)
+    fast = optimize_for_inference(
+        model.cpu() if int8 else model,
+        dtype=dtype,
+        int8=int8,
+        compile=compile_model,
+        device=device_ctx.device,
+        calibration_images=images if precision == "int8_static" else None,
+        copy=copy,
+    )
     if precision == "int8_static" and images is None:
         try:
             load_int8_ranges(fast, calibration)
         except ValueError as error:  # grids stored for another model
-            raise UserError(f"the stored int8_static ranges do not fit this model ({error}); use another --output_dir") from None
+            raise UserError(
+                f"the stored int8_static ranges do not fit this model ({error}); use another --output_dir"
+            ) from None
     return fast, fast.input_dtype
 
 
@@ -95,17 +105,25 @@ def run_extract(cfg) -> dict:
 
     # `dino search` embeds new queries with the weights named in meta.json: the fingerprint lets it notice
     # when another file has since taken that path (wrong neighbours otherwise, and no error)
-    extra_meta = dict(model=OmegaConf.to_container(cfg.model), resize_size=resize, crop_size=crop, precision=cfg.precision,
-                      weights_fingerprint=weights_fingerprint(model))
+    extra_meta = dict(
+        model=OmegaConf.to_container(cfg.model),
+        resize_size=resize,
+        crop_size=crop,
+        precision=cfg.precision,
+        weights_fingerprint=weights_fingerprint(model),
+    )
     calibration, cosine = None, None
     if cfg.precision == "int8_static":
         stored = _stored_int8_ranges(cfg.output_dir)  # resuming: keep the grids the finished chunks were made with
-        calibration = stored if stored is not None else _calibration_batch(paths, transform, int(cfg.calibration_images))
+        calibration = (
+            stored if stored is not None else _calibration_batch(paths, transform, int(cfg.calibration_images))
+        )
     # the inference copy is built from the loaded model itself (no second copy of the weights in memory), except
     # where int8_static compares it with the fp32 model below
     keep_source = cfg.precision == "int8_static" and isinstance(calibration, torch.Tensor)
-    fast, input_dtype = prepare_fast_model(model, cfg.precision, bool(cfg.compile), device_ctx, calibration,
-                                           copy=keep_source)
+    fast, input_dtype = prepare_fast_model(
+        model, cfg.precision, bool(cfg.compile), device_ctx, calibration, copy=keep_source
+    )
     if not keep_source:
         del model
     if cfg.precision == "int8_static":
@@ -115,15 +133,23 @@ def run_extract(cfg) -> dict:
         if isinstance(calibration, torch.Tensor):
             sample = calibration[:16]
             cosine = feature_cosine(model.cpu().eval(), fast, sample)
-            logger.info(f"int8_static: calibrated on {len(calibration)} images; [CLS] cosine vs fp32 on {len(sample)} of them: "
-                        f"min {cosine:.4f}")
+            logger.info(
+                f"int8_static: calibrated on {len(calibration)} images; [CLS] cosine vs fp32 on {len(sample)} of them: "
+                f"min {cosine:.4f}"
+            )
     settings = ExtractionSettings(
-        features=cfg.features, normalize=bool(cfg.normalize), batch_size=int(cfg.data.batch_size),
-        num_workers=int(cfg.data.num_workers), chunk_size=int(cfg.chunk_size), output_format=cfg.output_format,
-        progress=bool(cfg.progress), extra_meta=extra_meta,
+        features=cfg.features,
+        normalize=bool(cfg.normalize),
+        batch_size=int(cfg.data.batch_size),
+        num_workers=int(cfg.data.num_workers),
+        chunk_size=int(cfg.chunk_size),
+        output_format=cfg.output_format,
+        progress=bool(cfg.progress),
+        extra_meta=extra_meta,
     )
-    summary = extract_features_to_folder(fast, paths, cfg.output_dir, transform, crop, settings,
-                                         device=device_ctx.device, input_dtype=input_dtype)
+    summary = extract_features_to_folder(
+        fast, paths, cfg.output_dir, transform, crop, settings, device=device_ctx.device, input_dtype=input_dtype
+    )
     if cosine is not None:
         summary["int8_cosine_on_calibration"] = cosine
     return summary
@@ -172,18 +198,34 @@ def _embed_new_queries(paths: list[str], meta: dict, cfg) -> np.ndarray:
     recorded = meta.get("weights_fingerprint")
     if recorded is not None and weights_fingerprint(model) != recorded:
         source = meta["model"].get("pretrained_weights") or "the official release"
-        raise UserError(f"the weights at {source} are not those the features in {cfg.features_dir} were extracted with "
-                        f"(fingerprint {weights_fingerprint(model)} ≠ {recorded}); put the original file back, or "
-                        "extract the features again with these weights")
+        raise UserError(
+            f"the weights at {source} are not those the features in {cfg.features_dir} were extracted with "
+            f"(fingerprint {weights_fingerprint(model)} ≠ {recorded}); put the original file back, or "
+            "extract the features again with these weights"
+        )
     # int8_static: the query goes through the grids the indexed images went through
-    fast, input_dtype = prepare_fast_model(model, meta.get("precision", "fp32"), False, device_ctx, meta.get("int8_ranges"),
-                                           copy=False)
+    fast, input_dtype = prepare_fast_model(
+        model, meta.get("precision", "fp32"), False, device_ctx, meta.get("int8_ranges"), copy=False
+    )
     stored = meta["settings"]
-    settings = ExtractionSettings(features=stored["features"], normalize=stored["normalize"], batch_size=int(cfg.batch_size),
-                                  num_workers=int(cfg.num_workers), progress=False)
+    settings = ExtractionSettings(
+        features=stored["features"],
+        normalize=stored["normalize"],
+        batch_size=int(cfg.batch_size),
+        num_workers=int(cfg.num_workers),
+        progress=False,
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        summary = extract_features_to_folder(fast, paths, tmp, EvalTransform(meta["resize_size"], meta["crop_size"]),
-                                             meta["crop_size"], settings, device=device_ctx.device, input_dtype=input_dtype)
+        summary = extract_features_to_folder(
+            fast,
+            paths,
+            tmp,
+            EvalTransform(meta["resize_size"], meta["crop_size"]),
+            meta["crop_size"],
+            settings,
+            device=device_ctx.device,
+            input_dtype=input_dtype,
+        )
         if summary["num_skipped"]:
             raise UserError(f"cannot read query image(s): {', '.join(summary['skipped'])}")
         features, _, _ = load_extracted(tmp)
@@ -224,17 +266,29 @@ def run_search(cfg) -> dict:
     queries = np.stack([query_features[p] for p in query_paths])
     index = build_index(features, cfg.index, nlist=cfg.nlist, pq_m=int(cfg.pq_m), nprobe=int(cfg.nprobe))
     scores, ids = search(index, queries, int(cfg.k))
-    results = [[(paths[j], float(s)) for s, j in zip(row_scores, row_ids) if j >= 0] for row_scores, row_ids in zip(scores, ids)]
+    results = [
+        [(paths[j], float(s)) for s, j in zip(row_scores, row_ids) if j >= 0]
+        for row_scores, row_ids in zip(scores, ids)
+    ]
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(
-        [{"query": q, "neighbours": [{"path": p, "similarity": s} for p, s in r]} for q, r in zip(query_paths, results)], indent=2))
+    (out / "results.json").write_text(
+        json.dumps(
+            [
+                {"query": q, "neighbours": [{"path": p, "similarity": s} for p, s in r]}
+                for q, r in zip(query_paths, results)
+            ],
+            indent=2,
+        )
+    )
     sheets = []
     if cfg.contact_sheet in ("html", "both"):
         sheets.append(str(write_contact_sheet_html(query_paths, results, out / "contact_sheet.html")))
     if cfg.contact_sheet in ("png", "both"):
         sheets.append(str(write_contact_sheet_png(query_paths, results, out / "contact_sheet.png")))
-    return dict(results=results, queries=query_paths, output_dir=str(out), contact_sheets=sheets, index=type(index).__name__)
+    return dict(
+        results=results, queries=query_paths, output_dir=str(out), contact_sheets=sheets, index=type(index).__name__
+    )
 
 
 def run_duplicates(cfg) -> dict:
@@ -249,12 +303,17 @@ def run_duplicates(cfg) -> dict:
     # with L2-normalised rows (the default) the inner product is a cosine: a threshold outside [-1, 1] either
     # lists nothing (7) or every pair (-2), silently
     if normalized and not -1.0 <= float(threshold) <= 1.0:
-        raise UserError(f"--threshold {threshold} is not a cosine similarity: choose a value in [-1, 1] "
-                        "(e.g. 0.95 for near-duplicates)")
+        raise UserError(
+            f"--threshold {threshold} is not a cosine similarity: choose a value in [-1, 1] "
+            "(e.g. 0.95 for near-duplicates)"
+        )
     pairs = near_duplicates(features, float(threshold))
     csv = write_duplicates_csv(pairs, paths, cfg.output)
-    return dict(num_pairs=len(pairs), output=str(csv),
-                pairs=[(paths[p.first], paths[p.second], round(p.similarity, 6)) for p in pairs[:20]])
+    return dict(
+        num_pairs=len(pairs),
+        output=str(csv),
+        pairs=[(paths[p.first], paths[p.second], round(p.similarity, 6)) for p in pairs[:20]],
+    )
 
 
 def _export_image_size(cfg, fmt: str) -> int | None:
@@ -282,8 +341,9 @@ def run_export(cfg) -> dict:
         if uses_rope(model) and not hasattr(model, "blocks"):
             result["input_sizes"] = "any batch, height and width (the ConvNeXt's own graph)"
         else:
-            result["input_sizes"] = (f"any batch; height and width ≥ {p}, cropped at the bottom and right to multiples "
-                                     f"of the patch size {p}")
+            result["input_sizes"] = (
+                f"any batch; height and width ≥ {p}, cropped at the bottom and right to multiples of the patch size {p}"
+            )
         export_onnx(model, output, image_size=image_size, opset=int(cfg.onnx.opset))
         if cfg.verify:
             result["max_abs_diff"] = _verify_if_installed("onnxruntime", lambda: verify_onnx(model, output, image_size))
@@ -296,7 +356,9 @@ def run_export(cfg) -> dict:
         except ImportError:
             raise UserError("GGUF export needs the gguf package: pip install 'dino[gguf]'") from None
         if cfg.verify:
-            result["tensors_verified"] = verify_gguf(model, output, ftype=cfg.gguf.ftype, qkv_layout=cfg.gguf.qkv_layout)
+            result["tensors_verified"] = verify_gguf(
+                model, output, ftype=cfg.gguf.ftype, qkv_layout=cfg.gguf.qkv_layout
+            )
     elif fmt == "hf":
         from dino.inference.export.hf import export_hf, verify_hf
 
@@ -306,7 +368,9 @@ def run_export(cfg) -> dict:
             if check is None:
                 result["max_abs_diff"] = None
             else:
-                result.update(max_abs_diff=check["max_abs_diff"], max_abs_diff_by_size=check["sizes"], note=check["note"])
+                result.update(
+                    max_abs_diff=check["max_abs_diff"], max_abs_diff_by_size=check["sizes"], note=check["note"]
+                )
                 logger.info(f"hf export: {check['note']}")
     else:
         raise UserError(f"unknown export format {fmt!r}; choose onnx, gguf or hf")
@@ -324,7 +388,9 @@ def _check_export_target(cfg, fmt: str, output: str) -> None:
         if wants_folder and not target.is_dir():
             problems.append(f"--output {target} is a file; the hf format writes a folder")
         elif not wants_folder and target.is_dir():
-            problems.append(f"--output {target} is a folder; the {fmt} format writes one file (e.g. {target / ('model.' + fmt)})")
+            problems.append(
+                f"--output {target} is a folder; the {fmt} format writes one file (e.g. {target / ('model.' + fmt)})"
+            )
         elif not overwrite:
             problems.append(f"--output {target} already exists; choose another path, or pass --overwrite to replace it")
     else:

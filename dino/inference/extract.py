@@ -43,12 +43,12 @@ OUTPUT_FORMATS = ("npy", "safetensors")
 class ExtractionSettings:
     """What each feature row is and how the files are written."""
 
-    features: str = "cls"            # cls | patch_mean | cls_patch_mean (concatenated)
-    normalize: bool = True           # L2-normalise each row (what cosine retrieval wants)
+    features: str = "cls"  # cls | patch_mean | cls_patch_mean (concatenated)
+    normalize: bool = True  # L2-normalise each row (what cosine retrieval wants)
     batch_size: int = 64
     num_workers: int = 4
-    chunk_size: int = 4096           # images per resumable chunk
-    output_format: str = "npy"       # npy | safetensors
+    chunk_size: int = 4096  # images per resumable chunk
+    output_format: str = "npy"  # npy | safetensors
     progress: bool = True
     extra_meta: dict = field(default_factory=dict)
 
@@ -224,11 +224,24 @@ def _chunk_files(chunks_dir: Path, index: int) -> tuple[Path, Path, Path]:
 
 
 @torch.inference_mode()
-def _extract_chunk(model: nn.Module, paths: Sequence[str], transform: Callable, image_size: int, device: torch.device,
-                   input_dtype: torch.dtype, settings: ExtractionSettings, bar: tqdm | None) -> tuple[np.ndarray, list[str], list[str]]:
-    loader = DataLoader(PathDataset(paths, transform, image_size), batch_size=settings.batch_size, shuffle=False,
-                        num_workers=min(settings.num_workers, os.cpu_count() or 1), pin_memory=device.type == "cuda",
-                        prefetch_factor=4 if settings.num_workers > 0 else None)
+def _extract_chunk(
+    model: nn.Module,
+    paths: Sequence[str],
+    transform: Callable,
+    image_size: int,
+    device: torch.device,
+    input_dtype: torch.dtype,
+    settings: ExtractionSettings,
+    bar: tqdm | None,
+) -> tuple[np.ndarray, list[str], list[str]]:
+    loader = DataLoader(
+        PathDataset(paths, transform, image_size),
+        batch_size=settings.batch_size,
+        shuffle=False,
+        num_workers=min(settings.num_workers, os.cpu_count() or 1),
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if settings.num_workers > 0 else None,
+    )
     rows, good, bad = [], [], []
     for images, indices, ok in loader:
         ok = ok.bool()
@@ -236,8 +249,11 @@ def _extract_chunk(model: nn.Module, paths: Sequence[str], transform: Callable, 
         if ok.any():
             images = images[ok].to(device, non_blocking=True).to(input_dtype)
             out = model.forward_features(images)
-            rows.append(pool_features(out["x_norm_clstoken"], out["x_norm_patchtokens"], settings.features,
-                                      settings.normalize).cpu().numpy())
+            rows.append(
+                pool_features(out["x_norm_clstoken"], out["x_norm_patchtokens"], settings.features, settings.normalize)
+                .cpu()
+                .numpy()
+            )
             good.extend(paths[i] for i in indices[ok].tolist())
         if bar is not None:
             bar.update(len(indices))
@@ -245,9 +261,16 @@ def _extract_chunk(model: nn.Module, paths: Sequence[str], transform: Callable, 
     return (np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)), good, bad
 
 
-def extract_features_to_folder(model: nn.Module, paths: Sequence[str], output_dir: str | os.PathLike, transform: Callable,
-                               image_size: int, settings: ExtractionSettings, device: torch.device | str = "cpu",
-                               input_dtype: torch.dtype = torch.float32) -> dict:
+def extract_features_to_folder(
+    model: nn.Module,
+    paths: Sequence[str],
+    output_dir: str | os.PathLike,
+    transform: Callable,
+    image_size: int,
+    settings: ExtractionSettings,
+    device: torch.device | str = "cpu",
+    input_dtype: torch.dtype = torch.float32,
+) -> dict:
     """Extract features of `paths` into `output_dir` (layout in the module docstring); returns a summary dict.
 
     `model` must have `forward_features(images)` (a `VisionTransformer` or an `InferenceViT`) and already sit
@@ -260,28 +283,37 @@ def extract_features_to_folder(model: nn.Module, paths: Sequence[str], output_di
     chunks_dir.mkdir(parents=True, exist_ok=True)
     list_file = output / "inputs.txt"
     if list_file.exists() and read_path_list(list_file) != list(paths):
-        raise UserError(f"{output} holds an extraction of a different image list; use another --output_dir or delete it")
+        raise UserError(
+            f"{output} holds an extraction of a different image list; use another --output_dir or delete it"
+        )
     if not list_file.exists():
         write_path_list(list_file, paths)
     # chunks from a run with other feature settings must not be mixed into this one
-    identity = json.dumps(dict(features=settings.features, normalize=settings.normalize, image_size=image_size,
-                               **settings.extra_meta), sort_keys=True, default=str)
+    identity = json.dumps(
+        dict(features=settings.features, normalize=settings.normalize, image_size=image_size, **settings.extra_meta),
+        sort_keys=True,
+        default=str,
+    )
     identity_file = output / "settings.json"
     if identity_file.exists() and identity_file.read_text(encoding="utf-8") != identity:
-        raise UserError(f"{output} holds features extracted with other settings ({identity_file}); "
-                        "use another --output_dir or delete it")
+        raise UserError(
+            f"{output} holds features extracted with other settings ({identity_file}); "
+            "use another --output_dir or delete it"
+        )
     if not identity_file.exists():
         _atomic_write_text(identity_file, identity)
 
     num_chunks = (len(paths) + settings.chunk_size - 1) // settings.chunk_size
     todo = [i for i in range(num_chunks) if not _chunk_files(chunks_dir, i)[1].exists()]
     resumed = num_chunks - len(todo)
-    todo_images = sum(len(paths[i * settings.chunk_size:(i + 1) * settings.chunk_size]) for i in todo)
+    todo_images = sum(len(paths[i * settings.chunk_size : (i + 1) * settings.chunk_size]) for i in todo)
     bar = tqdm(total=todo_images, unit="img", desc="extract", disable=not settings.progress, dynamic_ncols=True)
     start = time.perf_counter()
     for index in todo:
-        chunk_paths = list(paths[index * settings.chunk_size:(index + 1) * settings.chunk_size])
-        features, good, bad = _extract_chunk(model, chunk_paths, transform, image_size, device, input_dtype, settings, bar)
+        chunk_paths = list(paths[index * settings.chunk_size : (index + 1) * settings.chunk_size])
+        features, good, bad = _extract_chunk(
+            model, chunk_paths, transform, image_size, device, input_dtype, settings, bar
+        )
         npy, txt, skipped = _chunk_files(chunks_dir, index)
         _atomic_save_npy(npy, features.astype(np.float32))
         write_path_list(skipped, bad)
@@ -295,10 +327,20 @@ def extract_features_to_folder(model: nn.Module, paths: Sequence[str], output_di
         summary["skipped"] = list(summary["skipped"]) + unlisted
         summary["num_skipped"] += len(unlisted)
         write_path_list(output / "skipped.txt", summary["skipped"])
-    summary.update(resumed_chunks=resumed, extracted_images=todo_images, seconds=round(seconds, 2),
-                   images_per_second=round(todo_images / seconds, 2) if seconds > 0 and todo_images else None)
-    meta = dict(settings=asdict(settings), image_size=image_size, **settings.extra_meta,
-                num_features=summary["num_features"], dim=summary["dim"], num_skipped=summary["num_skipped"])
+    summary.update(
+        resumed_chunks=resumed,
+        extracted_images=todo_images,
+        seconds=round(seconds, 2),
+        images_per_second=round(todo_images / seconds, 2) if seconds > 0 and todo_images else None,
+    )
+    meta = dict(
+        settings=asdict(settings),
+        image_size=image_size,
+        **settings.extra_meta,
+        num_features=summary["num_features"],
+        dim=summary["dim"],
+        num_skipped=summary["num_skipped"],
+    )
     _atomic_write_text(output / "meta.json", json.dumps(meta, indent=2))
     return summary
 
@@ -318,8 +360,9 @@ def _stream_npy(path: Path, arrays: Sequence[np.ndarray], rows: int, dim: int) -
     from dino.io import atomic_write
 
     with atomic_write(path, needed_bytes=rows * dim * 4 + 128) as handle:
-        np.lib.format.write_array_header_1_0(handle, {"descr": np.dtype(np.float32).str, "fortran_order": False,
-                                                      "shape": (rows, dim)})
+        np.lib.format.write_array_header_1_0(
+            handle, {"descr": np.dtype(np.float32).str, "fortran_order": False, "shape": (rows, dim)}
+        )
         for array in arrays:
             if len(array):
                 handle.write(np.ascontiguousarray(array, dtype=np.float32).tobytes())
@@ -339,8 +382,10 @@ def merge_chunks(output: Path, num_chunks: int, settings: ExtractionSettings) ->
         skipped.extend(read_path_list(bad) if bad.exists() else [])
     dims = {a.shape[1] for a in arrays if len(a)}
     if len(dims) > 1:
-        raise UserError(f"chunks in {chunks_dir} have different feature sizes {sorted(dims)}; they come from different "
-                        "settings — delete the folder and extract again")
+        raise UserError(
+            f"chunks in {chunks_dir} have different feature sizes {sorted(dims)}; they come from different "
+            "settings — delete the folder and extract again"
+        )
     dim = dims.pop() if dims else 0
     rows = sum(len(a) for a in arrays) if dim else 0
     if settings.output_format == "safetensors":
@@ -354,8 +399,7 @@ def merge_chunks(output: Path, num_chunks: int, settings: ExtractionSettings) ->
     del arrays
     write_path_list(output / "paths.txt", paths)
     write_path_list(output / "skipped.txt", skipped)
-    return dict(output_dir=str(output), num_features=int(rows), dim=int(dim), num_skipped=len(skipped),
-                skipped=skipped)
+    return dict(output_dir=str(output), num_features=int(rows), dim=int(dim), num_skipped=len(skipped), skipped=skipped)
 
 
 def load_extracted(folder: str | os.PathLike) -> tuple[np.ndarray, list[str], dict]:
@@ -370,8 +414,10 @@ def load_extracted(folder: str | os.PathLike) -> tuple[np.ndarray, list[str], di
         try:  # never pickle: a features file is numbers, and unpickling runs code
             features = np.load(source, allow_pickle=False)
         except Exception as err:
-            raise UserError(f"cannot read {source}: not a plain numeric .npy array "
-                            f"({(str(err).splitlines() or [type(err).__name__])[0]}); run `dino extract` again") from None
+            raise UserError(
+                f"cannot read {source}: not a plain numeric .npy array "
+                f"({(str(err).splitlines() or [type(err).__name__])[0]}); run `dino extract` again"
+            ) from None
     elif (folder / "features.safetensors").exists():
         from safetensors.numpy import load_file
 
@@ -379,13 +425,16 @@ def load_extracted(folder: str | os.PathLike) -> tuple[np.ndarray, list[str], di
         try:
             features = load_file(str(source))["features"]
         except Exception as err:
-            raise UserError(f"cannot read {source}: {(str(err).splitlines() or [type(err).__name__])[0]}; "
-                            "run `dino extract` again") from None
+            raise UserError(
+                f"cannot read {source}: {(str(err).splitlines() or [type(err).__name__])[0]}; run `dino extract` again"
+            ) from None
     else:
         raise UserError(f"{folder} holds no features.npy or features.safetensors; run `dino extract` first")
     if not isinstance(features, np.ndarray) or features.ndim != 2 or features.dtype.kind not in "fiu":
-        raise UserError(f"{source} is not a 2-D numeric feature matrix (got {getattr(features, 'dtype', type(features))} "
-                        f"of shape {getattr(features, 'shape', '?')}); run `dino extract` again")
+        raise UserError(
+            f"{source} is not a 2-D numeric feature matrix (got {getattr(features, 'dtype', type(features))} "
+            f"of shape {getattr(features, 'shape', '?')}); run `dino extract` again"
+        )
     paths_file = folder / "paths.txt"
     if not paths_file.is_file():
         raise UserError(f"{folder} has no paths.txt next to its features; run `dino extract` again")

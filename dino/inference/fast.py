@@ -85,8 +85,9 @@ _HAS_ONEDNN_INT8 = onednn.INT8_OK
 
 def _uint8_view(qx: Tensor) -> Tensor:
     """The raw uint8 codes of a quint8 tensor without a copy (`int_repr()` would copy them)."""
-    return torch.empty(0, dtype=torch.uint8, device=qx.device).set_(qx.untyped_storage(), qx.storage_offset(),
-                                                                   qx.shape, qx.stride())
+    return torch.empty(0, dtype=torch.uint8, device=qx.device).set_(
+        qx.untyped_storage(), qx.storage_offset(), qx.shape, qx.stride()
+    )
 
 
 def _affine_uint8(lo: float, hi: float) -> tuple[float, int]:
@@ -147,17 +148,35 @@ class _Int8Linear:
             scale, zero_point = _affine_uint8(lo, hi)
         return _uint8_view(torch.quantize_per_tensor(x, scale, zero_point, torch.quint8)), scale, zero_point
 
-    def __call__(self, x: Tensor, gelu: bool = False, residual: Tensor | None = None,
-                 output_quantization: tuple[float, int] | None = None) -> Tensor:
+    def __call__(
+        self,
+        x: Tensor,
+        gelu: bool = False,
+        residual: Tensor | None = None,
+        output_quantization: tuple[float, int] | None = None,
+    ) -> Tensor:
         """fp32 output, or uint8 codes on `output_quantization`'s grid (for the next layer's static input)."""
         qx, scale, zero_point = self.quantize_input(x)
         if residual is not None:
-            return onednn.qlinear_add(qx, scale, zero_point, self.weight, self.scale, self.zero_point, residual, self.bias)
+            return onednn.qlinear_add(
+                qx, scale, zero_point, self.weight, self.scale, self.zero_point, residual, self.bias
+            )
         out_scale, out_zero_point, out_dtype = 1.0, 0, torch.float32
         if output_quantization is not None:
             (out_scale, out_zero_point), out_dtype = output_quantization, torch.uint8
-        return onednn.qlinear(qx, scale, zero_point, self.weight, self.scale, self.zero_point, self.bias, out_scale,
-                              out_zero_point, out_dtype, gelu=gelu)
+        return onednn.qlinear(
+            qx,
+            scale,
+            zero_point,
+            self.weight,
+            self.scale,
+            self.zero_point,
+            self.bias,
+            out_scale,
+            out_zero_point,
+            out_dtype,
+            gelu=gelu,
+        )
 
 
 def _use_mkldnn(x: Tensor, *linears: nn.Module) -> bool:
@@ -169,8 +188,10 @@ def _use_mkldnn(x: Tensor, *linears: nn.Module) -> bool:
     compiler = getattr(torch, "compiler", None)
     if compiler is not None and compiler.is_compiling():
         return False
-    return all(type(linear) is nn.Linear and linear.weight.dtype == torch.float32 and not linear.weight.requires_grad
-               for linear in linears)
+    return all(
+        type(linear) is nn.Linear and linear.weight.dtype == torch.float32 and not linear.weight.requires_grad
+        for linear in linears
+    )
 
 
 def _plain_qkv(qkv: nn.Linear) -> nn.Linear:
@@ -223,8 +244,10 @@ class InferenceBlock(nn.Module):
 
     def quantize_int8_onednn(self) -> None:
         """Run the four Linear layers as int8 oneDNN GEMMs (`_Int8Linear`) from now on (CPU, Mlp blocks)."""
-        self._int8 = {name: _Int8Linear(linear) for name, linear in
-                      (("qkv", self.qkv), ("proj", self.proj), ("fc1", self.mlp.fc1), ("fc2", self.mlp.fc2))}
+        self._int8 = {
+            name: _Int8Linear(linear)
+            for name, linear in (("qkv", self.qkv), ("proj", self.proj), ("fc1", self.mlp.fc1), ("fc2", self.mlp.fc2))
+        }
 
     def _forward_int8(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         B, N, C = x.shape
@@ -269,8 +292,9 @@ class InferenceBlock(nn.Module):
             return self._forward_int8(x, rope)
         if isinstance(self.mlp, Mlp) and _use_mkldnn(x, self.qkv, self.proj, self.mlp.fc1, self.mlp.fc2):
             return self._forward_mkldnn(x, rope)
-        if isinstance(self.mlp, SwiGLUFFNSplit) and _use_mkldnn(x, self.qkv, self.proj, self.mlp.w1, self.mlp.w2,
-                                                                self.mlp.w3):
+        if isinstance(self.mlp, SwiGLUFFNSplit) and _use_mkldnn(
+            x, self.qkv, self.proj, self.mlp.w1, self.mlp.w2, self.mlp.w3
+        ):
             return self._forward_mkldnn(x, rope)
         x = x + self.attention(self.norm1(x), rope)  # not in place: x may be a view the caller still needs
         x += self.mlp(self.norm2(x))
@@ -366,9 +390,11 @@ class InferenceViT(nn.Module):
         p = self.patch_size
         h, w = H // p, W // p
         if H % p or W % p:  # v3 floors the size (what the strided conv reads); v1/v2 refuse it in prepare_tokens
-            x = x[:, :, :h * p, :w * p]
+            x = x[:, :, : h * p, : w * p]
         patches = x.reshape(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * p * p)
-        return torch.addmm(self.patch_bias.to(x.dtype), patches.reshape(B * h * w, -1), self.patch_weight.to(x.dtype)).view(B, h * w, -1)
+        return torch.addmm(
+            self.patch_bias.to(x.dtype), patches.reshape(B * h * w, -1), self.patch_weight.to(x.dtype)
+        ).view(B, h * w, -1)
 
     def prepare_tokens(self, x: Tensor) -> Tensor:
         B, _, H, W = x.shape
@@ -453,8 +479,11 @@ def _copy_module(model: nn.Module) -> nn.Module:
 
 def supports_fast_path(model: nn.Module) -> bool:
     """Whether `InferenceViT` rebuilds this backbone (the ViTs of every generation); else `EagerInference`."""
-    return hasattr(model, "blocks") and hasattr(model, "patch_embed") and (
-        hasattr(model, "interpolate_pos_encoding") or hasattr(model, "rope_embed"))
+    return (
+        hasattr(model, "blocks")
+        and hasattr(model, "patch_embed")
+        and (hasattr(model, "interpolate_pos_encoding") or hasattr(model, "rope_embed"))
+    )
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
@@ -467,11 +496,16 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=False)
 
 
-def optimize_for_inference(model: VisionTransformer, dtype: torch.dtype | None = None, int8: bool = False,
-                           compile: bool = False, matmul_patch_embed: bool = True,
-                           device: torch.device | str | None = None,
-                           calibration_images: Tensor | Iterable[Tensor] | None = None,
-                           copy: bool = True) -> InferenceViT | EagerInference:
+def optimize_for_inference(
+    model: VisionTransformer,
+    dtype: torch.dtype | None = None,
+    int8: bool = False,
+    compile: bool = False,
+    matmul_patch_embed: bool = True,
+    device: torch.device | str | None = None,
+    calibration_images: Tensor | Iterable[Tensor] | None = None,
+    copy: bool = True,
+) -> InferenceViT | EagerInference:
     """A frozen, faster copy of `model` with the same `forward_features` and `forward`.
 
     dtype: cast the weights (torch.bfloat16 or torch.float16); inputs must then be given in that dtype
@@ -537,7 +571,7 @@ def calibrate_int8(model: InferenceViT, batches: Tensor | Iterable[Tensor]) -> N
     for layer in layers:
         layer.input_quantization, layer.observed_range, layer.observing = None, None, True
     seen = 0
-    for batch in ([batches] if isinstance(batches, Tensor) else batches):
+    for batch in [batches] if isinstance(batches, Tensor) else batches:
         model.forward_blocks(batch.float())
         seen += len(batch)
     if not seen:

@@ -27,22 +27,37 @@ logger = get_logger(__name__)
 TESTED_TORCH = "2.14.1"
 
 EXPECTED_SCHEMAS = {
-    ("mkldnn", "_linear_pointwise", "default"):
-        "mkldnn::_linear_pointwise(Tensor X, Tensor W, Tensor? B, str attr, Scalar?[] scalars, str? algorithm) -> Tensor Y",
-    ("mkldnn", "_linear_pointwise", "binary"):
-        "mkldnn::_linear_pointwise.binary(Tensor X, Tensor other, Tensor W, Tensor? B, str attr) -> Tensor Y",
-    ("mkldnn", "_reorder_linear_weight", "default"):
-        "mkldnn::_reorder_linear_weight(Tensor self, int? batch_size=None) -> Tensor Y",
+    (
+        "mkldnn",
+        "_linear_pointwise",
+        "default",
+    ): "mkldnn::_linear_pointwise(Tensor X, Tensor W, Tensor? B, str attr, Scalar?[] scalars, str? algorithm) -> Tensor Y",
+    (
+        "mkldnn",
+        "_linear_pointwise",
+        "binary",
+    ): "mkldnn::_linear_pointwise.binary(Tensor X, Tensor other, Tensor W, Tensor? B, str attr) -> Tensor Y",
+    (
+        "mkldnn",
+        "_reorder_linear_weight",
+        "default",
+    ): "mkldnn::_reorder_linear_weight(Tensor self, int? batch_size=None) -> Tensor Y",
     ("onednn", "qlinear_prepack", "default"): "onednn::qlinear_prepack(Tensor weight, int[]? x_shape) -> Tensor",
-    ("onednn", "qlinear_pointwise", "default"):
-        "onednn::qlinear_pointwise(Tensor qx, float x_scale, int x_zero_point, Tensor qw, Tensor w_scale, "
-        "Tensor w_zero_point, Tensor? bias, float output_scale, int output_zero_point, ScalarType? output_dtype, "
-        "str post_op_name, Scalar?[] post_op_args, str post_op_algorithm) -> Tensor",
-    ("onednn", "qlinear_pointwise", "binary"):
-        "onednn::qlinear_pointwise.binary(Tensor qx, float x_scale, int x_zero_point, Tensor qw, Tensor w_scale, "
-        "Tensor w_zero_point, Tensor? other, Tensor? bias, float output_scale, int output_zero_point, "
-        "ScalarType? output_dtype, float other_scale, int other_zp, str binary_post_op, float binary_alpha, "
-        "str unary_post_op, Scalar?[] unary_post_op_args, str unary_post_op_algorithm) -> Tensor",
+    (
+        "onednn",
+        "qlinear_pointwise",
+        "default",
+    ): "onednn::qlinear_pointwise(Tensor qx, float x_scale, int x_zero_point, Tensor qw, Tensor w_scale, "
+    "Tensor w_zero_point, Tensor? bias, float output_scale, int output_zero_point, ScalarType? output_dtype, "
+    "str post_op_name, Scalar?[] post_op_args, str post_op_algorithm) -> Tensor",
+    (
+        "onednn",
+        "qlinear_pointwise",
+        "binary",
+    ): "onednn::qlinear_pointwise.binary(Tensor qx, float x_scale, int x_zero_point, Tensor qw, Tensor w_scale, "
+    "Tensor w_zero_point, Tensor? other, Tensor? bias, float output_scale, int output_zero_point, "
+    "ScalarType? output_dtype, float other_scale, int other_zp, str binary_post_op, float binary_alpha, "
+    "str unary_post_op, Scalar?[] unary_post_op_args, str unary_post_op_algorithm) -> Tensor",
 }
 
 _FLOAT_OPS = [key for key in EXPECTED_SCHEMAS if key[0] == "mkldnn"]
@@ -90,21 +105,68 @@ def qlinear_prepack(qweight: Tensor) -> Tensor:
     return torch.ops.onednn.qlinear_prepack(qweight, None)
 
 
-def qlinear(qx: Tensor, x_scale: float, x_zero_point: int, packed: Tensor, w_scale: Tensor, w_zero_point: Tensor,
-            bias: Tensor | None, output_scale: float = 1.0, output_zero_point: int = 0,
-            output_dtype: torch.dtype = torch.float32, gelu: bool = False) -> Tensor:
+def qlinear(
+    qx: Tensor,
+    x_scale: float,
+    x_zero_point: int,
+    packed: Tensor,
+    w_scale: Tensor,
+    w_zero_point: Tensor,
+    bias: Tensor | None,
+    output_scale: float = 1.0,
+    output_zero_point: int = 0,
+    output_dtype: torch.dtype = torch.float32,
+    gelu: bool = False,
+) -> Tensor:
     """int8 GEMM of uint8 activations (per tensor) and packed int8 weights (per channel), optional exact GELU."""
-    return torch.ops.onednn.qlinear_pointwise(qx, x_scale, x_zero_point, packed, w_scale, w_zero_point, bias,
-                                              output_scale, output_zero_point, output_dtype,
-                                              "gelu" if gelu else "none", [], "none" if gelu else "")
+    return torch.ops.onednn.qlinear_pointwise(
+        qx,
+        x_scale,
+        x_zero_point,
+        packed,
+        w_scale,
+        w_zero_point,
+        bias,
+        output_scale,
+        output_zero_point,
+        output_dtype,
+        "gelu" if gelu else "none",
+        [],
+        "none" if gelu else "",
+    )
 
 
-def qlinear_add(qx: Tensor, x_scale: float, x_zero_point: int, packed: Tensor, w_scale: Tensor, w_zero_point: Tensor,
-                residual: Tensor, bias: Tensor | None) -> Tensor:
+def qlinear_add(
+    qx: Tensor,
+    x_scale: float,
+    x_zero_point: int,
+    packed: Tensor,
+    w_scale: Tensor,
+    w_zero_point: Tensor,
+    residual: Tensor,
+    bias: Tensor | None,
+) -> Tensor:
     """residual + int8 GEMM, fp32 output."""
     return torch.ops.onednn.qlinear_pointwise.binary(
-        qx, x_scale, x_zero_point, packed, w_scale, w_zero_point, residual, bias, 1.0, 0, torch.float32, 1.0, 0,
-        "add", 1.0, "none", [], "")
+        qx,
+        x_scale,
+        x_zero_point,
+        packed,
+        w_scale,
+        w_zero_point,
+        residual,
+        bias,
+        1.0,
+        0,
+        torch.float32,
+        1.0,
+        0,
+        "add",
+        1.0,
+        "none",
+        [],
+        "",
+    )
 
 
 # --- the checks ---------------------------------------------------------------------------------------------------
@@ -144,8 +206,11 @@ def _int8_path_works() -> bool:
         _reasons.append(f"oneDNN int8 linear failed: {type(error).__name__}: {error}")
         return False
     expected = F.linear((qx.float() - 128) * 0.02, qw.float() * 0.01, bias)
-    ok = (torch.allclose(got, expected, atol=1e-4) and torch.allclose(got_gelu, F.gelu(expected), atol=1e-4)
-          and torch.allclose(got_add, residual + expected, atol=1e-4))
+    ok = (
+        torch.allclose(got, expected, atol=1e-4)
+        and torch.allclose(got_gelu, F.gelu(expected), atol=1e-4)
+        and torch.allclose(got_add, residual + expected, atol=1e-4)
+    )
     if not ok:
         _reasons.append("oneDNN int8 linear computes something else than the dequantised F.linear")
     return ok
@@ -159,5 +224,6 @@ def reason() -> str:
 LINEAR_OK = _float_path_works()
 INT8_OK = _int8_path_works()
 if _reasons:
-    logger.debug(f"fast inference falls back to the public ops (torch {torch.__version__}, tested on {TESTED_TORCH}): "
-                 f"{reason()}")
+    logger.debug(
+        f"fast inference falls back to the public ops (torch {torch.__version__}, tested on {TESTED_TORCH}): {reason()}"
+    )

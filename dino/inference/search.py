@@ -63,7 +63,9 @@ def build_index(features: np.ndarray, kind: str = "auto", nlist: int | None = No
         raise UserError(f"IVF-PQ needs the feature size {dim} to be divisible by pq_m={pq_m}")
     nlist = nlist or max(1, int(4 * np.sqrt(n)))
     if n < 39 * nlist:
-        raise UserError(f"IVF-PQ with {nlist} lists needs at least {39 * nlist} vectors to train, got {n}; use --index exact")
+        raise UserError(
+            f"IVF-PQ with {nlist} lists needs at least {39 * nlist} vectors to train, got {n}; use --index exact"
+        )
     quantizer = faiss.IndexFlatIP(dim)
     index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_m, 8, faiss.METRIC_INNER_PRODUCT)
     index.train(features)
@@ -93,7 +95,7 @@ def near_duplicates(features: np.ndarray, threshold: float = 0.95, chunk_rows: i
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
     pairs: list[DuplicatePair] = []
     for start in range(0, len(x), chunk_rows):
-        block = x[start:start + chunk_rows] @ x.T
+        block = x[start : start + chunk_rows] @ x.T
         rows, cols = torch.nonzero(block >= threshold, as_tuple=True)
         rows = rows + start
         upper = cols > rows
@@ -118,16 +120,22 @@ def write_duplicates_csv(pairs: Sequence[DuplicatePair], paths: Sequence[str], o
     return out_path
 
 
-def write_contact_sheet_html(query_paths: Sequence[str], results: Sequence[Sequence[tuple[str, float]]],
-                             out_path: str | os.PathLike, thumb_px: int = 160) -> Path:
+def write_contact_sheet_html(
+    query_paths: Sequence[str],
+    results: Sequence[Sequence[tuple[str, float]]],
+    out_path: str | os.PathLike,
+    thumb_px: int = 160,
+) -> Path:
     """An HTML page: one row per query, the query image then its neighbours with their similarity."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     def cell(path: str, caption: str) -> str:
         uri = Path(path).resolve().as_uri()
-        return (f'<td><img src="{html.escape(uri)}" style="max-width:{thumb_px}px;max-height:{thumb_px}px"><br>'
-                f'<small>{html.escape(caption)}</small></td>')
+        return (
+            f'<td><img src="{html.escape(uri)}" style="max-width:{thumb_px}px;max-height:{thumb_px}px"><br>'
+            f"<small>{html.escape(caption)}</small></td>"
+        )
 
     rows = []
     for query, neighbours in zip(query_paths, results):
@@ -138,8 +146,12 @@ def write_contact_sheet_html(query_paths: Sequence[str], results: Sequence[Seque
     return out_path
 
 
-def write_contact_sheet_png(query_paths: Sequence[str], results: Sequence[Sequence[tuple[str, float]]],
-                            out_path: str | os.PathLike, thumb_px: int = 128) -> Path:
+def write_contact_sheet_png(
+    query_paths: Sequence[str],
+    results: Sequence[Sequence[tuple[str, float]]],
+    out_path: str | os.PathLike,
+    thumb_px: int = 128,
+) -> Path:
     """The same grid as one PNG (queries in the first column, similarities written under each thumbnail)."""
     from PIL import Image, ImageDraw
 

@@ -27,29 +27,69 @@ CLI = ConfigCLI(
     default_config="depth",
     flags=[
         Flag(("--dataset",), "dataset", "dataset, in its layout under --data_path", choices=("nyu", "kitti")),
-        Flag(("--data_path",), "data_path", "dataset root (NYU: nyu_depth_v2_labeled.mat + splits.mat or "
-             "nyu_train.txt/nyu_test.txt; KITTI: kitti_eigen_{train,test}.txt, input/, gt_depth/)", metavar="PATH"),
-    ] + backbone_flags() + [
+        Flag(
+            ("--data_path",),
+            "data_path",
+            "dataset root (NYU: nyu_depth_v2_labeled.mat + splits.mat or "
+            "nyu_train.txt/nyu_test.txt; KITTI: kitti_eigen_{train,test}.txt, input/, gt_depth/)",
+            metavar="PATH",
+        ),
+    ]
+    + backbone_flags()
+    + [
         Flag(("--layers",), "head.layers", "blocks the head reads (lin. 1: 1, lin. 4: 4)", type=int, metavar="N"),
-        Flag(("--loss",), "head.loss", "256-bin classification (the paper) or regression",
-             choices=("classification", "regression")),
+        Flag(
+            ("--loss",),
+            "head.loss",
+            "256-bin classification (the paper) or regression",
+            choices=("classification", "regression"),
+        ),
         Flag(("--n_bins",), "head.n_bins", "depth bins of the classification head", type=int, metavar="N"),
         Flag(("--iterations",), "train.iterations", "training iterations of the head", type=int, metavar="N"),
-        Flag(("--batch_size_per_device", "--batch_size_per_gpu"), "train.batch_size_per_device",
-             "training crops per batch per device", type=int, metavar="N"),
+        Flag(
+            ("--batch_size_per_device", "--batch_size_per_gpu"),
+            "train.batch_size_per_device",
+            "training crops per batch per device",
+            type=int,
+            metavar="N",
+        ),
         Flag(("--lr",), "train.lr", "AdamW peak learning rate", type=float, metavar="LR"),
         Flag(("--num_workers",), "train.num_workers", "data loading processes per device", type=int, metavar="N"),
-        Flag(("--crop_size",), "crop_size", "training crop (height width); default: the dataset's", type=int, nargs=2,
-             metavar="PX"),
+        Flag(
+            ("--crop_size",),
+            "crop_size",
+            "training crop (height width); default: the dataset's",
+            type=int,
+            nargs=2,
+            metavar="PX",
+        ),
         Flag(("--min_depth",), "min_depth", "depth cap below (m); default: the dataset's", type=float, metavar="M"),
-        Flag(("--max_depth",), "max_depth", "depth cap above (m); default: the dataset's (NYU 10, KITTI 80)", type=float,
-             metavar="M"),
-        Flag(("--eval_crop",), "eval_crop", "evaluation region; default: the dataset's (NYU: nyu, KITTI: garg)",
-             choices=("none", "nyu", "eigen", "garg")),
-        Flag(("--num_pictures",), "num_pictures", "validation images drawn beside their ground truth", type=int,
-             metavar="N"),
-    ] + device_flags(use_cuda_alias=False) + [
-        Flag(("--output_dir",), "output_dir", "head checkpoint, tensorboard curves, results and picture", metavar="DIR"),
+        Flag(
+            ("--max_depth",),
+            "max_depth",
+            "depth cap above (m); default: the dataset's (NYU 10, KITTI 80)",
+            type=float,
+            metavar="M",
+        ),
+        Flag(
+            ("--eval_crop",),
+            "eval_crop",
+            "evaluation region; default: the dataset's (NYU: nyu, KITTI: garg)",
+            choices=("none", "nyu", "eigen", "garg"),
+        ),
+        Flag(
+            ("--num_pictures",),
+            "num_pictures",
+            "validation images drawn beside their ground truth",
+            type=int,
+            metavar="N",
+        ),
+    ]
+    + device_flags(use_cuda_alias=False)
+    + [
+        Flag(
+            ("--output_dir",), "output_dir", "head checkpoint, tensorboard curves, results and picture", metavar="DIR"
+        ),
     ],
     epilog=__doc__.split("\n\n")[1] + "\n\n" + __doc__.split("\n\n")[2],
 )

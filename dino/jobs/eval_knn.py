@@ -18,10 +18,21 @@ CLI = ConfigCLI(
     description="Weighted k-NN classification of frozen [CLS] features (DINO v1 / DINOv2 protocol).",
     group="eval",
     default_config="knn",
-    flags=backbone_flags() + image_flags() + [
+    flags=backbone_flags()
+    + image_flags()
+    + [
         Flag(("--nb_knn",), "knn.nb_knn", "numbers of neighbours", type=int, nargs="+", metavar="K"),
-        Flag(("--temperature",), "knn.temperature", "temperature T of the exp(cos/T) vote weights", type=float, metavar="T"),
-    ] + device_flags() + feature_cache_flags() + [
+        Flag(
+            ("--temperature",),
+            "knn.temperature",
+            "temperature T of the exp(cos/T) vote weights",
+            type=float,
+            metavar="T",
+        ),
+    ]
+    + device_flags()
+    + feature_cache_flags()
+    + [
         Flag(("--output_dir",), "output_dir", "where knn_results.json is written", metavar="DIR"),
     ],
     epilog=__doc__.split("\n\n")[1],
@@ -33,4 +44,3 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from dino.eval.knn import run_knn
 
     return run_knn(cfg)
-

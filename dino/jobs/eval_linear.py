@@ -21,18 +21,44 @@ CLI = ConfigCLI(
     group="eval",
     default_config="linear",
     flags=[
-        Flag(("--protocol",), "protocol", "linear: SGD grid of probes on augmented images; logreg: L-BFGS on features",
-             choices=("linear", "logreg")),
-    ] + backbone_flags() + image_flags() + [
+        Flag(
+            ("--protocol",),
+            "protocol",
+            "linear: SGD grid of probes on augmented images; logreg: L-BFGS on features",
+            choices=("linear", "logreg"),
+        ),
+    ]
+    + backbone_flags()
+    + image_flags()
+    + [
         Flag(("--epochs",), "linear.epochs", "training epochs of the linear probes", type=int, metavar="N"),
-        Flag(("--lr",), "linear.learning_rates", "base learning rate(s) at batch 256; given: only these", type=float,
-             nargs="+", metavar="LR"),
-        Flag(("--n_last_blocks",), "linear.n_last_blocks", "[CLS] of the last n blocks; given: only these", type=int,
-             nargs="+", metavar="N"),
-        Flag(("--avgpool_patchtokens",), "linear.avgpool_patchtokens", "also use the mean patch token; given: only this",
-             type=bool_flag),
+        Flag(
+            ("--lr",),
+            "linear.learning_rates",
+            "base learning rate(s) at batch 256; given: only these",
+            type=float,
+            nargs="+",
+            metavar="LR",
+        ),
+        Flag(
+            ("--n_last_blocks",),
+            "linear.n_last_blocks",
+            "[CLS] of the last n blocks; given: only these",
+            type=int,
+            nargs="+",
+            metavar="N",
+        ),
+        Flag(
+            ("--avgpool_patchtokens",),
+            "linear.avgpool_patchtokens",
+            "also use the mean patch token; given: only this",
+            type=bool_flag,
+        ),
         Flag(("--val_freq",), "linear.val_every_epochs", "evaluate every N epochs", type=int, metavar="N"),
-    ] + device_flags() + feature_cache_flags() + [
+    ]
+    + device_flags()
+    + feature_cache_flags()
+    + [
         Flag(("--output_dir",), "output_dir", "checkpoints, tensorboard curves and results", metavar="DIR"),
     ],
     epilog=__doc__.split("\n\n")[1],
@@ -48,4 +74,3 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from dino.eval.linear import run_linear
 
     return run_linear(cfg)
-

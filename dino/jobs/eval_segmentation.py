@@ -25,28 +25,58 @@ CLI = ConfigCLI(
     group="eval",
     default_config="segmentation",
     flags=[
-        Flag(("--dataset",), "dataset", "dataset, in its official layout under --data_path",
-             choices=("ade20k", "voc2012", "cityscapes", "demo")),
-        Flag(("--data_path",), "data_path", "dataset root (ADEChallengeData2016, VOC2012 or the Cityscapes root; "
-             "demo: empty generates the demo images with their known masks)",
-             metavar="PATH"),
-    ] + backbone_flags() + [
-        Flag(("--layers",), "head.layers", "blocks whose patch tokens the head reads (lin.: 1, +ms: 4)", type=int,
-             metavar="N"),
+        Flag(
+            ("--dataset",),
+            "dataset",
+            "dataset, in its official layout under --data_path",
+            choices=("ade20k", "voc2012", "cityscapes", "demo"),
+        ),
+        Flag(
+            ("--data_path",),
+            "data_path",
+            "dataset root (ADEChallengeData2016, VOC2012 or the Cityscapes root; "
+            "demo: empty generates the demo images with their known masks)",
+            metavar="PATH",
+        ),
+    ]
+    + backbone_flags()
+    + [
+        Flag(
+            ("--layers",),
+            "head.layers",
+            "blocks whose patch tokens the head reads (lin.: 1, +ms: 4)",
+            type=int,
+            metavar="N",
+        ),
         Flag(("--iterations",), "train.iterations", "training iterations of the head", type=int, metavar="N"),
-        Flag(("--batch_size_per_device", "--batch_size_per_gpu"), "train.batch_size_per_device",
-             "training crops per batch per device", type=int, metavar="N"),
+        Flag(
+            ("--batch_size_per_device", "--batch_size_per_gpu"),
+            "train.batch_size_per_device",
+            "training crops per batch per device",
+            type=int,
+            metavar="N",
+        ),
         Flag(("--lr",), "train.lr", "AdamW peak learning rate", type=float, metavar="LR"),
         Flag(("--num_workers",), "train.num_workers", "data loading processes per device", type=int, metavar="N"),
-        Flag(("--crop_size",), "augmentation.crop_size", "training crop (height width)", type=int, nargs=2,
-             metavar="PX"),
+        Flag(
+            ("--crop_size",), "augmentation.crop_size", "training crop (height width)", type=int, nargs=2, metavar="PX"
+        ),
         Flag(("--test_mode",), "test.mode", "sliding windows or the whole resized image", choices=("slide", "whole")),
         Flag(("--test_crop_size",), "test.crop_size", "sliding window (height width)", type=int, nargs=2, metavar="PX"),
         Flag(("--test_stride",), "test.stride", "sliding window step (height width)", type=int, nargs=2, metavar="PX"),
-        Flag(("--num_pictures",), "num_pictures", "validation images drawn beside their ground truth", type=int,
-             metavar="N"),
-    ] + device_flags(use_cuda_alias=False) + [
-        Flag(("--output_dir",), "output_dir", "head checkpoint, tensorboard curves, results and picture", metavar="DIR"),
+        Flag(
+            ("--num_pictures",),
+            "num_pictures",
+            "validation images drawn beside their ground truth",
+            type=int,
+            metavar="N",
+        ),
+    ]
+    + device_flags(use_cuda_alias=False)
+    + [
+        Flag(
+            ("--output_dir",), "output_dir", "head checkpoint, tensorboard curves, results and picture", metavar="DIR"
+        ),
     ],
     epilog=__doc__.split("\n\n")[1] + "\n\n" + __doc__.split("\n\n")[2],
 )

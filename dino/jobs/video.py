@@ -30,19 +30,32 @@ CLI = ConfigCLI(
     default_config="video_generation",
     flags=[
         Flag(names=("--input_path",), key="input_path", help="video file (needs PyAV) or folder of image frames"),
-        Flag(names=("--output_path",), key="output_path",
-             help="video file (.mp4, .mkv, .mov, .avi, .webm) or folder for PNG frames; empty: under output/"),
+        Flag(
+            names=("--output_path",),
+            key="output_path",
+            help="video file (.mp4, .mkv, .mov, .avi, .webm) or folder for PNG frames; empty: under output/",
+        ),
         *backbone_flags(),
         Flag(names=("--fps",), key="fps", type=float, help="output frame rate; empty: the input's (30 for frames)"),
-        Flag(names=("--resize",), key="resize", type=int, nargs="+", metavar="SIZE",
-             help="one int: shorter side; two: height width; empty: keep (all rounded to patch multiples)"),
-        Flag(names=("--threshold",), key="threshold", type=float,
-             help="show the share of heads keeping this fraction of attention mass instead of the mean attention"),
+        Flag(
+            names=("--resize",),
+            key="resize",
+            type=int,
+            nargs="+",
+            metavar="SIZE",
+            help="one int: shorter side; two: height width; empty: keep (all rounded to patch multiples)",
+        ),
+        Flag(
+            names=("--threshold",),
+            key="threshold",
+            type=float,
+            help="show the share of heads keeping this fraction of attention mass instead of the mean attention",
+        ),
         Flag(names=("--batch_size",), key="batch_size", type=int, help="frames per forward pass"),
     ],
     epilog="examples:\n"
-           "  dino video --input_path clip.mp4 --output_path clip-attention.mp4 --resize 480\n"
-           "  dino video --input_path frames/ --output_path overlays/ --pretrained_weights ckpt.pth",
+    "  dino video --input_path clip.mp4 --output_path clip-attention.mp4 --resize 480\n"
+    "  dino video --input_path frames/ --output_path overlays/ --pretrained_weights ckpt.pth",
 )
 
 
@@ -63,8 +76,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         import_av()  # fail before loading the model when PyAV is missing
     device = DeviceContext.create(cfg.device).device
     model = load_backbone_for_visualization(cfg, device)
-    count = render_attention_video(model, source, output_path, device, fps=cfg.fps, resize=resize,
-                                   keep_fraction=keep_fraction, batch_size=int(cfg.batch_size))
+    count = render_attention_video(
+        model,
+        source,
+        output_path,
+        device,
+        fps=cfg.fps,
+        resize=resize,
+        keep_fraction=keep_fraction,
+        batch_size=int(cfg.batch_size),
+    )
     logger.info(f"wrote {count} frames to {output_path}")
     return count
-

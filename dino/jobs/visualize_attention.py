@@ -41,17 +41,31 @@ CLI = ConfigCLI(
     group="eval",
     default_config="visualize_attention",
     flags=[
-        Flag(names=("--image_path",), key="image_path", help="image to look at (any format Pillow reads); empty: a generated demo picture"),
+        Flag(
+            names=("--image_path",),
+            key="image_path",
+            help="image to look at (any format Pillow reads); empty: a generated demo picture",
+        ),
         *backbone_flags(),
-        Flag(names=("--image_size",), key="image_size", type=int, nargs="+", metavar="SIZE",
-             help="one int: shorter side; two: height width (rounded to multiples of the patch size)"),
-        Flag(names=("--threshold",), key="threshold", type=float,
-             help="also save masks keeping this fraction of each head's attention mass (DINO uses 0.6)"),
+        Flag(
+            names=("--image_size",),
+            key="image_size",
+            type=int,
+            nargs="+",
+            metavar="SIZE",
+            help="one int: shorter side; two: height width (rounded to multiples of the patch size)",
+        ),
+        Flag(
+            names=("--threshold",),
+            key="threshold",
+            type=float,
+            help="also save masks keeping this fraction of each head's attention mass (DINO uses 0.6)",
+        ),
         Flag(names=("--output_dir",), key="output_dir", help="folder for the PNG files"),
     ],
     epilog="examples:\n"
-           "  dino visualize-attention --image_path cat.jpg --pretrained_weights output/teacher_backbone.safetensors\n"
-           "  dino visualize-attention --pretrained_weights dinov2_vits14_reg --image_size 448 --threshold 0.6",
+    "  dino visualize-attention --image_path cat.jpg --pretrained_weights output/teacher_backbone.safetensors\n"
+    "  dino visualize-attention --pretrained_weights dinov2_vits14_reg --image_size 448 --threshold 0.6",
 )
 
 
@@ -74,8 +88,10 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     pixels = image_to_tensor(image).unsqueeze(0).to(device)
     maps = cls_attention_maps(model, pixels)[0].cpu()  # (heads, h, w)
     norms = patch_token_norms(model, pixels)[0].cpu()
-    logger.info(f"image {image.width}x{image.height} px, {maps.shape[1]}x{maps.shape[2]} patches, {maps.shape[0]} heads, "
-          f"{model.num_register_tokens} register tokens (excluded)")
+    logger.info(
+        f"image {image.width}x{image.height} px, {maps.shape[1]}x{maps.shape[2]} patches, {maps.shape[0]} heads, "
+        f"{model.num_register_tokens} register tokens (excluded)"
+    )
 
     os.makedirs(cfg.output_dir, exist_ok=True)
     written: list[str] = []
@@ -99,4 +115,3 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     for path in written:
         logger.info(f"wrote {path}")
     return written
-

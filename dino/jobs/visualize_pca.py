@@ -35,15 +35,34 @@ CLI = ConfigCLI(
     group="eval",
     default_config="visualize_pca",
     flags=[
-        Flag(names=("--image_paths", "--image_path"), key="image_paths", nargs="+", metavar="PATH",
-             help="one or more images (any format Pillow reads); empty: three generated demo pictures"),
+        Flag(
+            names=("--image_paths", "--image_path"),
+            key="image_paths",
+            nargs="+",
+            metavar="PATH",
+            help="one or more images (any format Pillow reads); empty: three generated demo pictures",
+        ),
         *backbone_flags(),
-        Flag(names=("--image_size",), key="image_size", type=int, nargs="+", metavar="SIZE",
-             help="one int: shorter side; two: height width (rounded to multiples of the patch size)"),
-        Flag(names=("--fg_threshold",), key="fg_threshold", type=float,
-             help="foreground = first principal component, scaled to [0, 1], above this value"),
-        Flag(names=("--remove_background",), key="remove_background", type=bool_flag,
-             help="black out the background found by the first component (false: colour every patch)"),
+        Flag(
+            names=("--image_size",),
+            key="image_size",
+            type=int,
+            nargs="+",
+            metavar="SIZE",
+            help="one int: shorter side; two: height width (rounded to multiples of the patch size)",
+        ),
+        Flag(
+            names=("--fg_threshold",),
+            key="fg_threshold",
+            type=float,
+            help="foreground = first principal component, scaled to [0, 1], above this value",
+        ),
+        Flag(
+            names=("--remove_background",),
+            key="remove_background",
+            type=bool_flag,
+            help="black out the background found by the first component (false: colour every patch)",
+        ),
         Flag(names=("--output_dir",), key="output_dir", help="folder for the PNG files"),
     ],
     epilog="example:\n  dino visualize-pca --image_paths a.jpg b.jpg --pretrained_weights dinov2_vits14",
@@ -85,4 +104,3 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     for path in written:
         logger.info(f"wrote {path}")
     return written
-

@@ -9,11 +9,22 @@ from dino.losses.koleo_loss import KoLeoLoss, koleo_loss, nearest_neighbour_indi
 from dino.losses.soft_cross_entropy import soft_cross_entropy
 
 __all__ = [
-    "Centering", "sinkhorn_knopp", "softmax_center",
-    "CLSTokenLossTerms", "DINOLoss", "dino_v1_loss", "dinov2_clstoken_loss_terms",
-    "FEATURE_LOSSES", "feature_distillation_loss",
-    "gram_loss", "gram_matrix", "resize_patch_tokens",
-    "iBOTPatchLoss", "masked_patch_weights",
-    "KoLeoLoss", "koleo_loss", "nearest_neighbour_indices",
+    "Centering",
+    "sinkhorn_knopp",
+    "softmax_center",
+    "CLSTokenLossTerms",
+    "DINOLoss",
+    "dino_v1_loss",
+    "dinov2_clstoken_loss_terms",
+    "FEATURE_LOSSES",
+    "feature_distillation_loss",
+    "gram_loss",
+    "gram_matrix",
+    "resize_patch_tokens",
+    "iBOTPatchLoss",
+    "masked_patch_weights",
+    "KoLeoLoss",
+    "koleo_loss",
+    "nearest_neighbour_indices",
     "soft_cross_entropy",
 ]

@@ -29,10 +29,18 @@ def _token_loss(projected: Tensor, target: Tensor, kind: str, beta: float, eps: 
     raise ValueError(f"unknown feature loss {kind!r}; choose from {FEATURE_LOSSES}")
 
 
-def feature_distillation_loss(student_cls: Tensor, student_patches: Tensor | None, teacher_cls: Tensor,
-                              teacher_patches: Tensor | None, weight: Tensor | None, bias: Tensor | None = None,
-                              kind: str = "cosine", patch_weight: float = 1.0, beta: float = 1.0,
-                              eps: float = 1e-8) -> tuple[Tensor, dict[str, Tensor]]:
+def feature_distillation_loss(
+    student_cls: Tensor,
+    student_patches: Tensor | None,
+    teacher_cls: Tensor,
+    teacher_patches: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None = None,
+    kind: str = "cosine",
+    patch_weight: float = 1.0,
+    beta: float = 1.0,
+    eps: float = 1e-8,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """L and its terms {'cls', 'patch'} (the formula in the module docstring).
 
     Shapes: student_cls (B, D_s), student_patches (B, N, D_s) or None, teacher_cls (B, D_t), teacher_patches
@@ -41,6 +49,7 @@ def feature_distillation_loss(student_cls: Tensor, student_patches: Tensor | Non
     """
     if kind not in FEATURE_LOSSES:
         raise ValueError(f"unknown feature loss {kind!r}; choose from {FEATURE_LOSSES}")
+
     def project(tokens: Tensor) -> Tensor:
         if weight is None:
             return tokens.float()
@@ -50,8 +59,10 @@ def feature_distillation_loss(student_cls: Tensor, student_patches: Tensor | Non
     total = terms["cls"]
     if student_patches is not None and teacher_patches is not None and patch_weight:
         if student_patches.shape[:2] != teacher_patches.shape[:2]:
-            raise ValueError(f"student patches {tuple(student_patches.shape)} and teacher patches "
-                             f"{tuple(teacher_patches.shape)} differ in batch or token count")
+            raise ValueError(
+                f"student patches {tuple(student_patches.shape)} and teacher patches "
+                f"{tuple(teacher_patches.shape)} differ in batch or token count"
+            )
         projected = project(student_patches)
         terms["patch"] = _token_loss(projected, teacher_patches.detach().float(), kind, beta, eps).mean()
         total = total + patch_weight * terms["patch"]

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def gram_matrix(tokens: Tensor, image_level: bool = True, token_mask: Tensor | None = None,
-                remove_negative: bool = False) -> Tensor:
+def gram_matrix(
+    tokens: Tensor, image_level: bool = True, token_mask: Tensor | None = None, remove_negative: bool = False
+) -> Tensor:
     """Cosine-similarity Gram of (B, N, D) patch tokens: (B, N, N) image level, (M, M) batch level."""
     normed = F.normalize(tokens.float(), dim=-1)
     if image_level:
@@ -34,12 +35,19 @@ def gram_matrix(tokens: Tensor, image_level: bool = True, token_mask: Tensor | N
     return gram.clamp_min(0.0) if remove_negative else gram
 
 
-def gram_loss(student_tokens: Tensor, teacher_tokens: Tensor, image_level: bool = True,
-              token_mask: Tensor | None = None, remove_negative: bool = False) -> Tensor:
+def gram_loss(
+    student_tokens: Tensor,
+    teacher_tokens: Tensor,
+    image_level: bool = True,
+    token_mask: Tensor | None = None,
+    remove_negative: bool = False,
+) -> Tensor:
     """L_Gram between student and Gram-teacher patch tokens, both (B, N, D) on the same patch grid (see module)."""
     if student_tokens.shape[:2] != teacher_tokens.shape[:2]:
-        raise ValueError(f"student and Gram teacher tokens must cover the same patches: {tuple(student_tokens.shape)} "
-                         f"vs {tuple(teacher_tokens.shape)} (resize the teacher's map with resize_patch_tokens)")
+        raise ValueError(
+            f"student and Gram teacher tokens must cover the same patches: {tuple(student_tokens.shape)} "
+            f"vs {tuple(teacher_tokens.shape)} (resize the teacher's map with resize_patch_tokens)"
+        )
     with torch.no_grad():
         target = gram_matrix(teacher_tokens, image_level, token_mask, remove_negative)
     return F.mse_loss(gram_matrix(student_tokens, image_level, token_mask, remove_negative), target)

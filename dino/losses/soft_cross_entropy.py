@@ -72,7 +72,9 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor, temperature: float) -> T
     memory traffic (see the module docstring).
     """
     if logits.dim() != 2 or logits.shape != targets.shape:
-        raise ValueError(f"logits and targets must both be (M, K); got {tuple(logits.shape)} and {tuple(targets.shape)}")
+        raise ValueError(
+            f"logits and targets must both be (M, K); got {tuple(logits.shape)} and {tuple(targets.shape)}"
+        )
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     return _SoftCrossEntropy.apply(logits, targets.detach(), float(temperature))

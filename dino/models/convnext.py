@@ -64,7 +64,9 @@ class ConvNeXtBlock(nn.Module):
         self.act = nn.GELU()
         self.pwconv2 = nn.Linear(4 * dim, dim)
         self.layer_scale_init_value = layer_scale_init_value
-        self.gamma = nn.Parameter(torch.full((dim,), float(layer_scale_init_value))) if layer_scale_init_value > 0 else None
+        self.gamma = (
+            nn.Parameter(torch.full((dim,), float(layer_scale_init_value))) if layer_scale_init_value > 0 else None
+        )
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -87,22 +89,34 @@ def _unalias_final_norm(module: nn.Module, state_dict: dict, prefix: str, local_
 class ConvNeXt(nn.Module):
     """ConvNeXt backbone with the DINOv3 hub API (see the module docstring)."""
 
-    def __init__(self, *, in_chans: int = 3, depths: Sequence[int] = (3, 3, 9, 3), dims: Sequence[int] = (96, 192, 384, 768),
-                 drop_path_rate: float = 0.0, layer_scale_init_value: float = 1e-6, patch_size: int | None = None):
+    def __init__(
+        self,
+        *,
+        in_chans: int = 3,
+        depths: Sequence[int] = (3, 3, 9, 3),
+        dims: Sequence[int] = (96, 192, 384, 768),
+        drop_path_rate: float = 0.0,
+        layer_scale_init_value: float = 1e-6,
+        patch_size: int | None = None,
+    ):
         super().__init__()
         depths, dims = list(depths), list(dims)
-        self.downsample_layers = nn.ModuleList([
-            nn.Sequential(nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4), ChannelsFirstLayerNorm(dims[0]))
-        ])
+        self.downsample_layers = nn.ModuleList(
+            [nn.Sequential(nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4), ChannelsFirstLayerNorm(dims[0]))]
+        )
         for i in range(3):
             self.downsample_layers.append(
-                nn.Sequential(ChannelsFirstLayerNorm(dims[i]), nn.Conv2d(dims[i], dims[i + 1], kernel_size=2, stride=2)))
+                nn.Sequential(ChannelsFirstLayerNorm(dims[i]), nn.Conv2d(dims[i], dims[i + 1], kernel_size=2, stride=2))
+            )
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # cpu: also when built on meta
         self.stages = nn.ModuleList()
         start = 0
         for i in range(4):
-            self.stages.append(nn.Sequential(*(
-                ConvNeXtBlock(dims[i], rates[start + j], layer_scale_init_value) for j in range(depths[i]))))
+            self.stages.append(
+                nn.Sequential(
+                    *(ConvNeXtBlock(dims[i], rates[start + j], layer_scale_init_value) for j in range(depths[i]))
+                )
+            )
             start += depths[i]
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
         # the same module a second time, as the official model registers it (its files carry `norms.3.*`)
@@ -141,7 +155,9 @@ class ConvNeXt(nn.Module):
             x = stage(down(x))
         pooled = x.mean((-2, -1))
         tokens = x.flatten(2).transpose(1, 2)
-        cls_token, storage_tokens, patch_tokens = split_tokens(self.norm(torch.cat((pooled.unsqueeze(1), tokens), dim=1)), 0)
+        cls_token, storage_tokens, patch_tokens = split_tokens(
+            self.norm(torch.cat((pooled.unsqueeze(1), tokens), dim=1)), 0
+        )
         return {
             "x_norm_clstoken": cls_token,
             "x_storage_tokens": storage_tokens,
@@ -173,8 +189,16 @@ class ConvNeXt(nn.Module):
                 outputs.append((x.mean((-2, -1)), maps))
         return outputs
 
-    def get_intermediate_layers(self, x: Tensor, n: int | Sequence[int] = 1, reshape: bool = False,
-                                return_class_token: bool = False, norm: bool = True, *, return_extra_tokens: bool = False):
+    def get_intermediate_layers(
+        self,
+        x: Tensor,
+        n: int | Sequence[int] = 1,
+        reshape: bool = False,
+        return_class_token: bool = False,
+        norm: bool = True,
+        *,
+        return_extra_tokens: bool = False,
+    ):
         """Per-stage (patch tokens (B, N, C) — (B, C, h, w) when `reshape` — [, pooled [CLS]]) as the official code.
 
         `norm` applies `norms[i]` to stage i: the final LayerNorm for the last stage, nothing for the others.
@@ -200,8 +224,9 @@ class ConvNeXt(nn.Module):
         return tuple(p for p, _, _ in results)
 
     def get_last_selfattention(self, x: Tensor) -> Tensor:
-        raise UserError("a ConvNeXt has no self-attention to show; visualise its features with PCA instead "
-                        "(visualize_pca.py)")
+        raise UserError(
+            "a ConvNeXt has no self-attention to show; visualise its features with PCA instead (visualize_pca.py)"
+        )
 
 
 def convnext(size: str = "tiny", **kwargs) -> ConvNeXt:

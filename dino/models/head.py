@@ -47,8 +47,17 @@ class DINOHead(nn.Module):
         use_bn: BatchNorm after the hidden linear layers (DINO v1 option).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, use_bn: bool = False, norm_last_layer: bool = True, nlayers: int = 3,
-                 hidden_dim: int = 2048, bottleneck_dim: int = 256, mlp_bias: bool = True):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        use_bn: bool = False,
+        norm_last_layer: bool = True,
+        nlayers: int = 3,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        mlp_bias: bool = True,
+    ):
         super().__init__()
         nlayers = max(nlayers, 1)
         if nlayers == 1:

@@ -26,8 +26,16 @@ NORMALIZE_COORDS = ("separate", "max", "min")
 class RopePositionEmbedding(nn.Module):
     """(sin, cos) tables of shape (H·W, head_dim) for an H×W patch grid, rows before columns."""
 
-    def __init__(self, embed_dim: int, *, num_heads: int, base: float = 100.0, normalize_coords: str = "separate",
-                 rescale_coords: float | None = None, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        embed_dim: int,
+        *,
+        num_heads: int,
+        base: float = 100.0,
+        normalize_coords: str = "separate",
+        rescale_coords: float | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
         if embed_dim % (4 * num_heads):
             raise ValueError(f"RoPE needs embed_dim divisible by 4·num_heads, got {embed_dim} and {num_heads} heads")
@@ -37,7 +45,9 @@ class RopePositionEmbedding(nn.Module):
         self.base = float(base)
         self.normalize_coords = normalize_coords
         self.rescale_coords = rescale_coords
-        self.dtype = dtype  # the table dtype is a setting, not periods.dtype (a .half() of the model must not change it)
+        self.dtype = (
+            dtype  # the table dtype is a setting, not periods.dtype (a .half() of the model must not change it)
+        )
         # persistent: the official checkpoints carry it, and the EMA teacher is initialised from the student's state dict
         self.register_buffer("periods", torch.empty(self.head_dim // 4, dtype=dtype), persistent=True)
         self.reset_parameters()
@@ -47,7 +57,7 @@ class RopePositionEmbedding(nn.Module):
         quarter = self.head_dim // 4
         exponents = 2 * torch.arange(quarter, dtype=self.dtype, device=self.periods.device) / (self.head_dim // 2)
         with torch.no_grad():
-            self.periods.copy_(self.base ** exponents)
+            self.periods.copy_(self.base**exponents)
 
     def coordinates(self, H: int, W: int) -> Tensor:
         """Patch-centre coordinates (H·W, 2) as [y, x], in [-1, 1] before any training-time rescale."""
@@ -96,4 +106,3 @@ def apply_rope(q: Tensor, k: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tenso
         return torch.cat((t[..., :prefix, :], patches.to(t.dtype)), dim=-2)
 
     return rotate(q), rotate(k)
-

@@ -92,7 +92,7 @@ class LinearKMaskedBias(nn.Linear):
             raise ValueError(f"a qkv projection has 3·dim outputs, got {out_features}")
         if bias:
             mask = torch.ones(out_features)
-            mask[out_features // 3: 2 * out_features // 3] = 0
+            mask[out_features // 3 : 2 * out_features // 3] = 0
             self.register_buffer("bias_mask", mask, persistent=True)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -110,8 +110,15 @@ class Attention(nn.Module):
     `rope` (forward): (sin, cos) tables of the last H·W tokens, see `dino.models.rope`.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, proj_bias: bool = True, backend: str = "auto",
-                 qkv_layer: type[nn.Linear] = nn.Linear):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        backend: str = "auto",
+        qkv_layer: type[nn.Linear] = nn.Linear,
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
@@ -136,8 +143,9 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2).float(), k.transpose(1, 2).float()
         return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
-    def forward(self, x: Tensor, return_attention: bool = False,
-                rope: tuple[Tensor, Tensor] | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, return_attention: bool = False, rope: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor | tuple[Tensor, Tensor]:
         B, N, C = x.shape
         q, k, v = self._split_heads(x, rope)
         backend = self.backend
@@ -151,7 +159,9 @@ class Attention(nn.Module):
                 raise RuntimeError("attention backend 'xformers' requested but xformers is not installed")
             out = _xformers_attention(q, k, v)  # takes and returns (B, N, heads, head_dim)
         elif backend == "sdpa":
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(
+                1, 2
+            )
         elif backend == "explicit":
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
@@ -310,16 +320,29 @@ class Block(nn.Module):
     `rope` (forward): rotary tables for the attention, None for v1/v2.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, proj_bias: bool = True,
-                 ffn_bias: bool = True, drop_path: float = 0.0, init_values: float | None = None,
-                 ffn_layer: str | Callable[..., nn.Module] = "mlp", attn_backend: str = "auto", *,
-                 norm_layer: Callable[[int], nn.Module] | None = None, qkv_layer: type[nn.Linear] = nn.Linear):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        ffn_bias: bool = True,
+        drop_path: float = 0.0,
+        init_values: float | None = None,
+        ffn_layer: str | Callable[..., nn.Module] = "mlp",
+        attn_backend: str = "auto",
+        *,
+        norm_layer: Callable[[int], nn.Module] | None = None,
+        qkv_layer: type[nn.Linear] = nn.Linear,
+    ):
         super().__init__()
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
         ffn_cls = FFN_LAYERS[ffn_layer] if isinstance(ffn_layer, str) else ffn_layer
         self.norm1 = norm_layer(dim)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, backend=attn_backend,
-                              qkv_layer=qkv_layer)
+        self.attn = Attention(
+            dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, backend=attn_backend, qkv_layer=qkv_layer
+        )
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = ffn_cls(dim, int(dim * mlp_ratio), bias=ffn_bias)
@@ -393,7 +416,9 @@ class ViTBackbone(nn.Module):
     def _grid(self, x: Tensor) -> tuple[int, int]:
         return x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
 
-    def _run_blocks(self, tokens: Tensor, grid: tuple[int, int], blocks: Sequence[nn.Module], wanted: set[int] | None = None):
+    def _run_blocks(
+        self, tokens: Tensor, grid: tuple[int, int], blocks: Sequence[nn.Module], wanted: set[int] | None = None
+    ):
         """Tokens through `blocks`; with `wanted`, also the outputs of those block indices."""
         outputs, rope = [], None
         for i, block in enumerate(blocks):
@@ -438,8 +463,16 @@ class ViTBackbone(nn.Module):
         _, outputs = self._run_blocks(tokens, self._grid(x), self.blocks, wanted)
         return outputs
 
-    def get_intermediate_layers(self, x: Tensor, n: int | Sequence[int] = 1, reshape: bool = False,
-                                return_class_token: bool = False, norm: bool = True, *, return_extra_tokens: bool = False):
+    def get_intermediate_layers(
+        self,
+        x: Tensor,
+        n: int | Sequence[int] = 1,
+        reshape: bool = False,
+        return_class_token: bool = False,
+        norm: bool = True,
+        *,
+        return_extra_tokens: bool = False,
+    ):
         """Outputs of some blocks (the DINOv2 / DINOv3 hub API).
 
         n: an int takes the last n blocks, a list takes those block indices.
@@ -493,12 +526,28 @@ class VisionTransformer(ViTBackbone):
         attn_backend: 'auto' | 'sdpa' | 'xformers' | 'explicit'.
     """
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768, depth: int = 12,
-                 num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True, proj_bias: bool = True,
-                 ffn_bias: bool = True, init_values: float | None = None, ffn_layer: str = "mlp",
-                 drop_path_rate: float = 0.0, drop_path_uniform: bool = False, num_register_tokens: int = 0,
-                 use_mask_token: bool = True, interpolate_offset: float = 0.1, interpolate_antialias: bool = False,
-                 attn_backend: str = "auto"):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        ffn_bias: bool = True,
+        init_values: float | None = None,
+        ffn_layer: str = "mlp",
+        drop_path_rate: float = 0.0,
+        drop_path_uniform: bool = False,
+        num_register_tokens: int = 0,
+        use_mask_token: bool = True,
+        interpolate_offset: float = 0.1,
+        interpolate_antialias: bool = False,
+        attn_backend: str = "auto",
+    ):
         super().__init__()
         if attn_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {attn_backend!r}; choose from {ATTENTION_BACKENDS}")
@@ -515,7 +564,9 @@ class VisionTransformer(ViTBackbone):
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
-        self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
+        self.register_tokens = (
+            nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
+        )
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim)) if use_mask_token else None
 
         if drop_path_uniform:
@@ -524,7 +575,18 @@ class VisionTransformer(ViTBackbone):
             # on the CPU whatever the default device: a model built under torch.device("meta") has no values to read
             rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_bias, ffn_bias, rates[i], init_values, ffn_layer, attn_backend)
+            Block(
+                embed_dim,
+                num_heads,
+                mlp_ratio,
+                qkv_bias,
+                proj_bias,
+                ffn_bias,
+                rates[i],
+                init_values,
+                ffn_layer,
+                attn_backend,
+            )
             for i in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
@@ -605,6 +667,7 @@ class VisionTransformer(ViTBackbone):
             x = torch.cat((x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]), dim=1)
         return x
 
+
 class DinoV3VisionTransformer(ViTBackbone):
     """The DINOv3 ViT (facebookresearch/dinov3 `DinoVisionTransformer`), with the official hub API.
 
@@ -628,14 +691,33 @@ class DinoV3VisionTransformer(ViTBackbone):
 
     extra_tokens_key = "x_storage_tokens"
 
-    def __init__(self, *, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
-                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 proj_bias: bool = True, ffn_bias: bool = True, ffn_layer: str | Callable[..., nn.Module] = "mlp",
-                 init_values: float | None = 1e-5, drop_path_rate: float = 0.0, n_storage_tokens: int = 4,
-                 mask_k_bias: bool = True, norm_eps: float = 1e-5, untie_cls_and_patch_norms: bool = False,
-                 untie_global_and_local_cls_norm: bool = False, rope_base: float = 100.0,
-                 rope_normalize_coords: str = "separate", rope_rescale_coords: float | None = 2.0,
-                 rope_dtype: torch.dtype = torch.float32, attn_backend: str = "auto"):
+    def __init__(
+        self,
+        *,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        ffn_bias: bool = True,
+        ffn_layer: str | Callable[..., nn.Module] = "mlp",
+        init_values: float | None = 1e-5,
+        drop_path_rate: float = 0.0,
+        n_storage_tokens: int = 4,
+        mask_k_bias: bool = True,
+        norm_eps: float = 1e-5,
+        untie_cls_and_patch_norms: bool = False,
+        untie_global_and_local_cls_norm: bool = False,
+        rope_base: float = 100.0,
+        rope_normalize_coords: str = "separate",
+        rope_rescale_coords: float | None = 2.0,
+        rope_dtype: torch.dtype = torch.float32,
+        attn_backend: str = "auto",
+    ):
         super().__init__()
         if attn_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {attn_backend!r}; choose from {ATTENTION_BACKENDS}")
@@ -652,12 +734,29 @@ class DinoV3VisionTransformer(ViTBackbone):
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.storage_tokens = nn.Parameter(torch.zeros(1, n_storage_tokens, embed_dim)) if n_storage_tokens else None
-        self.rope_embed = RopePositionEmbedding(embed_dim, num_heads=num_heads, base=rope_base,
-                                                normalize_coords=rope_normalize_coords,
-                                                rescale_coords=rope_rescale_coords, dtype=rope_dtype)
+        self.rope_embed = RopePositionEmbedding(
+            embed_dim,
+            num_heads=num_heads,
+            base=rope_base,
+            normalize_coords=rope_normalize_coords,
+            rescale_coords=rope_rescale_coords,
+            dtype=rope_dtype,
+        )
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_bias, ffn_bias, drop_path_rate, init_values, ffn_layer,
-                  attn_backend, norm_layer=norm_layer, qkv_layer=LinearKMaskedBias if mask_k_bias else nn.Linear)
+            Block(
+                embed_dim,
+                num_heads,
+                mlp_ratio,
+                qkv_bias,
+                proj_bias,
+                ffn_bias,
+                drop_path_rate,
+                init_values,
+                ffn_layer,
+                attn_backend,
+                norm_layer=norm_layer,
+                qkv_layer=LinearKMaskedBias if mask_k_bias else nn.Linear,
+            )
             for _ in range(depth)
         )
         self.norm = norm_layer(embed_dim)
@@ -687,7 +786,7 @@ class DinoV3VisionTransformer(ViTBackbone):
                     third = module.out_features // 3
                     with torch.no_grad():
                         module.bias_mask.fill_(1.0)
-                        module.bias_mask[third:2 * third] = 0.0
+                        module.bias_mask[third : 2 * third] = 0.0
             elif isinstance(module, nn.LayerNorm):
                 module.reset_parameters()
             elif isinstance(module, LayerScale):
@@ -726,7 +825,9 @@ class DinoV3VisionTransformer(ViTBackbone):
         return torch.cat((cls_norm(x[:, :first_patch]), self.norm(x[:, first_patch:])), dim=1)
 
     def _split_output(self, x_prenorm: Tensor, masks: Tensor | None, index: int = 0) -> dict:
-        cls_token, storage_tokens, patch_tokens = split_tokens(self._norm_tokens(x_prenorm, index), self.n_storage_tokens)
+        cls_token, storage_tokens, patch_tokens = split_tokens(
+            self._norm_tokens(x_prenorm, index), self.n_storage_tokens
+        )
         return {
             "x_norm_clstoken": cls_token,
             "x_storage_tokens": storage_tokens,
@@ -776,7 +877,13 @@ V3_ARCH_SIZES = {
 def dinov3_vision_transformer(arch: str = "vit_small", **kwargs) -> DinoV3VisionTransformer:
     """Build a DINOv3 ViT of a named size (`V3_ARCH_SIZES`); `kwargs` go to `DinoV3VisionTransformer` and win."""
     embed_dim, depth, num_heads, mlp_ratio, ffn_layer, qkv_bias = V3_ARCH_SIZES[arch]
-    params = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, ffn_layer=ffn_layer,
-                  qkv_bias=qkv_bias)
+    params = dict(
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=mlp_ratio,
+        ffn_layer=ffn_layer,
+        qkv_bias=qkv_bias,
+    )
     params.update(kwargs)
     return DinoV3VisionTransformer(**params)

@@ -47,7 +47,9 @@ def import_submitit():
     try:
         import submitit
     except ImportError:
-        raise UserError("the SLURM launcher needs submitit: pip install 'dino[slurm]' (or pip install submitit)") from None
+        raise UserError(
+            "the SLURM launcher needs submitit: pip install 'dino[slurm]' (or pip install submitit)"
+        ) from None
     return submitit
 
 
@@ -110,10 +112,13 @@ class Trainer:
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     argv = list(argv)
-    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    launcher_args = argv[:argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(prog="python -m dino.run.slurm", description=__doc__.split("\n\n")[0],
-                                     epilog="Everything after -- is passed to main_dino.py.")
+    train_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    launcher_args = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(
+        prog="python -m dino.run.slurm",
+        description=__doc__.split("\n\n")[0],
+        epilog="Everything after -- is passed to main_dino.py.",
+    )
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus_per_node", type=int, default=8, help="0 for CPU nodes")
     parser.add_argument("--tasks_per_node", type=int, default=None, help="default: gpus_per_node (1 without GPUs)")
@@ -132,9 +137,14 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def executor_parameters(args: argparse.Namespace) -> dict[str, Any]:
     tasks = args.tasks_per_node or max(args.gpus_per_node, 1)
-    params: dict[str, Any] = dict(nodes=args.nodes, tasks_per_node=tasks, cpus_per_task=args.cpus_per_task,
-                                  timeout_min=args.timeout_min, name=args.job_name,
-                                  slurm_signal_delay_s=args.signal_delay_s)
+    params: dict[str, Any] = dict(
+        nodes=args.nodes,
+        tasks_per_node=tasks,
+        cpus_per_task=args.cpus_per_task,
+        timeout_min=args.timeout_min,
+        name=args.job_name,
+        slurm_signal_delay_s=args.signal_delay_s,
+    )
     if args.gpus_per_node:
         params["gpus_per_node"] = args.gpus_per_node
     if args.mem_gb:
@@ -149,11 +159,14 @@ def submit(argv: Sequence[str]):
     args, train_args = parse_args(argv)
     train_argv, output_dir = training_argv(train_args)
     submitit = import_submitit()
-    executor = submitit.AutoExecutor(folder=args.slurm_dir or str(output_dir / "slurm" / "%j"),
-                                     slurm_max_num_timeout=30)
+    executor = submitit.AutoExecutor(
+        folder=args.slurm_dir or str(output_dir / "slurm" / "%j"), slurm_max_num_timeout=30
+    )
     executor.update_parameters(**executor_parameters(args))
     job = executor.submit(Trainer(train_argv))
-    logger.info(f"submitted job {job.job_id}; logs in {args.slurm_dir or output_dir / 'slurm'}; checkpoints in {output_dir}")
+    logger.info(
+        f"submitted job {job.job_id}; logs in {args.slurm_dir or output_dir / 'slurm'}; checkpoints in {output_dir}"
+    )
     return job
 
 

@@ -27,7 +27,11 @@ MODES = ("none", "full", "selective")
 _aten = torch.ops.aten
 # What `selective` keeps: outputs of the matmuls and of every attention kernel (the expensive ops)
 _SAVED_OPS = {
-    _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default, _aten.linear.default,
+    _aten.mm.default,
+    _aten.addmm.default,
+    _aten.bmm.default,
+    _aten.baddbmm.default,
+    _aten.linear.default,
     _aten._scaled_dot_product_flash_attention.default,
     _aten._scaled_dot_product_efficient_attention.default,
     _aten._scaled_dot_product_cudnn_attention.default,
@@ -45,8 +49,11 @@ def _selective_context():
 
 # Newer PyTorch lets what selective checkpointing keeps go through saved-tensor hooks (memory accounting,
 # offloading) like any other saved tensor; older releases have no such switch and bypass them.
-_HOOK_OPTION = ({"respect_saved_tensors_hooks": True}
-                if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters else {})
+_HOOK_OPTION = (
+    {"respect_saved_tensors_hooks": True}
+    if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters
+    else {}
+)
 
 
 class _CheckpointedForward:
@@ -57,8 +64,9 @@ class _CheckpointedForward:
     def forward(self, *args, **kwargs):
         if not torch.is_grad_enabled():  # teacher-style and evaluation calls keep nothing anyway
             return super().forward(*args, **kwargs)
-        context = ({"context_fn": _selective_context, **_HOOK_OPTION}
-                   if self.activation_checkpointing == "selective" else {})
+        context = (
+            {"context_fn": _selective_context, **_HOOK_OPTION} if self.activation_checkpointing == "selective" else {}
+        )
         return checkpoint(super().forward, *args, use_reentrant=False, **context, **kwargs)
 
 

@@ -47,8 +47,13 @@ def capture_rng_state() -> dict[str, Any]:
     version, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": {"version": version, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "version": version,
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_initialized():
@@ -60,8 +65,15 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     python_state = state["python"]
     random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
     np_state = state["numpy"]
-    np.random.set_state((np_state["version"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    np.random.set_state(
+        (
+            np_state["version"],
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_initialized():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -71,8 +83,10 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a torn or foreign file: say which, do not guess
-        raise UserError(f"cannot resume from {path}: {(str(err).splitlines() or [type(err).__name__])[0]}; "
-                        "delete it or pass --resume false to start over") from None
+        raise UserError(
+            f"cannot resume from {path}: {(str(err).splitlines() or [type(err).__name__])[0]}; "
+            "delete it or pass --resume false to start over"
+        ) from None
 
 
 # ------------------------------------------------------------------------------ sharded (FSDP2)
@@ -87,8 +101,9 @@ def _model_and_optimizer_state(student, teacher, optimizer) -> dict[str, Any]:
     return {"student": student_state, "teacher": get_model_state_dict(teacher), "optimizer": optimizer_state}
 
 
-def save_sharded_training_checkpoint(directory: Path, student, teacher, optimizer, objective, scaler,
-                                     progress: dict[str, int], meta: dict[str, Any]) -> None:
+def save_sharded_training_checkpoint(
+    directory: Path, student, teacher, optimizer, objective, scaler, progress: dict[str, int], meta: dict[str, Any]
+) -> None:
     """Collective: write the sharded checkpoint (see the module docstring) atomically to `directory`."""
     state = _model_and_optimizer_state(student, teacher, optimizer)
     state["objective"] = objective.state_dict()
@@ -110,13 +125,16 @@ def find_training_checkpoint(output_dir: Path, sharded: bool) -> Path | None:
     found, other = (sharded_path, single_file) if sharded else (single_file, sharded_path)
     if found is None and other is not None:  # never restart from scratch silently next to a checkpoint
         mode, other_mode = ("fsdp", "ddp") if sharded else ("ddp", "fsdp")
-        raise UserError(f"{output_dir} holds {other.name} from a --parallel {other_mode} run, which --parallel {mode} "
-                        f"does not read; resume with --parallel {other_mode}, or pass --resume false to start over")
+        raise UserError(
+            f"{output_dir} holds {other.name} from a --parallel {other_mode} run, which --parallel {mode} "
+            f"does not read; resume with --parallel {other_mode}, or pass --resume false to start over"
+        )
     return found
 
 
-def load_sharded_training_checkpoint(directory: Path, student, teacher, optimizer, objective,
-                                     scaler) -> tuple[dict[str, int], dict[str, Any] | None]:
+def load_sharded_training_checkpoint(
+    directory: Path, student, teacher, optimizer, objective, scaler
+) -> tuple[dict[str, int], dict[str, Any] | None]:
     """Collective: load a sharded checkpoint written by any number of processes into these modules.
 
     Returns the saved position (`PROGRESS_FIELDS`) and this rank's RNG state when the world size is the
@@ -141,8 +159,10 @@ def load_sharded_training_checkpoint(directory: Path, student, teacher, optimize
     try:
         load_sharded(state, directory)
     except Exception as err:  # a foreign or mismatched checkpoint: say which, do not guess
-        raise UserError(f"cannot resume from {directory}: {(str(err).splitlines() or [type(err).__name__])[0]}; "
-                        "delete it or pass --resume false to start over") from None
+        raise UserError(
+            f"cannot resume from {directory}: {(str(err).splitlines() or [type(err).__name__])[0]}; "
+            "delete it or pass --resume false to start over"
+        ) from None
     set_model_state_dict(student, state["student"])
     # not strict: parameters without saved state (see above) are expected
     set_optimizer_state_dict(student, optimizer, state["optimizer"], options=StateDictOptions(strict=False))

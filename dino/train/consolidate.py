@@ -33,17 +33,24 @@ def consolidate(directory: str, output: str, network: str = "teacher") -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("directory", help="the checkpoint_sharded/ folder of a --parallel fsdp run")
-    parser.add_argument("--output", required=True,
-                        help="where to write the backbone: .safetensors (architecture in the file), or .pth (+ .json "
-                             "and a .safetensors copy)")
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="where to write the backbone: .safetensors (architecture in the file), or .pth (+ .json "
+        "and a .safetensors copy)",
+    )
     parser.add_argument("--network", default="teacher", choices=("teacher", "student"))
     args = parser.parse_args(argv)
     path = consolidate(args.directory, args.output, args.network)
-    extras = [] if path.suffix == ".safetensors" else [p.name for p in (path.with_suffix(".json"), path.with_suffix(".safetensors"))
-                                                          if p.is_file()]
+    extras = (
+        []
+        if path.suffix == ".safetensors"
+        else [p.name for p in (path.with_suffix(".json"), path.with_suffix(".safetensors")) if p.is_file()]
+    )
     logger.info(f"wrote {path}" + (f" (+ {', '.join(extras)})" if extras else ""))
     return path
 

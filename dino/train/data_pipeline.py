@@ -49,8 +49,16 @@ class TrainingData:
         while True:
             self.sampler.set_epoch(data_epoch)
             self.sampler.set_start_index(batch_index * self.batch_size)
-            loader = make_data_loader(self.dataset, self.batch_size, self.num_workers, self.sampler, self.collate_fn,
-                                      pin_memory=self.pin_memory, drop_last=True, seed=self.seed)
+            loader = make_data_loader(
+                self.dataset,
+                self.batch_size,
+                self.num_workers,
+                self.sampler,
+                self.collate_fn,
+                pin_memory=self.pin_memory,
+                drop_last=True,
+                seed=self.seed,
+            )
             for batch in loader:
                 yield data_epoch, batch_index, batch
                 batch_index += 1
@@ -62,16 +70,21 @@ def build_training_data(cfg: DictConfig, ctx: DeviceContext) -> TrainingData:
     data_path = resolve_data_path(cfg)
     crops = cfg.crops
     augmentation = DataAugmentationDINO(
-        global_crops_scale=tuple(crops.global_crops_scale), local_crops_scale=tuple(crops.local_crops_scale),
-        local_crops_number=int(crops.local_crops_number), global_crops_size=int(crops.global_crops_size),
-        local_crops_size=int(crops.local_crops_size), blur_probs=tuple(crops.blur_probs),
+        global_crops_scale=tuple(crops.global_crops_scale),
+        local_crops_scale=tuple(crops.local_crops_scale),
+        local_crops_number=int(crops.local_crops_number),
+        global_crops_size=int(crops.global_crops_size),
+        local_crops_size=int(crops.local_crops_size),
+        blur_probs=tuple(crops.blur_probs),
         solarization_prob=float(crops.solarization_prob),
     )
     dataset = build_dataset(data_path, transform=augmentation)
     patch_size = int(cfg.model.patch_size)
     if int(crops.global_crops_size) % patch_size or int(crops.local_crops_size) % patch_size:
-        raise UserError(f"crop sizes ({crops.global_crops_size}, {crops.local_crops_size}) must be multiples of the "
-                        f"patch size {patch_size}")
+        raise UserError(
+            f"crop sizes ({crops.global_crops_size}, {crops.local_crops_size}) must be multiples of the "
+            f"patch size {patch_size}"
+        )
     grid = int(crops.global_crops_size) // patch_size
     use_ibot = float(cfg.ibot.loss_weight) > 0
     collate_fn = functools.partial(
@@ -79,14 +92,22 @@ def build_training_data(cfg: DictConfig, ctx: DeviceContext) -> TrainingData:
         mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
         mask_probability=float(cfg.ibot.mask_sample_probability) if use_ibot else 0.0,
         n_tokens=grid * grid,
-        mask_generator=MaskingGenerator((grid, grid), max_num_patches=int(float(cfg.ibot.mask_block_max_fraction) * grid * grid),
-                                        min_num_patches=int(cfg.ibot.mask_block_min_patches),
-                                        min_aspect=float(cfg.ibot.mask_block_min_aspect)) if use_ibot else None,
+        mask_generator=MaskingGenerator(
+            (grid, grid),
+            max_num_patches=int(float(cfg.ibot.mask_block_max_fraction) * grid * grid),
+            min_num_patches=int(cfg.ibot.mask_block_min_patches),
+            min_aspect=float(cfg.ibot.mask_block_min_aspect),
+        )
+        if use_ibot
+        else None,
     )
     batch_size = int(cfg.train.batch_size_per_device)
     sampler = ShardedEpochSampler(len(dataset), shuffle=True, seed=int(cfg.train.seed), drop_last=True)
     if sampler.num_samples_per_epoch < batch_size:
-        raise UserError(f"{data_path} has {len(dataset)} images: fewer than one batch of {batch_size} per rank "
-                        f"on {get_world_size()} rank(s); lower --batch_size_per_device")
-    return TrainingData(dataset, sampler, batch_size, int(cfg.train.num_workers), collate_fn, int(cfg.train.seed),
-                        ctx.pin_memory)
+        raise UserError(
+            f"{data_path} has {len(dataset)} images: fewer than one batch of {batch_size} per rank "
+            f"on {get_world_size()} rank(s); lower --batch_size_per_device"
+        )
+    return TrainingData(
+        dataset, sampler, batch_size, int(cfg.train.num_workers), collate_fn, int(cfg.train.seed), ctx.pin_memory
+    )

@@ -37,6 +37,7 @@ def _info(message: str) -> None:
     if is_main_process() and os.environ.get("RANK", "0") == "0":  # every rank reads the same file: say it once
         log.info(message)
 
+
 HEADS_FILE = "distill_teacher_heads.pth"
 _CACHE: dict[str, StartingPoint] = {}
 
@@ -59,10 +60,14 @@ def prepare_distillation(cfg: DictConfig) -> StartingPoint | None:
             if key.startswith("ibot") and float(cfg.ibot.loss_weight) <= 0:
                 continue
             if theirs is not None and theirs != ours:
-                raise UserError(f"the teacher {source} has {key}={theirs}, the student {ours}: the heads' prototypes "
-                                f"must match; set {key}={theirs}")
-    feature_patches = (float(OmegaConf.select(cfg, "distill.feature_loss_weight") or 0) > 0
-                       and float(OmegaConf.select(cfg, "distill.feature_patch_weight", default=1.0)) > 0)
+                raise UserError(
+                    f"the teacher {source} has {key}={theirs}, the student {ours}: the heads' prototypes "
+                    f"must match; set {key}={theirs}"
+                )
+    feature_patches = (
+        float(OmegaConf.select(cfg, "distill.feature_loss_weight") or 0) > 0
+        and float(OmegaConf.select(cfg, "distill.feature_patch_weight", default=1.0)) > 0
+    )
     if float(cfg.ibot.loss_weight) > 0 or feature_patches:
         _check_patch_grid(cfg, point)
     return point
@@ -73,7 +78,9 @@ def _teacher_backbone(cfg: DictConfig, point: StartingPoint) -> nn.Module:
     from dino.train.meta_arch import build_student_backbone
 
     if point.is_v3:
-        backbone = build_backbone_from_state_dict(point.state_dict, None, None, attn_backend=str(cfg.model.attn_backend))
+        backbone = build_backbone_from_state_dict(
+            point.state_dict, None, None, attn_backend=str(cfg.model.attn_backend)
+        )
     else:
         model_cfg = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))  # not struct: the file's keys
         model_cfg = OmegaConf.merge(model_cfg, point.model_kwargs, {"drop_path_rate": 0.0})
@@ -86,9 +93,13 @@ def _head_settings(cfg: DictConfig, point: StartingPoint, prefix: str) -> dict[s
     def value(key: str):
         return point.head_config.get(f"{prefix}.{key}", OmegaConf.select(cfg, f"{prefix}.{key}"))
 
-    return dict(out_dim=int(value("head_n_prototypes")), nlayers=int(value("head_nlayers")),
-                hidden_dim=int(value("head_hidden_dim")), bottleneck_dim=int(value("head_bottleneck_dim")),
-                norm_last_layer=bool(point.head_config.get("dino.norm_last_layer", cfg.dino.norm_last_layer)))
+    return dict(
+        out_dim=int(value("head_n_prototypes")),
+        nlayers=int(value("head_nlayers")),
+        hidden_dim=int(value("head_hidden_dim")),
+        bottleneck_dim=int(value("head_bottleneck_dim")),
+        norm_last_layer=bool(point.head_config.get("dino.norm_last_layer", cfg.dino.norm_last_layer)),
+    )
 
 
 def build_distillation_target(cfg: DictConfig, student: nn.Module | None = None, teacher: nn.Module | None = None):
@@ -105,8 +116,12 @@ def build_distillation_target(cfg: DictConfig, student: nn.Module | None = None,
     use_ibot = float(cfg.ibot.loss_weight) > 0
     dim = backbone.embed_dim
     dino = _head_settings(cfg, point, "dino")
-    dino_head = DINOHead(dim, dino.pop("out_dim"), use_bn=bool(point.head_config.get("dino.use_bn_in_head",
-                                                                                     cfg.dino.use_bn_in_head)), **dino)
+    dino_head = DINOHead(
+        dim,
+        dino.pop("out_dim"),
+        use_bn=bool(point.head_config.get("dino.use_bn_in_head", cfg.dino.use_bn_in_head)),
+        **dino,
+    )
     separate = bool(point.head_config.get("ibot.separate_head", cfg.ibot.separate_head))
     ibot_head = None
     if use_ibot and separate:
@@ -122,9 +137,14 @@ def build_distillation_target(cfg: DictConfig, student: nn.Module | None = None,
         load_heads(target, point.heads, point.source)
     for param in target.parameters():
         param.requires_grad_(False)
-    _info(f"distillation teacher from {point.source}: {point.summary}; heads "
-             + ("from the file" if point.has_heads else f"fresh (fitted for {cfg.train.head_warmup_iters or 'auto'} "
-                                                        "iterations before distillation)"))
+    _info(
+        f"distillation teacher from {point.source}: {point.summary}; heads "
+        + (
+            "from the file"
+            if point.has_heads
+            else f"fresh (fitted for {cfg.train.head_warmup_iters or 'auto'} iterations before distillation)"
+        )
+    )
     return target.eval()
 
 
@@ -133,10 +153,12 @@ def _check_patch_grid(cfg: DictConfig, point: StartingPoint) -> None:
     weight = point.state_dict.get("patch_embed.proj.weight")
     teacher_patch = int(weight.shape[-1]) if weight is not None else 32  # a ConvNeXt: stride-32 tokens
     if teacher_patch and size // teacher_patch != size // student_patch:
-        raise UserError(f"the iBOT and feature terms compare patch tokens, but the teacher {point.source} "
-                        f"(patch {teacher_patch}) and the student (patch {student_patch}) tile a {size}-px crop into different grids; use a "
-                        f"student with patch size {teacher_patch} or set ibot.loss_weight=0 "
-                        "(and distill.feature_patch_weight=0)")
+        raise UserError(
+            f"the iBOT and feature terms compare patch tokens, but the teacher {point.source} "
+            f"(patch {teacher_patch}) and the student (patch {student_patch}) tile a {size}-px crop into different grids; use a "
+            f"student with patch size {teacher_patch} or set ibot.loss_weight=0 "
+            "(and distill.feature_patch_weight=0)"
+        )
 
 
 def prepare_distillation_target(target, cfg: DictConfig, ctx, data, output_dir: Path, schedules):
@@ -154,8 +176,10 @@ def prepare_distillation_target(target, cfg: DictConfig, ctx, data, output_dir: 
         iters = OmegaConf.select(cfg, "train.head_warmup_iters")
         iters = max(1, len(schedules.lr) // 10) if iters is None else int(iters)
         if iters <= 0:
-            log.warning("distilling through fresh, unfitted teacher heads (train.head_warmup_iters=0): the targets "
-                        "are random projections of the teacher's features")
+            log.warning(
+                "distilling through fresh, unfitted teacher heads (train.head_warmup_iters=0): the targets "
+                "are random projections of the teacher's features"
+            )
         else:
             fit_teacher_heads(target, cfg, data, ctx, iters, schedules)
         if is_main_process():
@@ -176,8 +200,10 @@ def fit_teacher_heads(target, cfg: DictConfig, data, ctx, iters: int, schedules)
     Returns the losses."""
     from dino.train.meta_arch import SelfDistillationObjective
 
-    fit_cfg = OmegaConf.merge(cfg, {"dino": {"centering": "sinkhorn_knopp", "koleo_loss_weight": 0.0},
-                                    "distill": {"feature_loss_weight": 0.0}})
+    fit_cfg = OmegaConf.merge(
+        cfg,
+        {"dino": {"centering": "sinkhorn_knopp", "koleo_loss_weight": 0.0}, "distill": {"feature_loss_weight": 0.0}},
+    )
     objective = SelfDistillationObjective(fit_cfg, int(cfg.crops.local_crops_number)).to(ctx.device)
     names = [n for n in ("dino_head", "ibot_head") if getattr(target, n) is not None]
     students = {n: copy.deepcopy(getattr(target, n)).train() for n in names}
@@ -200,16 +226,18 @@ def fit_teacher_heads(target, cfg: DictConfig, data, ctx, iters: int, schedules)
                 glob = backbone.forward_features(batch["collated_global_crops"])
                 local = batch["collated_local_crops"]
                 local_cls = backbone.forward_features(local)["x_norm_clstoken"] if local.numel() else None
-                patches = (glob["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
-                           if use_ibot else None)
+                patches = glob["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices) if use_ibot else None
                 teacher_out = _heads_out(target.dino_head, target.ibot_head, glob["x_norm_clstoken"], None, patches)
-                targets = objective.teacher_targets(teacher_out, float(cfg.teacher.teacher_temp),
-                                                    batch.get("n_masked_patches"))
+                targets = objective.teacher_targets(
+                    teacher_out, float(cfg.teacher.teacher_temp), batch.get("n_masked_patches")
+                )
             with ctx.autocast():
-                student_out = _heads_out(students["dino_head"], students.get("ibot_head"), glob["x_norm_clstoken"],
-                                         local_cls, patches)
-                loss, _ = objective(student_out, targets, batch.get("masks_weight"),
-                                    n_images=batch["collated_global_crops"].shape[0])
+                student_out = _heads_out(
+                    students["dino_head"], students.get("ibot_head"), glob["x_norm_clstoken"], local_cls, patches
+                )
+                loss, _ = objective(
+                    student_out, targets, batch.get("masks_weight"), n_images=batch["collated_global_crops"].shape[0]
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if get_world_size() > 1:
@@ -219,7 +247,9 @@ def fit_teacher_heads(target, cfg: DictConfig, data, ctx, iters: int, schedules)
             optimizer.step()
             with torch.no_grad():
                 for name, head in students.items():
-                    torch._foreach_lerp_(list(getattr(target, name).parameters()), list(head.parameters()), 1 - momentum)
+                    torch._foreach_lerp_(
+                        list(getattr(target, name).parameters()), list(head.parameters()), 1 - momentum
+                    )
             losses.append(float(loss.detach()))
             if step == 0 or step + 1 == iters:
                 _info(f"fitting the teacher's heads: step {step + 1}/{iters}, loss {losses[-1]:.4f}")
@@ -241,5 +271,9 @@ def _heads_out(dino_head, ibot_head, cls_global, cls_local, patches) -> dict[str
     masked = None
     if patches is not None:
         masked = patch_logits if ibot_head is None else ibot_head(patches)
-    return {"global_cls_tokens": cls_global, "global_cls_logits": global_logits,
-            "local_cls_logits": local_logits if n_local else None, "masked_patch_logits": masked}
+    return {
+        "global_cls_tokens": cls_global,
+        "global_cls_logits": global_logits,
+        "local_cls_logits": local_logits if n_local else None,
+        "masked_patch_logits": masked,
+    }

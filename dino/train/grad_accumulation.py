@@ -57,8 +57,9 @@ def split_batch_and_targets(batch: dict, targets: dict[str, Tensor | None], part
         micro_targets = {"cls_probs": _image_slice(targets["cls_probs"], n_images, start, stop), "patch_probs": None}
         if masks is not None:
             micro["mask_indices_list"] = micro["collated_masks"].flatten().nonzero().flatten()
-            micro["n_masked_patches"] = torch.full((1,), micro["mask_indices_list"].numel(), dtype=torch.long,
-                                                   device=masks.device)
+            micro["n_masked_patches"] = torch.full(
+                (1,), micro["mask_indices_list"].numel(), dtype=torch.long, device=masks.device
+            )
             if masked_image is not None:
                 keep = (masked_image >= start) & (masked_image < stop)
                 micro["masks_weight"] = batch["masks_weight"][keep]

@@ -39,8 +39,9 @@ def find_val_split(train_path: str) -> str | None:
     return val if os.path.isdir(val) else None
 
 
-def raw_pixel_features(dataset: torch.utils.data.Dataset, batch_size: int = 256,
-                       num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def raw_pixel_features(
+    dataset: torch.utils.data.Dataset, batch_size: int = 256, num_workers: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (N, C·H·W), labels (N,)): the eval-transformed images themselves, flattened."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     features, labels = [], []
@@ -73,20 +74,30 @@ class KnnProbe:
     def num_classes(self) -> int:
         return len(self.train_set.classes)
 
-    def score(self, train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor,
-              val_labels: torch.Tensor) -> float:
-        results = knn_classify(train_feats, train_labels, val_feats, val_labels, k_values=(self.k,),
-                               temperature=self.temperature, num_classes=self.num_classes)
+    def score(
+        self, train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor, val_labels: torch.Tensor
+    ) -> float:
+        results = knn_classify(
+            train_feats,
+            train_labels,
+            val_feats,
+            val_labels,
+            k_values=(self.k,),
+            temperature=self.temperature,
+            num_classes=self.num_classes,
+        )
         return float(next(iter(results.values()))[0])
 
     def model_top1(self, model: torch.nn.Module, ctx: DeviceContext, name: str = "model") -> float:
         was_training = model.training
         model = model.to(ctx.device).eval()
         try:
-            train = extract_features(model, self.train_set, ctx, self.batch_size, self.num_workers,
-                                     desc=f"{name}: train features")
-            val = extract_features(model, self.val_set, ctx, self.batch_size, self.num_workers,
-                                   desc=f"{name}: val features")
+            train = extract_features(
+                model, self.train_set, ctx, self.batch_size, self.num_workers, desc=f"{name}: train features"
+            )
+            val = extract_features(
+                model, self.val_set, ctx, self.batch_size, self.num_workers, desc=f"{name}: val features"
+            )
         finally:
             model.train(was_training)
         return self.score(*train, *val)
@@ -106,15 +117,20 @@ def random_init_backbone(cfg: DictConfig) -> torch.nn.Module:
     return backbone
 
 
-def baseline_verdict(trained: float, raw: float, random: float, margin_raw: float = 5.0,
-                     margin_random: float = 20.0) -> str:
+def baseline_verdict(
+    trained: float, raw: float, random: float, margin_raw: float = 5.0, margin_random: float = 20.0
+) -> str:
     """One line: does the trained model beat raw pixels by `margin_raw` and random init by `margin_random`?"""
     if trained >= raw + margin_raw and trained >= random + margin_random:
-        return f"features worth having: ≥ {margin_raw:g} points over raw pixels and ≥ {margin_random:g} over random init"
+        return (
+            f"features worth having: ≥ {margin_raw:g} points over raw pixels and ≥ {margin_random:g} over random init"
+        )
     if trained > raw:
         return "better than raw pixels, but by less than a clear margin: train longer"
-    return ("NOT better than raw pixels: on this data these features are worse than no model at all "
-            "(train longer; BENCHMARKS.md 'Small real datasets' shows how far short runs get)")
+    return (
+        "NOT better than raw pixels: on this data these features are worse than no model at all "
+        "(train longer; BENCHMARKS.md 'Small real datasets' shows how far short runs get)"
+    )
 
 
 def format_baseline_table(k: int, temperature: float, where: str, rows: dict[str, float], num_classes: int) -> str:
@@ -129,8 +145,9 @@ def format_baseline_table(k: int, temperature: float, where: str, rows: dict[str
     return "\n".join(lines)
 
 
-def compare_with_baselines(probe: KnnProbe, trained: torch.nn.Module, random_backbone: torch.nn.Module,
-                           ctx: DeviceContext) -> dict[str, float]:
+def compare_with_baselines(
+    probe: KnnProbe, trained: torch.nn.Module, random_backbone: torch.nn.Module, ctx: DeviceContext
+) -> dict[str, float]:
     """kNN top-1 of the trained model, raw pixels and random init on one probe."""
     return {
         "trained teacher": probe.model_top1(trained, ctx, "trained teacher"),
@@ -144,10 +161,15 @@ def _probe_from_cfg(cfg: DictConfig) -> tuple[KnnProbe | None, str, str | None]:
     val_path = find_val_split(train_path)
     if val_path is None:
         return None, train_path, None
-    probe = KnnProbe.from_folders(train_path, val_path, int(cfg.crops.global_crops_size), k=int(cfg.train.knn_k),
-                                  temperature=float(cfg.train.knn_temperature),
-                                  batch_size=max(64, int(cfg.train.batch_size_per_device)),
-                                  num_workers=min(int(cfg.train.num_workers), 2))
+    probe = KnnProbe.from_folders(
+        train_path,
+        val_path,
+        int(cfg.crops.global_crops_size),
+        k=int(cfg.train.knn_k),
+        temperature=float(cfg.train.knn_temperature),
+        batch_size=max(64, int(cfg.train.batch_size_per_device)),
+        num_workers=min(int(cfg.train.num_workers), 2),
+    )
     return probe, train_path, val_path
 
 
@@ -166,12 +188,21 @@ def report_knn_if_requested(cfg: DictConfig, result) -> dict[str, Any] | None:
     trained = load_backbone(str(result.output_dir / TEACHER_BACKBONE_NAME))
     rows = compare_with_baselines(probe, trained, random_init_backbone(cfg), ctx)
     trained_top1, raw, random = rows["trained teacher"], rows["raw pixels"], rows["random init"]
-    report = {"k": probe.k, "temperature": probe.temperature, "image_size": int(cfg.crops.global_crops_size),
-              "trained_top1": trained_top1, "raw_pixels_top1": raw, "random_init_top1": random,
-              "improvement": trained_top1 - random, "improvement_over_raw_pixels": trained_top1 - raw,
-              "val_path": val_path, "num_classes": probe.num_classes,
-              "num_train": len(probe.train_set), "num_val": len(probe.val_set),
-              "verdict": baseline_verdict(trained_top1, raw, random)}
+    report = {
+        "k": probe.k,
+        "temperature": probe.temperature,
+        "image_size": int(cfg.crops.global_crops_size),
+        "trained_top1": trained_top1,
+        "raw_pixels_top1": raw,
+        "random_init_top1": random,
+        "improvement": trained_top1 - random,
+        "improvement_over_raw_pixels": trained_top1 - raw,
+        "val_path": val_path,
+        "num_classes": probe.num_classes,
+        "num_train": len(probe.train_set),
+        "num_val": len(probe.val_set),
+        "verdict": baseline_verdict(trained_top1, raw, random),
+    }
     print("\n" + format_baseline_table(probe.k, probe.temperature, val_path, rows, probe.num_classes))
     print(f"  → {report['verdict']}")
     with open(result.output_dir / "knn_check.json", "w", encoding="utf-8") as handle:
@@ -187,7 +218,9 @@ class KnnMonitor:
     runs, None otherwise.  Does nothing when the data has no labelled val split or `every` is 0.
     """
 
-    def __init__(self, cfg: DictConfig, every: int | None = None, log: Callable[[dict[str, float]], None] | None = None):
+    def __init__(
+        self, cfg: DictConfig, every: int | None = None, log: Callable[[dict[str, float]], None] | None = None
+    ):
         self.every = int(every if every is not None else cfg.train.knn_every_epochs)
         self.cfg = cfg
         self.log = log
@@ -203,20 +236,29 @@ class KnnMonitor:
     def active(self) -> bool:
         return self.probe is not None and self.every > 0
 
-    def maybe_run(self, teacher_backbone: torch.nn.Module, epoch: int, ctx: DeviceContext | None = None,
-                  force: bool = False) -> dict[str, float] | None:
+    def maybe_run(
+        self, teacher_backbone: torch.nn.Module, epoch: int, ctx: DeviceContext | None = None, force: bool = False
+    ) -> dict[str, float] | None:
         if not self.active or (not force and epoch % self.every):
             return None
         ctx = ctx or DeviceContext.create(str(self.cfg.train.device))
         if self.baselines is None:
-            self.baselines = {"raw pixels": self.probe.raw_pixels_top1(),
-                              "random init": self.probe.model_top1(random_init_backbone(self.cfg), ctx, "random init")}
+            self.baselines = {
+                "raw pixels": self.probe.raw_pixels_top1(),
+                "random init": self.probe.model_top1(random_init_backbone(self.cfg), ctx, "random init"),
+            }
         teacher = self.probe.model_top1(teacher_backbone, ctx, f"epoch {epoch} teacher")
-        row = {"epoch": epoch, "knn_teacher": teacher, "knn_raw_pixels": self.baselines["raw pixels"],
-               "knn_random_init": self.baselines["random init"]}
+        row = {
+            "epoch": epoch,
+            "knn_teacher": teacher,
+            "knn_raw_pixels": self.baselines["raw pixels"],
+            "knn_random_init": self.baselines["random init"],
+        }
         self.history.append(row)
-        print(f"epoch {epoch}: kNN top-1 teacher {teacher:.2f} % | raw pixels {row['knn_raw_pixels']:.2f} % "
-              f"| random init {row['knn_random_init']:.2f} % ({teacher - row['knn_raw_pixels']:+.2f} vs raw)")
+        print(
+            f"epoch {epoch}: kNN top-1 teacher {teacher:.2f} % | raw pixels {row['knn_raw_pixels']:.2f} % "
+            f"| random init {row['knn_random_init']:.2f} % ({teacher - row['knn_raw_pixels']:+.2f} vs raw)"
+        )
         if self.log is not None:
             self.log(row)
         return row

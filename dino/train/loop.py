@@ -130,18 +130,26 @@ def build_schedules(cfg: DictConfig, iters_per_epoch: int, total_batch_size: int
         last_layer_lr=last_layer_lr_schedule(lr, min(int(optim.freeze_last_layer) * iters_per_epoch, total)),
         weight_decay=wd,
         momentum=momentum_schedule(float(teacher.momentum_teacher), total, float(teacher.final_momentum_teacher)),
-        teacher_temp=teacher_temp_schedule(float(teacher.warmup_teacher_temp), float(teacher.teacher_temp),
-                                           int(teacher.warmup_teacher_temp_epochs), epochs, iters_per_epoch,
-                                           per_iteration=per_iteration),
+        teacher_temp=teacher_temp_schedule(
+            float(teacher.warmup_teacher_temp),
+            float(teacher.teacher_temp),
+            int(teacher.warmup_teacher_temp_epochs),
+            epochs,
+            iters_per_epoch,
+            per_iteration=per_iteration,
+        ),
         teacher_temp_per_iteration=per_iteration,
     )
 
 
 def build_optimizer(cfg: DictConfig, student: torch.nn.Module) -> torch.optim.Optimizer:
-    groups = build_param_groups(student, layerwise_decay=float(cfg.optim.layerwise_decay),
-                                patch_embed_lr_mult=float(cfg.optim.patch_embed_lr_mult),
-                                exclude_tokens_from_weight_decay=bool(cfg.optim.exclude_tokens_from_weight_decay),
-                                backbone_lr_mult=float(cfg.optim.backbone_lr_mult))
+    groups = build_param_groups(
+        student,
+        layerwise_decay=float(cfg.optim.layerwise_decay),
+        patch_embed_lr_mult=float(cfg.optim.patch_embed_lr_mult),
+        exclude_tokens_from_weight_decay=bool(cfg.optim.exclude_tokens_from_weight_decay),
+        backbone_lr_mult=float(cfg.optim.backbone_lr_mult),
+    )
     name = str(cfg.optim.optimizer).lower()
     if name == "adamw":
         # The fused kernel updates each parameter in one pass instead of ~10 foreach passes: the optimiser
@@ -204,8 +212,17 @@ def _total_grad_norm(module: torch.nn.Module) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
-def train_step(batch: dict, student, teacher, objective: SelfDistillationObjective, optimizer, scaler,
-               ctx: DeviceContext, cfg: DictConfig, teacher_temp: float) -> tuple[torch.Tensor, dict, dict]:
+def train_step(
+    batch: dict,
+    student,
+    teacher,
+    objective: SelfDistillationObjective,
+    optimizer,
+    scaler,
+    ctx: DeviceContext,
+    cfg: DictConfig,
+    teacher_temp: float,
+) -> tuple[torch.Tensor, dict, dict]:
     """Forward teacher and student, compute the losses, backward, clip, optimiser step.
 
     Returns (loss, terms, stats); stats holds the teacher-entropy indicators and `grad_norm`, the global
@@ -235,9 +252,12 @@ def train_step(batch: dict, student, teacher, objective: SelfDistillationObjecti
         crops = micro["collated_global_crops"]
         with gradient_sync(student, enabled=index == len(pieces) - 1):
             with ctx.autocast():
-                student_out = student(crops, micro["collated_local_crops"],
-                                      micro["collated_masks"] if mask_student else None,
-                                      micro["mask_indices_list"] if use_ibot else None)
+                student_out = student(
+                    crops,
+                    micro["collated_local_crops"],
+                    micro["collated_masks"] if mask_student else None,
+                    micro["mask_indices_list"] if use_ibot else None,
+                )
                 loss, terms = objective(student_out, micro_targets, micro.get("masks_weight"), n_images=crops.shape[0])
                 del student_out
                 loss = loss / parts
@@ -270,7 +290,7 @@ def train_step(batch: dict, student, teacher, objective: SelfDistillationObjecti
             norms = clip_grad_norm_per_module(parts, clip)
             grad_norm = math.sqrt(sum(float(n) ** 2 for n in norms.values()))
         else:
-            grad_norm = math.sqrt(sum(n ** 2 for n in clip_gradients_per_parameter(module, clip)))
+            grad_norm = math.sqrt(sum(n**2 for n in clip_gradients_per_parameter(module, clip)))
     else:
         grad_norm = _total_grad_norm(module)
     if scaler is not None:
@@ -304,8 +324,18 @@ class TrainState:
     `checkpoint_sharded/` (all ranks), then the teacher export; `resume` reads whichever the run uses.
     """
 
-    def __init__(self, cfg: DictConfig, student, teacher, objective, optimizer, scaler, backbone_kwargs: dict,
-                 batch_size: int, sharded: bool):
+    def __init__(
+        self,
+        cfg: DictConfig,
+        student,
+        teacher,
+        objective,
+        optimizer,
+        scaler,
+        backbone_kwargs: dict,
+        batch_size: int,
+        sharded: bool,
+    ):
         self.cfg = cfg
         self.student = student  # the plain module; `student_wrapped` is what steps run (DDP after `wrap`)
         self.student_wrapped = student
@@ -353,9 +383,16 @@ class TrainState:
         if self.sharded:
             progress = dict(asdict(self.progress), world_size=get_world_size(), batch_size=self.batch_size)
             directory = output_dir / SHARDED_CHECKPOINT_NAME
-            save_sharded_training_checkpoint(directory, unwrap(self.student_wrapped), self.teacher, self.optimizer,
-                                             self.objective, self.scaler, progress,
-                                             {"config": to_yaml(self.cfg), "backbone_kwargs": self.backbone_kwargs})
+            save_sharded_training_checkpoint(
+                directory,
+                unwrap(self.student_wrapped),
+                self.teacher,
+                self.optimizer,
+                self.objective,
+                self.scaler,
+                progress,
+                {"config": to_yaml(self.cfg), "backbone_kwargs": self.backbone_kwargs},
+            )
             if extra_copy:
                 copy_sharded(directory, output_dir / (Path(extra_copy).stem + "_sharded"))
             _export_teacher_backbone(output_dir, self.teacher, self.cfg, self.backbone_kwargs)
@@ -366,7 +403,12 @@ class TrainState:
         atomic_save(state, output_dir / CHECKPOINT_NAME)
         if extra_copy:
             atomic_save(state, output_dir / extra_copy)
-        save_backbone(export_backbone(self.teacher), output_dir / TEACHER_BACKBONE_NAME, self.backbone_kwargs, safetensors_copy=True)
+        save_backbone(
+            export_backbone(self.teacher),
+            output_dir / TEACHER_BACKBONE_NAME,
+            self.backbone_kwargs,
+            safetensors_copy=True,
+        )
 
     def resume(self, output_dir: Path) -> Path | None:
         """Load the run's checkpoint when there is one; returns its path (None: a fresh start)."""
@@ -375,7 +417,8 @@ class TrainState:
             return None
         if self.sharded:
             progress, self._resumed_rng = load_sharded_training_checkpoint(
-                path, self.student, self.teacher, self.optimizer, self.objective, self.scaler)
+                path, self.student, self.teacher, self.optimizer, self.objective, self.scaler
+            )
             _check_same_global_batch(progress, self.batch_size)
             self.progress = Progress(**{name: progress[name] for name in asdict(self.progress)})
             if self._resumed_rng is None:
@@ -386,7 +429,9 @@ class TrainState:
             self.load_state_dict(load_training_checkpoint(path))
             saved_by = ""
         if is_main_process():
-            log.info(f"resumed from {path}{saved_by} at epoch {self.progress.epoch}, step {self.progress.step_in_epoch}")
+            log.info(
+                f"resumed from {path}{saved_by} at epoch {self.progress.epoch}, step {self.progress.step_in_epoch}"
+            )
         return path
 
     def wrap(self, ctx: DeviceContext, parallel: str) -> None:
@@ -404,7 +449,7 @@ def _export_teacher_backbone(output_dir: Path, teacher, cfg: DictConfig, backbon
     if not is_main_process():
         return
     prefix = "backbone."
-    weights = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+    weights = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
     # Built on the meta device and filled by assignment: a strict key check without a second copy in memory.
     # Drop path does not change the weights; a uniform zero rate avoids host reads of meta tensors.
     skeleton_cfg = OmegaConf.merge(cfg.model, {"drop_path_rate": 0.0, "drop_path_uniform": True})
@@ -423,9 +468,11 @@ def _check_same_global_batch(progress: dict[str, int], batch_size: int) -> None:
     saved = progress["batch_size"] * progress["world_size"]
     now = batch_size * get_world_size()
     if saved != now:
-        raise UserError(f"cannot resume: the checkpoint was trained with a global batch of {saved} "
-                        f"({progress['world_size']} process(es) × {progress['batch_size']}), this run has {now}; "
-                        f"set --batch_size_per_device {saved // get_world_size()} to keep it")
+        raise UserError(
+            f"cannot resume: the checkpoint was trained with a global batch of {saved} "
+            f"({progress['world_size']} process(es) × {progress['batch_size']}), this run has {now}; "
+            f"set --batch_size_per_device {saved // get_world_size()} to keep it"
+        )
 
 
 # ------------------------------------------------------------------------------------ divergence guard
@@ -442,8 +489,14 @@ class DivergenceGuard:
     lasts `window` steps becomes the new normal (the run did not diverge, it changed regime).
     """
 
-    def __init__(self, window: int = 50, warmup: int = 3, loss_factor: float = 2.0, grad_factor: float = 10.0,
-                 calm_steps: int = 10):
+    def __init__(
+        self,
+        window: int = 50,
+        warmup: int = 3,
+        loss_factor: float = 2.0,
+        grad_factor: float = 10.0,
+        calm_steps: int = 10,
+    ):
         self.losses: deque[float] = deque(maxlen=window)
         self.grad_norms: deque[float] = deque(maxlen=window)
         self.window, self.warmup = window, warmup
@@ -492,21 +545,49 @@ class DivergenceGuard:
 # --------------------------------------------------------------------------------------- the loop
 
 
-def step_metrics(loss, terms: dict, stats: dict, lr: float, wd: float, momentum: float, teacher_temp: float,
-                 speed: dict[str, float], epoch: int) -> dict[str, float]:
+def step_metrics(
+    loss,
+    terms: dict,
+    stats: dict,
+    lr: float,
+    wd: float,
+    momentum: float,
+    teacher_temp: float,
+    speed: dict[str, float],
+    epoch: int,
+) -> dict[str, float]:
     """Everything logged for one step (metrics.jsonl, tensorboard): the one place to add a per-step number.
 
     `speed` is the `ThroughputMeter`'s: images_per_s, mfu, step_s, data_wait_s, data_wait_fraction, peak_memory_mb.
     """
-    return {"loss": float(loss), **{k: float(v) for k, v in terms.items()}, "lr": lr, "wd": wd,
-            "momentum": momentum, "teacher_temp": teacher_temp, **stats, **speed, "epoch": epoch}
+    return {
+        "loss": float(loss),
+        **{k: float(v) for k, v in terms.items()},
+        "lr": lr,
+        "wd": wd,
+        "momentum": momentum,
+        "teacher_temp": teacher_temp,
+        **stats,
+        **speed,
+        "epoch": epoch,
+    }
 
 
 class _Run:
     """One call of `train`: the state, the data stream and the sinks, with the epoch loop as methods."""
 
-    def __init__(self, cfg: DictConfig, ctx: DeviceContext, output_dir: Path, state: TrainState, data, schedules,
-                 iters_per_epoch: int, logger: MetricLogger, stop: StopSignal):
+    def __init__(
+        self,
+        cfg: DictConfig,
+        ctx: DeviceContext,
+        output_dir: Path,
+        state: TrainState,
+        data,
+        schedules,
+        iters_per_epoch: int,
+        logger: MetricLogger,
+        stop: StopSignal,
+    ):
         self.cfg, self.ctx, self.output_dir, self.state, self.data = cfg, ctx, output_dir, state, data
         self.schedules, self.iters_per_epoch, self.logger, self.stop = schedules, iters_per_epoch, logger, stop
         self.main = is_main_process()
@@ -560,13 +641,20 @@ class _Run:
         self.guard.last_saved_step = progress.global_step if progress.global_step else None
         self.stream = self.data.stream(progress.data_epoch, progress.data_batch)
         if self.main:
-            log.info(f"training {epochs} epochs × {self.iters_per_epoch} iterations, global batch "
-                        f"{self.total_batch}, device {self.ctx.device}, {get_world_size()} process(es); logs in "
-                        f"{self.output_dir}; MFU against {self.meter.peak.describe()}")
+            log.info(
+                f"training {epochs} epochs × {self.iters_per_epoch} iterations, global batch "
+                f"{self.total_batch}, device {self.ctx.device}, {get_world_size()} process(es); logs in "
+                f"{self.output_dir}; MFU against {self.meter.peak.describe()}"
+            )
         while progress.epoch < epochs:
-            self.bar = tqdm(total=self.iters_per_epoch, initial=progress.step_in_epoch,
-                            desc=f"epoch {progress.epoch + 1}/{epochs}", disable=not self.main, dynamic_ncols=True,
-                            leave=True)
+            self.bar = tqdm(
+                total=self.iters_per_epoch,
+                initial=progress.step_in_epoch,
+                desc=f"epoch {progress.epoch + 1}/{epochs}",
+                disable=not self.main,
+                dynamic_ncols=True,
+                leave=True,
+            )
             while progress.step_in_epoch < self.iters_per_epoch:
                 heartbeat(progress.global_step + 1, "data")
                 waiting_since = time.perf_counter()
@@ -588,8 +676,17 @@ class _Run:
                     # the first step of each crop layout is counted (and run eagerly): the count depends on shapes only
                     with count_flops() if flops is None else contextlib.nullcontext() as counted:
                         target = state.teacher if state.target is None else state.target
-                        loss, terms, stats = train_step(batch, state.student_wrapped, target, state.objective,
-                                                        state.optimizer, state.scaler, self.ctx, cfg, teacher_temp)
+                        loss, terms, stats = train_step(
+                            batch,
+                            state.student_wrapped,
+                            target,
+                            state.objective,
+                            state.optimizer,
+                            state.scaler,
+                            self.ctx,
+                            cfg,
+                            teacher_temp,
+                        )
                     if flops is None:
                         flops = counted()
                         self.step_flops.record(batch, flops)
@@ -603,14 +700,20 @@ class _Run:
                 progress.data_epoch, progress.data_batch = data_epoch, data_batch + 1  # the position *after* it
 
                 loss_value = float(loss)  # waits for the device: the step's compute ends here
-                speed = self.meter.update(computing_since - waiting_since, time.perf_counter() - computing_since,
-                                          flops)
-                self.last_metrics = step_metrics(loss_value, terms, stats, lr, wd, momentum, teacher_temp, speed,
-                                                 progress.epoch)
-                self.logger.log(progress.global_step, self.last_metrics,
-                                tensorboard=(progress.global_step % log_freq == 0))
-                self.bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{speed['images_per_s']:.1f}",
-                                     mfu=f"{speed['mfu']:.0%}", mem=f"{speed['peak_memory_mb'] / 1024:.1f}G")
+                speed = self.meter.update(computing_since - waiting_since, time.perf_counter() - computing_since, flops)
+                self.last_metrics = step_metrics(
+                    loss_value, terms, stats, lr, wd, momentum, teacher_temp, speed, progress.epoch
+                )
+                self.logger.log(
+                    progress.global_step, self.last_metrics, tensorboard=(progress.global_step % log_freq == 0)
+                )
+                self.bar.set_postfix(
+                    loss=f"{loss_value:.4f}",
+                    lr=f"{lr:.2e}",
+                    img_s=f"{speed['images_per_s']:.1f}",
+                    mfu=f"{speed['mfu']:.0%}",
+                    mem=f"{speed['peak_memory_mb'] / 1024:.1f}G",
+                )
                 self.bar.update(1)
                 if self.main and not warned_data and (message := self.meter.bottleneck()):
                     tqdm.write(f"warning: {message}")
@@ -647,9 +750,11 @@ class _Run:
         """Epoch summary line and, every `train.visualize_freq` epochs, pictures of fixed images."""
         progress = self.state.progress
         if self.main:
-            self.logger.log(progress.global_step, {"epoch_end": progress.epoch,
-                                                   "peak_memory_mb": self.ctx.max_memory_allocated_mb()},
-                            tensorboard=False)
+            self.logger.log(
+                progress.global_step,
+                {"epoch_end": progress.epoch, "peak_memory_mb": self.ctx.max_memory_allocated_mb()},
+                tensorboard=False,
+            )
             if not is_sharded(self.state.teacher):  # rank 0 alone cannot run a sharded teacher
                 _maybe_visualize(self.cfg, self.state.teacher, self.logger, progress.epoch, progress.global_step)
                 # a forked RNG: the monitor's random baseline must not move the training's random streams
@@ -661,8 +766,10 @@ class _Run:
         if self.main:
             saved = self.guard.last_saved_step
             kept = f"{self.checkpoint_name} (step {saved})" if saved is not None else "no checkpoint yet"
-            tqdm.write(f"warning: step {self.state.progress.global_step}: the loss ({loss:.4g}) or the gradient norm "
-                       f"({grad_norm:.4g}) left its normal range; keeping {kept} until training is back in range")
+            tqdm.write(
+                f"warning: step {self.state.progress.global_step}: the loss ({loss:.4g}) or the gradient norm "
+                f"({grad_norm:.4g}) left its normal range; keeping {kept} until training is back in range"
+            )
 
     def _non_finite_message(self, err: Exception, step: int) -> str:
         saved = self.guard.last_saved_step
@@ -674,9 +781,11 @@ class _Run:
             before = f", from before the divergence that began at step {since}" if since is not None else ""
             kept = f"{where} holds step {saved}{before}"
         lr = float(self.cfg.optim.lr)
-        return (f"{err} at step {step}; {kept}. To resume from it, run the same command again (it resumes "
-                f"automatically) with a lower learning rate, e.g. optim.lr={lr / 4:.3g}; in fp32 (no --hmp/--fp16), "
-                "a smaller out_dim or a stronger clip_grad may also help")
+        return (
+            f"{err} at step {step}; {kept}. To resume from it, run the same command again (it resumes "
+            f"automatically) with a lower learning rate, e.g. optim.lr={lr / 4:.3g}; in fp32 (no --hmp/--fp16), "
+            "a smaller out_dim or a stronger clip_grad may also help"
+        )
 
 
 def _lock_output_dir(output_dir: Path) -> DirectoryLock | None:
@@ -723,8 +832,9 @@ def train(cfg: DictConfig) -> TrainResult:
             distill_target = build_distillation_target(cfg, student, teacher) if distilling(cfg) else None
         starting_point = None  # its tensors are in the networks now
         if int(cfg.model.lora_rank):  # frozen backbone, low-rank adapters train (dino.train.lora)
-            add_lora_to_networks(student, teacher, int(cfg.model.lora_rank), cfg.model.lora_alpha,
-                                 list(cfg.model.lora_targets))
+            add_lora_to_networks(
+                student, teacher, int(cfg.model.lora_rank), cfg.model.lora_alpha, list(cfg.model.lora_targets)
+            )
         student.to(ctx.device)
         teacher.to(ctx.device)
         objective = SelfDistillationObjective(cfg, int(cfg.crops.local_crops_number)).to(ctx.device)
@@ -732,10 +842,20 @@ def train(cfg: DictConfig) -> TrainResult:
         if compile_enabled(cfg, ctx.type):
             compile_blocks(student, teacher)  # before FSDP2, which then wraps the compiled blocks
         # FSDP2 swaps the parameters for DTensors, so it comes before the optimiser is built.
-        shard_student_and_teacher(student, teacher, ctx, parallel,
-                                  FSDPSettings.from_config(cfg.train.fsdp, ctx.precision))
-        state = TrainState(cfg, student, teacher, objective, build_optimizer(cfg, student), ctx.grad_scaler(),
-                           backbone_kwargs, data.batch_size, sharded=parallel == "fsdp")
+        shard_student_and_teacher(
+            student, teacher, ctx, parallel, FSDPSettings.from_config(cfg.train.fsdp, ctx.precision)
+        )
+        state = TrainState(
+            cfg,
+            student,
+            teacher,
+            objective,
+            build_optimizer(cfg, student),
+            ctx.grad_scaler(),
+            backbone_kwargs,
+            data.batch_size,
+            sharded=parallel == "fsdp",
+        )
         schedules = build_schedules(cfg, iters_per_epoch, data.batch_size * get_world_size())
         resumed = state.resume(output_dir) if bool(cfg.train.resume) else None
         if distill_target is not None:
@@ -746,8 +866,9 @@ def train(cfg: DictConfig) -> TrainResult:
         state.wrap(ctx, parallel)
         state.restore_rng()
 
-        logger = MetricLogger(output_dir, enabled=main,
-                              resume_step=state.progress.global_step if resumed is not None else None)
+        logger = MetricLogger(
+            output_dir, enabled=main, resume_step=state.progress.global_step if resumed is not None else None
+        )
         with StopSignal() as stop:
             run = _Run(cfg, ctx, output_dir, state, data, schedules, iters_per_epoch, logger, stop)
             try:
@@ -762,11 +883,19 @@ def train(cfg: DictConfig) -> TrainResult:
             if run.guard.last_saved_step == state.progress.global_step:
                 log.info(f"stopped by SIGTERM; checkpoint saved to {output_dir / saved}")
             else:
-                log.info(f"stopped by SIGTERM; training was out of its normal range, so {output_dir / saved} "
-                      f"still holds step {run.guard.last_saved_step}")
+                log.info(
+                    f"stopped by SIGTERM; training was out of its normal range, so {output_dir / saved} "
+                    f"still holds step {run.guard.last_saved_step}"
+                )
         progress = state.progress
-        return TrainResult(output_dir, progress.global_step, progress.epoch, run.stopped_early, run.last_metrics,
-                           preempted=stop.requested)
+        return TrainResult(
+            output_dir,
+            progress.global_step,
+            progress.epoch,
+            run.stopped_early,
+            run.last_metrics,
+            preempted=stop.requested,
+        )
     finally:
         # on success and on error alike: no half-open bar, unflushed log, orphaned workers or held lock
         if run is not None:

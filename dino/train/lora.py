@@ -52,8 +52,10 @@ def _targets(backbone: nn.Module, targets) -> dict[str, nn.Linear]:
     found = {}
     for target in targets:
         if str(target) not in LORA_TARGETS:
-            raise UserError(f"model.lora_targets: {target!r} cannot be adapted; choose from {', '.join(LORA_TARGETS)} "
-                            "(fc2 runs fused with the GELU in training, bypassing a hook)")
+            raise UserError(
+                f"model.lora_targets: {target!r} cannot be adapted; choose from {', '.join(LORA_TARGETS)} "
+                "(fc2 runs fused with the GELU in training, bypassing a hook)"
+            )
     for index, block in enumerate(blocks):
         for target in targets:
             module = block
@@ -61,7 +63,8 @@ def _targets(backbone: nn.Module, targets) -> dict[str, nn.Linear]:
                 module = getattr(module, part, None) if module is not None else None
             if module is None:
                 module = getattr(getattr(block, "attn", None), str(target), None) or getattr(
-                    getattr(block, "mlp", None), str(target), None)
+                    getattr(block, "mlp", None), str(target), None
+                )
             if not isinstance(module, nn.Linear):
                 raise UserError(f"model.lora_targets: block {index} has no linear layer {target!r}")
             found[f"{index}_{target}".replace(".", "_")] = module

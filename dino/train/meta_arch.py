@@ -55,8 +55,11 @@ def backbone_kwargs_from_config(model_cfg: DictConfig) -> dict[str, Any]:
 
 def build_student_backbone(model_cfg: DictConfig) -> tuple[VisionTransformer, dict[str, Any]]:
     kwargs = backbone_kwargs_from_config(model_cfg)
-    runtime = dict(drop_path_rate=float(model_cfg.drop_path_rate), drop_path_uniform=bool(model_cfg.drop_path_uniform),
-                   attn_backend=model_cfg.attn_backend)
+    runtime = dict(
+        drop_path_rate=float(model_cfg.drop_path_rate),
+        drop_path_uniform=bool(model_cfg.drop_path_uniform),
+        attn_backend=model_cfg.attn_backend,
+    )
     build_kwargs = {k: v for k, v in kwargs.items() if k not in ("arch", "patch_size")}
     backbone = build_backbone(kwargs["arch"], kwargs["patch_size"], **build_kwargs, **runtime)
     backbone.set_drop_path_mode(str(model_cfg.drop_path_mode))  # training only: not in kwargs
@@ -70,16 +73,26 @@ class MultiCropNetwork(nn.Module):
     shared head): they are concatenated with the [CLS] tokens so the head runs once.
     """
 
-    def __init__(self, backbone: VisionTransformer, dino_head: DINOHead, ibot_head: DINOHead | None = None,
-                 use_ibot: bool = False):
+    def __init__(
+        self,
+        backbone: VisionTransformer,
+        dino_head: DINOHead,
+        ibot_head: DINOHead | None = None,
+        use_ibot: bool = False,
+    ):
         super().__init__()
         self.backbone = backbone
         self.dino_head = dino_head
         self.ibot_head = ibot_head
         self.use_ibot = use_ibot
 
-    def forward(self, global_crops: Tensor, local_crops: Tensor | None = None, masks: Tensor | None = None,
-                mask_indices: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(
+        self,
+        global_crops: Tensor,
+        local_crops: Tensor | None = None,
+        masks: Tensor | None = None,
+        mask_indices: Tensor | None = None,
+    ) -> dict[str, Tensor]:
         """Returns `global_cls_tokens` (2B, D) (pre-head, for KoLeo), `global_cls_logits` (2B, K),
         `local_cls_logits` (n_local·B, K) or None, `masked_patch_logits` (M, K') or None."""
         global_out = self.backbone.forward_features(global_crops, masks=masks)
@@ -98,7 +111,9 @@ class MultiCropNetwork(nn.Module):
         logits = self.dino_head(torch.cat(head_inputs))
         # one split, not three slices: the backward of a slice zero-fills a gradient as large as all the
         # logits (~180 MB at 65,536 prototypes) per slice, the backward of a split concatenates once
-        global_logits, local_logits, patch_logits = logits.split([n_global, n_local, logits.shape[0] - n_global - n_local])
+        global_logits, local_logits, patch_logits = logits.split(
+            [n_global, n_local, logits.shape[0] - n_global - n_local]
+        )
         out = {
             "global_cls_tokens": cls_global,
             "global_cls_logits": global_logits,
@@ -115,8 +130,10 @@ class MultiCropNetwork(nn.Module):
         return out
 
 
-def build_networks(cfg: DictConfig, backbone: nn.Module | None = None,
-                   ) -> tuple[MultiCropNetwork, MultiCropNetwork, dict[str, Any]]:
+def build_networks(
+    cfg: DictConfig,
+    backbone: nn.Module | None = None,
+) -> tuple[MultiCropNetwork, MultiCropNetwork, dict[str, Any]]:
     """Student and teacher from the same initialisation; the teacher is an independent copy without grads.
 
     `backbone`: a ready backbone (e.g. loaded from a file, `dino.train.pretrained`) instead of one built from
@@ -127,14 +144,25 @@ def build_networks(cfg: DictConfig, backbone: nn.Module | None = None,
         backbone_kwargs = {}
     embed_dim = backbone.embed_dim
     use_ibot = float(cfg.ibot.loss_weight) > 0
-    dino_head = DINOHead(embed_dim, int(cfg.dino.head_n_prototypes), use_bn=bool(cfg.dino.use_bn_in_head),
-                         norm_last_layer=bool(cfg.dino.norm_last_layer), nlayers=int(cfg.dino.head_nlayers),
-                         hidden_dim=int(cfg.dino.head_hidden_dim), bottleneck_dim=int(cfg.dino.head_bottleneck_dim))
+    dino_head = DINOHead(
+        embed_dim,
+        int(cfg.dino.head_n_prototypes),
+        use_bn=bool(cfg.dino.use_bn_in_head),
+        norm_last_layer=bool(cfg.dino.norm_last_layer),
+        nlayers=int(cfg.dino.head_nlayers),
+        hidden_dim=int(cfg.dino.head_hidden_dim),
+        bottleneck_dim=int(cfg.dino.head_bottleneck_dim),
+    )
     ibot_head = None
     if use_ibot and bool(cfg.ibot.separate_head):
-        ibot_head = DINOHead(embed_dim, int(cfg.ibot.head_n_prototypes), norm_last_layer=bool(cfg.dino.norm_last_layer),
-                             nlayers=int(cfg.ibot.head_nlayers), hidden_dim=int(cfg.ibot.head_hidden_dim),
-                             bottleneck_dim=int(cfg.ibot.head_bottleneck_dim))
+        ibot_head = DINOHead(
+            embed_dim,
+            int(cfg.ibot.head_n_prototypes),
+            norm_last_layer=bool(cfg.dino.norm_last_layer),
+            nlayers=int(cfg.ibot.head_nlayers),
+            hidden_dim=int(cfg.ibot.head_hidden_dim),
+            bottleneck_dim=int(cfg.ibot.head_bottleneck_dim),
+        )
     student = MultiCropNetwork(backbone, dino_head, ibot_head, use_ibot)
     # deepcopy, never assignment: a teacher that *is* the student collapses at ln K (dinov2 #407)
     teacher = copy.deepcopy(student)
@@ -228,19 +256,24 @@ class SelfDistillationObjective(nn.Module):
         momentum = float(cfg.dino.center_momentum)
         self.dino_loss = DINOLoss(int(cfg.dino.head_n_prototypes), temp, momentum, deferred_center_update=deferred)
         patch_dim = int(cfg.ibot.head_n_prototypes if cfg.ibot.separate_head else cfg.dino.head_n_prototypes)
-        self.ibot_loss = iBOTPatchLoss(patch_dim, temp, momentum, deferred_center_update=deferred) if self.ibot_weight > 0 else None
+        self.ibot_loss = (
+            iBOTPatchLoss(patch_dim, temp, momentum, deferred_center_update=deferred) if self.ibot_weight > 0 else None
+        )
         self.koleo_loss = KoLeoLoss()
 
     @torch.no_grad()
-    def teacher_targets(self, teacher_out: dict[str, Tensor], teacher_temp: float,
-                        n_masked_patches: Tensor | None = None) -> dict[str, Tensor | None]:
+    def teacher_targets(
+        self, teacher_out: dict[str, Tensor], teacher_temp: float, n_masked_patches: Tensor | None = None
+    ) -> dict[str, Tensor | None]:
         cls_logits = teacher_out["global_cls_logits"].float()
         patch_logits = teacher_out.get("masked_patch_logits")
         if self.centering == "sinkhorn_knopp":
             cls_probs = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp)
             patch_probs = None
             if self.ibot_loss is not None and patch_logits is not None:
-                patch_probs = self.ibot_loss.sinkhorn_knopp_teacher(patch_logits.float(), teacher_temp, n_masked_patches)
+                patch_probs = self.ibot_loss.sinkhorn_knopp_teacher(
+                    patch_logits.float(), teacher_temp, n_masked_patches
+                )
         else:
             cls_probs = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
             self.dino_loss.update_center(cls_logits)
@@ -254,8 +287,13 @@ class SelfDistillationObjective(nn.Module):
             targets["feature_patches"] = teacher_out["global_patch_tokens"]
         return targets
 
-    def forward(self, student_out: dict[str, Tensor], targets: dict[str, Tensor | None],
-                masks_weight: Tensor | None = None, n_images: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self,
+        student_out: dict[str, Tensor],
+        targets: dict[str, Tensor | None],
+        masks_weight: Tensor | None = None,
+        n_images: int | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss and its named terms (unweighted values for logging)."""
         s_global = student_out["global_cls_logits"].float()
         s_local = student_out["local_cls_logits"]
@@ -276,13 +314,20 @@ class SelfDistillationObjective(nn.Module):
             terms["koleo"] = sum(self.koleo_loss(chunk) for chunk in cls_tokens.chunk(2))
             total = total + self.koleo_weight * terms["koleo"]
         if self.ibot_loss is not None and student_out.get("masked_patch_logits") is not None:
-            terms["ibot"] = self.ibot_loss.forward_masked(student_out["masked_patch_logits"].float(), targets["patch_probs"],
-                                                          masks_weight, n_images)
+            terms["ibot"] = self.ibot_loss.forward_masked(
+                student_out["masked_patch_logits"].float(), targets["patch_probs"], masks_weight, n_images
+            )
             # DINOv2 scales the patch loss by 2 crops × ½
             total = total + self.ibot_weight * terms["ibot"]
         if self.feature_weight > 0 and targets.get("feature_cls") is not None:
             terms["feature"], _ = feature_distillation_loss(
-                student_out["projected_cls_tokens"], student_out["projected_patch_tokens"], targets["feature_cls"],
-                targets["feature_patches"], None, kind=self.feature_kind, patch_weight=self.feature_patch_weight)
+                student_out["projected_cls_tokens"],
+                student_out["projected_patch_tokens"],
+                targets["feature_cls"],
+                targets["feature_patches"],
+                None,
+                kind=self.feature_kind,
+                patch_weight=self.feature_patch_weight,
+            )
             total = total + self.feature_weight * terms["feature"]
         return total, terms

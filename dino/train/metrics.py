@@ -30,11 +30,15 @@ def teacher_entropy_stats(teacher_probs: Tensor) -> dict[str, float]:
 
 def collapse_warning(stats: dict[str, float]) -> str | None:
     if stats["teacher_entropy_sample"] > 0.98:
-        return ("teacher targets are almost uniform (entropy ≈ ln K): the run may be collapsing; try a lower "
-                "teacher temperature, a higher teacher momentum or a smaller out_dim for small datasets")
+        return (
+            "teacher targets are almost uniform (entropy ≈ ln K): the run may be collapsing; try a lower "
+            "teacher temperature, a higher teacher momentum or a smaller out_dim for small datasets"
+        )
     if stats["teacher_entropy_batch"] < 0.02:
-        return ("the teacher maps almost every image to one prototype: the run may be collapsing; "
-                "check the centering and the teacher temperature")
+        return (
+            "the teacher maps almost every image to one prototype: the run may be collapsing; "
+            "check the centering and the teacher temperature"
+        )
     return None
 
 
@@ -48,8 +52,9 @@ class MetricLogger:
     dropped (the resumed run logs those steps again, with the same values), so each step appears once.
     """
 
-    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
-                 resume_step: int | None = None):
+    def __init__(
+        self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True, resume_step: int | None = None
+    ):
         self.enabled = enabled
         self.writer = None
         self.jsonl = None

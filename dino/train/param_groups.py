@@ -117,8 +117,11 @@ def build_param_groups(
         key = (lr_multiplier, wd_multiplier, last_layer)
         if key not in groups:
             groups[key] = {
-                "params": [], "names": [],
-                "lr_multiplier": lr_multiplier, "wd_multiplier": wd_multiplier, "is_last_layer": last_layer,
+                "params": [],
+                "names": [],
+                "lr_multiplier": lr_multiplier,
+                "wd_multiplier": wd_multiplier,
+                "is_last_layer": last_layer,
             }
         groups[key]["params"].append(param)
         groups[key]["names"].append(name)

@@ -44,17 +44,37 @@ def _info(message: str) -> None:
     if is_main_process() and os.environ.get("RANK", "0") == "0":  # every rank reads the same file: say it once
         log.info(message)
 
+
 HEAD_NAMES = ("dino_head", "ibot_head")
 # the training config's head keys, read from a training checkpoint's saved config
-HEAD_CONFIG_KEYS = ("dino.head_n_prototypes", "dino.head_hidden_dim", "dino.head_bottleneck_dim", "dino.head_nlayers",
-                    "dino.norm_last_layer", "dino.use_bn_in_head", "ibot.separate_head", "ibot.head_n_prototypes",
-                    "ibot.head_hidden_dim", "ibot.head_bottleneck_dim", "ibot.head_nlayers")
+HEAD_CONFIG_KEYS = (
+    "dino.head_n_prototypes",
+    "dino.head_hidden_dim",
+    "dino.head_bottleneck_dim",
+    "dino.head_nlayers",
+    "dino.norm_last_layer",
+    "dino.use_bn_in_head",
+    "ibot.separate_head",
+    "ibot.head_n_prototypes",
+    "ibot.head_hidden_dim",
+    "ibot.head_bottleneck_dim",
+    "ibot.head_nlayers",
+)
 # our model.* keys ← the loader's inferred / stored kwargs
-_MODEL_KEYS = {"arch": "arch", "patch_size": "patch_size", "depth": "depth", "embed_dim": "embed_dim",
-               "img_size": "img_size", "init_values": "layerscale", "ffn_layer": "ffn_layer",
-               "num_register_tokens": "num_register_tokens", "qkv_bias": "qkv_bias",
-               "interpolate_offset": "interpolate_offset", "interpolate_antialias": "interpolate_antialias",
-               "use_mask_token": "use_mask_token"}
+_MODEL_KEYS = {
+    "arch": "arch",
+    "patch_size": "patch_size",
+    "depth": "depth",
+    "embed_dim": "embed_dim",
+    "img_size": "img_size",
+    "init_values": "layerscale",
+    "ffn_layer": "ffn_layer",
+    "num_register_tokens": "num_register_tokens",
+    "qkv_bias": "qkv_bias",
+    "interpolate_offset": "interpolate_offset",
+    "interpolate_antialias": "interpolate_antialias",
+    "use_mask_token": "use_mask_token",
+}
 
 
 @dataclass
@@ -63,11 +83,11 @@ class StartingPoint:
 
     source: str
     state_dict: dict[str, torch.Tensor]
-    model_kwargs: dict[str, Any]          # v1/v2: the model.* values; v3: {} (the loader rebuilds it from the tensors)
+    model_kwargs: dict[str, Any]  # v1/v2: the model.* values; v3: {} (the loader rebuilds it from the tensors)
     summary: str
     is_v3: bool = False
     heads: dict[str, torch.Tensor] = field(default_factory=dict)  # 'dino_head.*' / 'ibot_head.*' of a training ckpt
-    head_config: dict[str, Any] = field(default_factory=dict)     # HEAD_CONFIG_KEYS from that checkpoint's config
+    head_config: dict[str, Any] = field(default_factory=dict)  # HEAD_CONFIG_KEYS from that checkpoint's config
 
     @property
     def has_heads(self) -> bool:
@@ -86,8 +106,10 @@ def read_starting_point(source: str) -> StartingPoint:
         checkpoint = load_checkpoint_file(os.path.expanduser(source), network="teacher")
         state_dict = extract_backbone_state_dict(checkpoint, "teacher")
     if any(key.startswith("lora.") for key in state_dict):
-        raise UserError(f"{source} was trained with LoRA adapters (model.lora_rank); start from the run's "
-                        "teacher_backbone.safetensors instead, which has them merged into the weights")
+        raise UserError(
+            f"{source} was trained with LoRA adapters (model.lora_rank); start from the run's "
+            "teacher_backbone.safetensors instead, which has them merged into the weights"
+        )
     heads: dict[str, torch.Tensor] = {}
     teacher = checkpoint.get("teacher") if isinstance(checkpoint, dict) else None
     if isinstance(teacher, dict):
@@ -98,8 +120,9 @@ def read_starting_point(source: str) -> StartingPoint:
     head_config: dict[str, Any] = {}
     if heads and isinstance(checkpoint.get("config"), str):
         saved = OmegaConf.create(checkpoint["config"])
-        head_config = {key: OmegaConf.select(saved, key) for key in HEAD_CONFIG_KEYS
-                       if OmegaConf.select(saved, key) is not None}
+        head_config = {
+            key: OmegaConf.select(saved, key) for key in HEAD_CONFIG_KEYS if OmegaConf.select(saved, key) is not None
+        }
     is_v3 = is_dinov3_state_dict(state_dict)
     model_kwargs: dict[str, Any] = {}
     if not is_v3:
@@ -114,8 +137,10 @@ def read_starting_point(source: str) -> StartingPoint:
         merged = {k: info.get(k) for k in _MODEL_KEYS}
         merged.update({k: v for k, v in (stored or {}).items() if k in _MODEL_KEYS})
         if merged.get("arch") is None:
-            raise UserError(f"{source} holds {what_file_holds(state_dict)}: a width that matches no named arch and no "
-                            "stored architecture; save it with dino.hub.save_backbone(model, path, model_kwargs)")
+            raise UserError(
+                f"{source} holds {what_file_holds(state_dict)}: a width that matches no named arch and no "
+                "stored architecture; save it with dino.hub.save_backbone(model, path, model_kwargs)"
+            )
         model_kwargs = {_MODEL_KEYS[k]: v for k, v in merged.items()}
     return StartingPoint(source, state_dict, model_kwargs, what_file_holds(state_dict), is_v3, heads, head_config)
 
@@ -163,12 +188,16 @@ def prepare_config(cfg: DictConfig) -> StartingPoint | None:
         _CACHE[source] = read_starting_point(source)
     point = _CACHE[source]
     if point.is_v3 and "patch_embed.proj.weight" not in point.state_dict:
-        raise UserError(f"{source} is a ConvNeXt ({point.summary}); the training loop trains ViT students only — "
-                        "use it as a --distill_from teacher, or start from a ViT")
+        raise UserError(
+            f"{source} is a ConvNeXt ({point.summary}); the training loop trains ViT students only — "
+            "use it as a --distill_from teacher, or start from a ViT"
+        )
     derive_config(cfg, point)
     if point.is_v3 and str(cfg.train.parallel) == "fsdp":
-        raise UserError("continued pretraining of a DINOv3 file runs with --parallel ddp (the sharded teacher export "
-                        "rebuilds v1/v2 ViTs only)")
+        raise UserError(
+            "continued pretraining of a DINOv3 file runs with --parallel ddp (the sharded teacher export "
+            "rebuilds v1/v2 ViTs only)"
+        )
     return point
 
 
@@ -194,8 +223,10 @@ def build_pretrained_backbone(cfg: DictConfig, point: StartingPoint) -> tuple[nn
     fresh = list(result.missing_keys)
     if result.unexpected_keys or any(key != "mask_token" for key in fresh):
         # derive_config made model.* follow the file, so only a hand-edited config ends here
-        raise UserError(f"{point.source} does not fit model.* (missing {fresh[:4]}, unexpected "
-                        f"{list(result.unexpected_keys)[:4]}); it holds {point.summary}")
+        raise UserError(
+            f"{point.source} does not fit model.* (missing {fresh[:4]}, unexpected "
+            f"{list(result.unexpected_keys)[:4]}); it holds {point.summary}"
+        )
     return backbone, kwargs, fresh
 
 
@@ -208,18 +239,26 @@ def load_heads(network: nn.Module, heads: dict[str, torch.Tensor], source: str) 
     for name in HEAD_NAMES:
         module = getattr(network, name, None)
         # a feature-distillation projection (dino_head.feature_proj) belongs to the run that trained it
-        wanted = {k[len(name) + 1:]: v for k, v in heads.items()
-                  if k.startswith(name + ".") and not k.startswith(name + ".feature_proj.")}
+        wanted = {
+            k[len(name) + 1 :]: v
+            for k, v in heads.items()
+            if k.startswith(name + ".") and not k.startswith(name + ".feature_proj.")
+        }
         if module is None:
             continue
         if not wanted:
             raise UserError(f"{source} has no {name} weights, but this config uses one (ibot.separate_head)")
         own = {k: v for k, v in module.state_dict().items() if not k.startswith("feature_proj.")}
-        bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in wanted.items()
-               if k in own and v.shape != own[k].shape]
+        bad = [
+            f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+            for k, v in wanted.items()
+            if k in own and v.shape != own[k].shape
+        ]
         if bad or set(wanted) != set(own):
-            raise UserError(f"the {name} of {source} does not fit this config's head ({', '.join(bad[:3]) or 'keys differ'});"
-                            " set the dino.head_* / ibot.head_* keys to the file's")
+            raise UserError(
+                f"the {name} of {source} does not fit this config's head ({', '.join(bad[:3]) or 'keys differ'});"
+                " set the dino.head_* / ibot.head_* keys to the file's"
+            )
         module.load_state_dict(wanted, strict=False)  # the keys were compared above (feature_proj aside)
 
 
@@ -247,8 +286,10 @@ def head_warmup_iters(cfg: DictConfig, fresh_heads: bool | None, total_iters: in
     value = OmegaConf.select(cfg, "train.head_warmup_iters")
     if value is not None:
         if int(value) == 0 and fresh_heads:
-            log.warning("fresh heads on a pretrained backbone without a head warm-up (train.head_warmup_iters=0): "
-                        "their first gradients can wipe the backbone's features (dinov2 #204)")
+            log.warning(
+                "fresh heads on a pretrained backbone without a head warm-up (train.head_warmup_iters=0): "
+                "their first gradients can wipe the backbone's features (dinov2 #204)"
+            )
         return int(value)
     if not fresh_heads:
         return 0
@@ -283,7 +324,9 @@ class HeadWarmup:
         if self.frozen is not None or step:
             _info(f"step {step}: backbone {'frozen (head warm-up)' if frozen else 'unfrozen'}")
         elif frozen:
-            _info(f"head warm-up: backbone frozen for {self.iters} iterations, heads fitted with Sinkhorn-Knopp targets")
+            _info(
+                f"head warm-up: backbone frozen for {self.iters} iterations, heads fitted with Sinkhorn-Knopp targets"
+            )
         self.frozen = frozen
 
     def release(self) -> None:

@@ -39,8 +39,8 @@ class DataStats:
     """What the recipe needs to know about a training set."""
 
     num_images: int
-    image_side: int          # median of min(width, height) over the sampled images
-    grayscale: bool          # every sampled image has R == G == B
+    image_side: int  # median of min(width, height) over the sampled images
+    grayscale: bool  # every sampled image has R == G == B
     labelled: bool = False
 
     def describe(self) -> str:
@@ -99,8 +99,14 @@ def choose_patch_size(side: int, max_grid: int = 8) -> int:
     return 1 << max(0, math.ceil(math.log2(max(side, 1) / max_grid)))
 
 
-def derive_small_data_choices(stats: DataStats, images_seen: int = 120_000, min_epochs: int = 10,
-                              max_epochs: int = 300, max_grid: int = 8, patch_size: int | None = None) -> RecipeChoices:
+def derive_small_data_choices(
+    stats: DataStats,
+    images_seen: int = 120_000,
+    min_epochs: int = 10,
+    max_epochs: int = 300,
+    max_grid: int = 8,
+    patch_size: int | None = None,
+) -> RecipeChoices:
     """Config values derived from the data, each with its reason (`patch_size`: given by the user, not derived)."""
     out = RecipeChoices()
     side = stats.image_side
@@ -110,16 +116,25 @@ def derive_small_data_choices(stats: DataStats, images_seen: int = 120_000, min_
     grid = global_size // patch
     out.add("model.patch_size", patch, f"images of {side} px → a {grid}×{grid} token grid (≤ {max_grid} a side)")
     out.add("crops.global_crops_size", global_size, "the images' own resolution (multiple of the patch), not 224")
-    out.add("crops.local_crops_size", local_size, f"~3/7 of the global crop ({local_size // patch}×{local_size // patch} patches)")
+    out.add(
+        "crops.local_crops_size",
+        local_size,
+        f"~3/7 of the global crop ({local_size // patch}×{local_size // patch} patches)",
+    )
     if stats.grayscale:
         out.add("crops.solarization_prob", 0.0, "grayscale data: no solarisation")
     else:
         out.add("crops.solarization_prob", 0.2, "colour data: solarisation on global crop 2 (DINO, solo-learn)")
     if global_size < 96:
-        out.add("crops.blur_probs", [0.0, 0.0, 0.0], f"{global_size} px crops: DINO's 0.1–2 px blur is tuned for 224 px")
+        out.add(
+            "crops.blur_probs", [0.0, 0.0, 0.0], f"{global_size} px crops: DINO's 0.1–2 px blur is tuned for 224 px"
+        )
     epochs = int(min(max_epochs, max(min_epochs, round(images_seen / max(stats.num_images, 1)))))
-    out.add("optim.epochs", epochs, f"≈ {images_seen // 1000}k images seen / {stats.num_images} images "
-                                    f"(clamped to {min_epochs}–{max_epochs})")
+    out.add(
+        "optim.epochs",
+        epochs,
+        f"≈ {images_seen // 1000}k images seen / {stats.num_images} images (clamped to {min_epochs}–{max_epochs})",
+    )
     warmup = max(1, int(round(0.1 * epochs)))
     out.add("optim.warmup_epochs", warmup, "10 % of the epochs")
     out.add("teacher.warmup_teacher_temp_epochs", 0, "constant sharp teacher (no warm-up) for short runs")
@@ -131,8 +146,13 @@ def _explicitly_set(cfg: DictConfig) -> set[str]:
     return set(keep or [])
 
 
-def apply_small_data_recipe(cfg: DictConfig, data_path: str | None = None, stats: DataStats | None = None,
-                            explicit: Iterable[str] = (), verbose: bool = True) -> RecipeChoices | None:
+def apply_small_data_recipe(
+    cfg: DictConfig,
+    data_path: str | None = None,
+    stats: DataStats | None = None,
+    explicit: Iterable[str] = (),
+    verbose: bool = True,
+) -> RecipeChoices | None:
     """Fill the data-derived keys of `cfg` in place (except those in `explicit` or `recipe.keep`); print them.
 
     Returns the choices, or None when the config has no `recipe.auto: true`.
@@ -145,11 +165,14 @@ def apply_small_data_recipe(cfg: DictConfig, data_path: str | None = None, stats
 
         stats = inspect_images(data_path or resolve_data_path(cfg))
     kept = set(explicit) | _explicitly_set(cfg)
-    choices = derive_small_data_choices(stats, images_seen=int(recipe.get("images_seen", 120_000)),
-                                        min_epochs=int(recipe.get("min_epochs", 10)),
-                                        max_epochs=int(recipe.get("max_epochs", 300)),
-                                        max_grid=int(recipe.get("max_grid", 8)),
-                                        patch_size=int(cfg.model.patch_size) if "model.patch_size" in kept else None)
+    choices = derive_small_data_choices(
+        stats,
+        images_seen=int(recipe.get("images_seen", 120_000)),
+        min_epochs=int(recipe.get("min_epochs", 10)),
+        max_epochs=int(recipe.get("max_epochs", 300)),
+        max_grid=int(recipe.get("max_grid", 8)),
+        patch_size=int(cfg.model.patch_size) if "model.patch_size" in kept else None,
+    )
     for choice in choices.choices:
         if choice.key not in kept:
             OmegaConf.update(cfg, choice.key, choice.value, merge=False)
@@ -175,8 +198,10 @@ def suggest_preset(stats: DataStats, current: str) -> str | None:
     """A one-line hint when a folder of small images is trained with a preset made for something else."""
     if current == "small_data" or stats.image_side > 128 or stats.num_images > 200_000:
         return None
-    return (f"hint: {stats.describe()} — the small_data preset fits this data better than {current!r} "
-            f"(python main_dino.py --config small_data --data_path ...)")
+    return (
+        f"hint: {stats.describe()} — the small_data preset fits this data better than {current!r} "
+        f"(python main_dino.py --config small_data --data_path ...)"
+    )
 
 
 # ------------------------------------------------------------------------------------ main_dino.py hooks
@@ -188,7 +213,7 @@ def _data_path_from_argv(argv: list[str]) -> str | None:
             return argv[i + 1]
         for prefix in ("--data_path=", "train.data_path="):
             if token.startswith(prefix):
-                return token[len(prefix):]
+                return token[len(prefix) :]
     return None
 
 

@@ -59,8 +59,13 @@ def table_peak_flops(device_name: str, precision: str) -> float | None:
     return None
 
 
-def measured_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 5,
-                          synchronize: Callable[[], None] = lambda: None) -> float:
+def measured_matmul_flops(
+    device: torch.device,
+    dtype: torch.dtype,
+    size: int = 1024,
+    repeats: int = 5,
+    synchronize: Callable[[], None] = lambda: None,
+) -> float:
     """Median FLOP/s of `repeats` size³ matrix products (2·size³ FLOPs each) on `device` in `dtype`."""
     # a private generator: measuring must not move the global random streams (exact resume depends on them)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -115,13 +120,17 @@ def count_flops():
     # PyTorch's counter knows the CUDA attention kernels but not the CPU flash kernel: without these two
     # entries attention would count as zero FLOPs on the CPU
     cpu_attention = {
-        aten._scaled_dot_product_flash_attention_for_cpu:
-            lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
-        aten._scaled_dot_product_flash_attention_for_cpu_backward:
-            lambda grad_out, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(grad_out, q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *args, out_shape=None, **kwargs: (
+            sdpa_flop_count(q, k, v)
+        ),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda grad_out, q, k, v, *args, out_shape=None, **kwargs: (
+            sdpa_backward_flop_count(grad_out, q, k, v)
+        ),
     }
     counter = FlopCounterMode(display=False, custom_mapping=cpu_attention)
-    stance = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else contextlib.nullcontext()
+    stance = (
+        torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else contextlib.nullcontext()
+    )
     with stance, counter:
         yield counter.get_total_flops
 
@@ -134,8 +143,9 @@ class StepFlops:
 
     @staticmethod
     def layout(batch: dict) -> Hashable:
-        return tuple((key, tuple(value.shape)) for key, value in sorted(batch.items())
-                     if isinstance(value, torch.Tensor))
+        return tuple(
+            (key, tuple(value.shape)) for key, value in sorted(batch.items()) if isinstance(value, torch.Tensor)
+        )
 
     def known(self, batch: dict) -> int | None:
         return self._by_layout.get(self.layout(batch))
@@ -152,8 +162,14 @@ class ThroughputMeter:
     once the window's data-wait share exceeds `bottleneck_fraction`.
     """
 
-    def __init__(self, global_batch: int, peak: PeakRate, memory_mb: Callable[[], float], window: int = 20,
-                 bottleneck_fraction: float = 0.05):
+    def __init__(
+        self,
+        global_batch: int,
+        peak: PeakRate,
+        memory_mb: Callable[[], float],
+        window: int = 20,
+        bottleneck_fraction: float = 0.05,
+    ):
         self.global_batch = global_batch
         self.peak = peak
         self.memory_mb = memory_mb
@@ -184,8 +200,10 @@ class ThroughputMeter:
         total = data + sum(s[1] for s in self._steps)
         if data <= self.bottleneck_fraction * total:
             return None
-        return (f"data loading is the bottleneck: the loop waits for batches {data / total:.0%} of the time; "
-                "raise train.num_workers, keep images on a local disk, or store them smaller")
+        return (
+            f"data loading is the bottleneck: the loop waits for batches {data / total:.0%} of the time; "
+            "raise train.num_workers, keep images on a local disk, or store them smaller"
+        )
 
 
 @contextlib.contextmanager

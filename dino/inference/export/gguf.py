@@ -44,11 +44,15 @@ DEFAULT_QKV_LAYOUT = "fused"  # what dinov2.cpp reads
 def check_gguf_supported(model) -> None:
     """A DINOv3 backbone (RoPE ViT or ConvNeXt) has no dinov2.cpp / ggml model: one line naming what works."""
     if not hasattr(model, "pos_embed"):
-        raise UserError(f"GGUF (dinov2.cpp) cannot run {type(model).__name__}: the ggml runtime has no RoPE / ConvNeXt "
-                        "model for DINOv3; export it with --format onnx or --format hf instead")
+        raise UserError(
+            f"GGUF (dinov2.cpp) cannot run {type(model).__name__}: the ggml runtime has no RoPE / ConvNeXt "
+            "model for DINOv3; export it with --format onnx or --format hf instead"
+        )
 
 
-def gguf_tensors(model: VisionTransformer, ftype: str = "f32", qkv_layout: str = DEFAULT_QKV_LAYOUT) -> dict[str, np.ndarray]:
+def gguf_tensors(
+    model: VisionTransformer, ftype: str = "f32", qkv_layout: str = DEFAULT_QKV_LAYOUT
+) -> dict[str, np.ndarray]:
     """The arrays written to the GGUF file, by name, already in their stored dtype and shape."""
     check_gguf_supported(model)
     if ftype not in FTYPES:
@@ -59,12 +63,19 @@ def gguf_tensors(model: VisionTransformer, ftype: str = "f32", qkv_layout: str =
     state.pop("embeddings.mask_token", None)
     if qkv_layout in ("both", "fused"):
         for i in range(len(model.blocks)):
-            state[f"encoder.layer.{i}.attention.attention.qkv.weight"] = model.blocks[i].attn.qkv.weight.detach().float()
+            state[f"encoder.layer.{i}.attention.attention.qkv.weight"] = (
+                model.blocks[i].attn.qkv.weight.detach().float()
+            )
             qkv_bias = model.blocks[i].attn.qkv.bias
             state[f"encoder.layer.{i}.attention.attention.qkv.bias"] = (
-                qkv_bias.detach().float() if qkv_bias is not None else torch.zeros(3 * model.embed_dim))
+                qkv_bias.detach().float() if qkv_bias is not None else torch.zeros(3 * model.embed_dim)
+            )
     if qkv_layout == "fused":
-        state = {k: v for k, v in state.items() if not any(f".attention.attention.{n}." in k for n in ("query", "key", "value"))}
+        state = {
+            k: v
+            for k, v in state.items()
+            if not any(f".attention.attention.{n}." in k for n in ("query", "key", "value"))
+        }
     arrays = {}
     for name, tensor in state.items():
         array = tensor.detach().cpu().contiguous().numpy().astype(np.float32)
@@ -89,8 +100,9 @@ def gguf_metadata(model: VisionTransformer, ftype: str = "f32") -> dict[str, int
     }
 
 
-def export_gguf(model: VisionTransformer, path: str | os.PathLike, ftype: str = "f32",
-                qkv_layout: str = DEFAULT_QKV_LAYOUT) -> Path:
+def export_gguf(
+    model: VisionTransformer, path: str | os.PathLike, ftype: str = "f32", qkv_layout: str = DEFAULT_QKV_LAYOUT
+) -> Path:
     """Write `model` as a dinov2.cpp GGUF file; returns the path."""
     check_gguf_supported(model)
     import gguf
@@ -128,8 +140,9 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, int], dict[str, np.nda
     return metadata, tensors
 
 
-def verify_gguf(model: VisionTransformer, path: str | os.PathLike, ftype: str = "f32",
-                qkv_layout: str = DEFAULT_QKV_LAYOUT) -> int:
+def verify_gguf(
+    model: VisionTransformer, path: str | os.PathLike, ftype: str = "f32", qkv_layout: str = DEFAULT_QKV_LAYOUT
+) -> int:
     """Read the file back and compare every tensor and the metadata with `model`; returns the tensor count."""
     metadata, tensors = read_gguf(path)
     expected_meta = gguf_metadata(model, ftype)
@@ -138,11 +151,15 @@ def verify_gguf(model: VisionTransformer, path: str | os.PathLike, ftype: str = 
         raise UserError(f"GGUF metadata of {path} differs (found, expected): {wrong}")
     expected = gguf_tensors(model, ftype, qkv_layout)
     if set(tensors) != set(expected):
-        raise UserError(f"GGUF tensors of {path} differ: missing {sorted(set(expected) - set(tensors))[:5]}, "
-                        f"unexpected {sorted(set(tensors) - set(expected))[:5]}")
+        raise UserError(
+            f"GGUF tensors of {path} differ: missing {sorted(set(expected) - set(tensors))[:5]}, "
+            f"unexpected {sorted(set(tensors) - set(expected))[:5]}"
+        )
     for name, array in expected.items():
         stored = tensors[name]
         if stored.dtype != array.dtype or stored.shape != array.shape or not np.array_equal(stored, array):
-            raise UserError(f"GGUF tensor {name} of {path} differs from the model "
-                            f"({stored.dtype}{list(stored.shape)} vs {array.dtype}{list(array.shape)})")
+            raise UserError(
+                f"GGUF tensor {name} of {path} differs from the model "
+                f"({stored.dtype}{list(stored.shape)} vs {array.dtype}{list(array.shape)})"
+            )
     return len(expected)

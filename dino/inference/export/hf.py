@@ -81,9 +81,9 @@ def hf_state_dict(model: VisionTransformer, image_size: int | None = None) -> di
         ours, theirs = f"blocks.{i}.", f"encoder.layer.{i}."
         qkv_w = state[ours + "attn.qkv.weight"]
         for index, name in enumerate(("query", "key", "value")):
-            out[f"{theirs}attention.attention.{name}.weight"] = qkv_w[index * dim:(index + 1) * dim]
+            out[f"{theirs}attention.attention.{name}.weight"] = qkv_w[index * dim : (index + 1) * dim]
             bias_key = ours + "attn.qkv.bias"
-            bias = state[bias_key][index * dim:(index + 1) * dim] if bias_key in state else torch.zeros(dim)
+            bias = state[bias_key][index * dim : (index + 1) * dim] if bias_key in state else torch.zeros(dim)
             out[f"{theirs}attention.attention.{name}.bias"] = bias
         for our_name, their_name in _BLOCK_RENAMES.items():
             for suffix in ("weight", "bias", ""):
@@ -146,8 +146,10 @@ def export_hf(model: VisionTransformer, folder: str | os.PathLike, image_size: i
         state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
     else:
         if model.interpolate_offset and model.num_register_tokens:
-            raise UserError("Dinov2WithRegistersModel interpolates like the official register models (offset 0); "
-                            "this model uses interpolate_offset > 0 and would give different features")
+            raise UserError(
+                "Dinov2WithRegistersModel interpolates like the official register models (offset 0); "
+                "this model uses interpolate_offset > 0 and would give different features"
+            )
         state = hf_state_dict(model, image_size)
         config = hf_config(model, image_size)
     folder = Path(folder)
@@ -184,8 +186,13 @@ def _hf_tokens(hf, model, images: Tensor) -> tuple[Tensor, Tensor]:
     return cls, patches
 
 
-def verify_hf(model: VisionTransformer, folder: str | os.PathLike, batch_size: int = 2, atol: float = 1e-4,
-              image_size: int | None = None) -> dict:
+def verify_hf(
+    model: VisionTransformer,
+    folder: str | os.PathLike,
+    batch_size: int = 2,
+    atol: float = 1e-4,
+    image_size: int | None = None,
+) -> dict:
     """Load the folder with transformers and compare its tokens with ours at two sizes (`hf_verification_sizes`).
 
     Returns {"max_abs_diff": at the exact size (raises UserError above `atol`), "sizes": {"HxW": diff, …},
@@ -207,17 +214,25 @@ def verify_hf(model: VisionTransformer, folder: str | os.PathLike, batch_size: i
         with torch.no_grad():
             ours = model.forward_features(images)
             their_cls, their_patches = _hf_tokens(hf, model, images)
-        diff = max(float((their_cls - ours["x_norm_clstoken"]).abs().max()),
-                   float((their_patches - ours["x_norm_patchtokens"]).abs().max()))
+        diff = max(
+            float((their_cls - ours["x_norm_clstoken"]).abs().max()),
+            float((their_patches - ours["x_norm_patchtokens"]).abs().max()),
+        )
         diffs[f"{size}x{size}"] = diff
         if diff > atol and (index == 0 or is_dinov3(model)):
-            raise UserError(f"Hugging Face export {folder} differs from PyTorch by {diff:.2e} (> {atol:g}) at {size}x{size}")
+            raise UserError(
+                f"Hugging Face export {folder} differs from PyTorch by {diff:.2e} (> {atol:g}) at {size}x{size}"
+            )
     exact, other = sizes
     if is_dinov3(model):
-        note = ("DINOv3: no stored position embedding (RoPE from the input size, or a ConvNeXt), so outputs agree at "
-                "every size")
+        note = (
+            "DINOv3: no stored position embedding (RoPE from the input size, or a ConvNeXt), so outputs agree at "
+            "every size"
+        )
     else:
-        note = (f"outputs equal ours at {exact}x{exact} (the position embedding is stored for that size); at any other "
-                f"size transformers resizes it its own way and features differ (max {diffs[f'{other}x{other}']:.2g} at "
-                f"{other}x{other}): re-export with --image_size for the size you run")
+        note = (
+            f"outputs equal ours at {exact}x{exact} (the position embedding is stored for that size); at any other "
+            f"size transformers resizes it its own way and features differ (max {diffs[f'{other}x{other}']:.2g} at "
+            f"{other}x{other}): re-export with --image_size for the size you run"
+        )
     return dict(max_abs_diff=diffs[f"{exact}x{exact}"], sizes=diffs, note=note)

@@ -159,8 +159,9 @@ class OnnxFeatureModel(nn.Module):
         if not self.dynamic_size:
             return self.pos_patches
         p = self.patch_size
-        grid = resize_position_grid(self.pos_grid, height // p, width // p, self.interpolate_offset,
-                                    self.interpolate_antialias)
+        grid = resize_position_grid(
+            self.pos_grid, height // p, width // p, self.interpolate_offset, self.interpolate_antialias
+        )
         return grid.unsqueeze(0)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -182,7 +183,7 @@ class OnnxFeatureModel(nn.Module):
         for block in fast.blocks:
             tokens = block(tokens)
         tokens = fast.norm(tokens)
-        return tokens[:, 0], tokens[:, self.first_patch:]
+        return tokens[:, 0], tokens[:, self.first_patch :]
 
 
 class OnnxRopeFeatureModel(nn.Module):
@@ -203,7 +204,7 @@ class OnnxRopeFeatureModel(nn.Module):
             out = self.fast.forward_features(images)
             return out["x_norm_clstoken"], out["x_norm_patchtokens"]
         tokens = self.fast.forward_tokens(images)
-        return tokens[:, 0], tokens[:, self.first_patch:]
+        return tokens[:, 0], tokens[:, self.first_patch :]
 
 
 def uses_rope(model: nn.Module) -> bool:
@@ -211,16 +212,19 @@ def uses_rope(model: nn.Module) -> bool:
     return not hasattr(model, "pos_embed")
 
 
-def export_onnx(model: VisionTransformer, path: str | os.PathLike, image_size: int = 224, opset: int = 17,
-                dynamic_size: bool = True) -> Path:
+def export_onnx(
+    model: VisionTransformer, path: str | os.PathLike, image_size: int = 224, opset: int = 17, dynamic_size: bool = True
+) -> Path:
     """Write `model` as ONNX with a dynamic batch and, by default, dynamic height and width; returns the path.
 
     With `dynamic_size` the graph takes any H×W that are multiples of the patch size and `image_size` is only
     the size of the example traced; without it the graph only takes `image_size`² inputs.
     """
     if image_size < model.patch_size or image_size % model.patch_size:
-        raise UserError(f"--image_size {image_size} must be a positive multiple of the patch size {model.patch_size} "
-                        f"(e.g. {max(1, round(image_size / model.patch_size)) * model.patch_size})")
+        raise UserError(
+            f"--image_size {image_size} must be a positive multiple of the patch size {model.patch_size} "
+            f"(e.g. {max(1, round(image_size / model.patch_size)) * model.patch_size})"
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if uses_rope(model):  # the graph computes RoPE from the input size: always dynamic
@@ -237,9 +241,14 @@ def export_onnx(model: VisionTransformer, path: str | os.PathLike, image_size: i
     with atomic_write(path) as handle, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            wrapper, (example,), handle, input_names=["images"], output_names=["cls", "patch_tokens"],
+            wrapper,
+            (example,),
+            handle,
+            input_names=["images"],
+            output_names=["cls", "patch_tokens"],
             dynamic_axes={"images": images_axes, "cls": {0: "batch"}, "patch_tokens": patch_axes},
-            opset_version=opset, dynamo=False,
+            opset_version=opset,
+            dynamo=False,
         )
     return path
 
@@ -269,19 +278,33 @@ def verification_sizes(model: VisionTransformer, image_size: int) -> list[tuple[
     """(H, W) checked for a dynamic export: the example size, the stored grid's size, larger, non-square."""
     p = model.patch_size
     if uses_rope(model):  # no stored grid: the example size, smaller, larger and non-square, not multiples of p
-        sizes = [(image_size, image_size), (max(p, image_size - 2 * p), max(p, image_size - 2 * p)),
-                 (image_size + 4 * p, image_size + 4 * p), (max(p, image_size - 2 * p), image_size + 2 * p),
-                 (image_size + p // 2, image_size + p - 1)]
+        sizes = [
+            (image_size, image_size),
+            (max(p, image_size - 2 * p), max(p, image_size - 2 * p)),
+            (image_size + 4 * p, image_size + 4 * p),
+            (max(p, image_size - 2 * p), image_size + 2 * p),
+            (image_size + p // 2, image_size + p - 1),
+        ]
         return list(dict.fromkeys(sizes))
     side = int(math.isqrt(model.pos_embed.shape[1] - 1))
-    sizes = [(image_size, image_size), (side * p, side * p), (image_size + 4 * p, image_size + 4 * p),
-             (max(p, image_size - 2 * p), image_size + 2 * p),
-             (image_size + p // 2, image_size + p - 1)]  # not multiples of p: cropped to image_size² in the graph
+    sizes = [
+        (image_size, image_size),
+        (side * p, side * p),
+        (image_size + 4 * p, image_size + 4 * p),
+        (max(p, image_size - 2 * p), image_size + 2 * p),
+        (image_size + p // 2, image_size + p - 1),
+    ]  # not multiples of p: cropped to image_size² in the graph
     return list(dict.fromkeys(sizes))
 
 
-def verify_onnx(model: VisionTransformer, path: str | os.PathLike, image_size: int, batch_size: int = 2,
-                atol: float = 1e-4, sizes: list[tuple[int, int]] | None = None) -> float:
+def verify_onnx(
+    model: VisionTransformer,
+    path: str | os.PathLike,
+    image_size: int,
+    batch_size: int = 2,
+    atol: float = 1e-4,
+    sizes: list[tuple[int, int]] | None = None,
+) -> float:
     """Max abs difference between PyTorch and onnxruntime features; raises UserError above `atol`.
 
     A fixed-size file is checked at `image_size`²; a dynamic one at `sizes` (H, W), by default
@@ -296,14 +319,18 @@ def verify_onnx(model: VisionTransformer, path: str | os.PathLike, image_size: i
         p = model.patch_size
         # the ViT graphs crop sizes that are not multiples of p (v3: as the model floors them); PyTorch gets the
         # same crop. A ConvNeXt takes any size as it is, in both.
-        crop = images if not hasattr(model, "blocks") else images[:, :, :height // p * p, :width // p * p]
+        crop = images if not hasattr(model, "blocks") else images[:, :, : height // p * p, : width // p * p]
         with torch.no_grad():
             expected = model.forward_features(crop)
         cls, patches = run_onnx(path, images.numpy())
-        diff = max(float(np.abs(cls - expected["x_norm_clstoken"].numpy()).max()),
-                   float(np.abs(patches - expected["x_norm_patchtokens"].numpy()).max()))
+        diff = max(
+            float(np.abs(cls - expected["x_norm_clstoken"].numpy()).max()),
+            float(np.abs(patches - expected["x_norm_patchtokens"].numpy()).max()),
+        )
         if diff > atol:
-            raise UserError(f"ONNX export {path} differs from PyTorch by {diff:.2e} (> {atol:g}) on {height}x{width} images")
+            raise UserError(
+                f"ONNX export {path} differs from PyTorch by {diff:.2e} (> {atol:g}) on {height}x{width} images"
+            )
         worst = max(worst, diff)
     return worst
 
@@ -318,6 +345,11 @@ def quantize_onnx_int8(source: str | os.PathLike, target: str | os.PathLike) -> 
     target = Path(target)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul", "Gemm"])
+        quantize_dynamic(
+            str(source),
+            str(target),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["MatMul", "Gemm"],
+        )
     return target
