@@ -176,3 +176,16 @@ def test_retrieval_copy_detection_and_davis(v3_checkpoint, tmp_path):
         ]
     )
     assert "J&F-Mean" in json.loads((tmp_path / "dvo" / "davis_results.json").read_text())["results"]
+
+
+def test_eval_linear_on_a_convnext_checkpoint(image_data, tmp_path):
+    """A ConvNeXt has stages of different widths: the grid folds into the last stage's features, and runs."""
+    from dino.hub import load_official
+
+    path = tmp_path / "convnext_tiny.pth"
+    torch.manual_seed(0)
+    torch.save(load_official("dinov3_convnext_tiny", pretrained=False).state_dict(), path)
+    common = ["--data_path", str(image_data), "--num_workers", "0", "--device", "cpu", "--batch_size_per_gpu", "8"]
+    common += ["--crop_size", "32", "--resize_size", "36", "--pretrained_weights", str(path)]
+    result = load_script("eval_linear").main(common + ["--epochs", "1", "--output_dir", str(tmp_path / "lin")])
+    assert result["best"]["n_last_blocks"] == 1

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
 
 import torch
@@ -70,6 +70,18 @@ class ProbeSetting:
     @property
     def name(self) -> str:
         return f"blocks{self.n_last_blocks}_avgpool{'T' if self.avgpool_patchtokens else 'F'}_lr{self.lr:g}"
+
+
+def settings_for_backbone(settings: Sequence[ProbeSetting], model: nn.Module) -> list[ProbeSetting]:
+    """The grid a backbone can feed: a ConvNeXt (no `blocks`) has stages of different widths, and its [CLS] is
+    the pooled last stage, so only `n_last_blocks` 1 applies (the others are folded into it, and that is said)."""
+    if hasattr(model, "blocks") or all(s.n_last_blocks == 1 for s in settings):
+        return list(settings)
+    if is_main_process():
+        logger.info(
+            "ConvNeXt backbone: linear probes on the last stage only (n_last_blocks 1); its stages differ in width"
+        )
+    return list(dict.fromkeys(replace(s, n_last_blocks=1) for s in settings))
 
 
 def probe_grid(
@@ -326,8 +338,9 @@ def train_linear_probes(
     world_size = get_world_size()
     global_batch = training.batch_size_per_device * world_size
     torch.manual_seed(training.seed)  # the same classifier init on every rank and every run
+    settings = settings_for_backbone(settings, model)
     grid = LinearProbeGrid(settings, model.embed_dim, num_classes).to(device_ctx.device)
-    if grid.max_blocks > len(model.blocks):
+    if hasattr(model, "blocks") and grid.max_blocks > len(model.blocks):
         raise UserError(f"n_last_blocks {grid.max_blocks} exceeds the backbone's {len(model.blocks)} blocks")
     optimizer = make_optimizer(grid, global_batch, training.momentum, training.weight_decay)
     checkpoint_path = os.path.join(output_dir, CHECKPOINT_NAME)
