@@ -69,6 +69,13 @@ _STRIP_PREFIXES = ("module.", "_orig_mod.", "backbone.")
 
 
 # --- reading files ------------------------------------------------------------------------------
+def _not_a_checkpoint(path: str) -> str:
+    return (
+        f"cannot read checkpoint {path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a "
+        "pickle: another kind of file, or damaged)"
+    )
+
+
 def load_checkpoint_file(path_or_url: str, allow_pickle: bool = False, network: str = "teacher") -> dict:
     """Read a checkpoint (local path or http(s) URL, or a sharded DCP folder) onto the CPU.
 
@@ -111,10 +118,7 @@ def load_checkpoint_file(path_or_url: str, allow_pickle: bool = False, network: 
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as err:
         if not _is_zip_or_pickle(path):  # random bytes also end here: not "pickled objects"
-            raise UserError(
-                f"cannot read checkpoint {path}: not a PyTorch checkpoint (neither a torch.save zip archive "
-                "nor a pickle: another kind of file, or damaged)"
-            ) from None
+            raise UserError(_not_a_checkpoint(path)) from None
         if allow_pickle:
             raise UserError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
         raise UserError(
@@ -122,6 +126,8 @@ def load_checkpoint_file(path_or_url: str, allow_pickle: bool = False, network: 
             "if you trust the file, allow it with --allow_pickle (allow_pickle=True)"
         ) from None
     except Exception as err:  # torch.load raises many types on garbage input; all mean "not a checkpoint"
+        if not _is_zip_or_pickle(path):  # random bytes can fail inside the unpickler with any error type
+            raise UserError(_not_a_checkpoint(path)) from None
         detail = (str(err).splitlines() or [type(err).__name__])[0]
         raise UserError(f"cannot read checkpoint {path}: not a valid PyTorch file or truncated ({detail})") from None
 
@@ -804,7 +810,7 @@ def resolve_backbone(
             **model_kwargs,
         )
     if arch in DINOV3_RELEASES:  # --arch dinov3_vits16: the release itself
-        print(f"no --pretrained_weights given: using the official {arch} weights ({dinov3_url(arch)})")
+        logger.info(f"no --pretrained_weights given: using the official {arch} weights ({dinov3_url(arch)})")
         return load_dinov3(arch, pretrained=True, **model_kwargs).eval()
     name = official_name(arch or "vit_small", patch_size or 16, num_register_tokens or 0)
     if name is None:

@@ -87,12 +87,13 @@ def test_inspect_images_finds_count_side_and_grayscale(tmp_path):
     assert (colour.num_images, colour.image_side, colour.grayscale) == (6, 40, False)
 
 
-def test_apply_recipe_fills_the_config_but_keeps_explicit_keys(capsys):
+def test_apply_recipe_fills_the_config_but_keeps_explicit_keys(caplog):
     assert find_config("train/small_data") is not None
     cfg = compose("train/small_data", ["optim.epochs=3"])
     stats = DataStats(num_images=1000, image_side=64, grayscale=False)
-    apply_small_data_recipe(cfg, stats=stats, explicit={"optim.epochs"})
-    printed = capsys.readouterr().out
+    with caplog.at_level("INFO", logger="dino"):
+        apply_small_data_recipe(cfg, stats=stats, explicit={"optim.epochs"})
+    printed = caplog.text
     assert cfg.model.patch_size == 8 and cfg.crops.global_crops_size == 64 and cfg.crops.local_crops_size == 24
     assert cfg.crops.solarization_prob == 0.2
     assert cfg.optim.epochs == 3  # set by the user: kept
@@ -155,7 +156,8 @@ def _class_folders(root, per_class, size, seed):
             Image.fromarray(pixels, "L").save(folder / f"{i}.png")
 
 
-def test_raw_pixels_baseline_and_monitor(tmp_path, capsys):
+def test_raw_pixels_baseline_and_monitor(tmp_path, caplog):
+    caplog.set_level("INFO", logger="dino")
     _class_folders(tmp_path / "data" / "train", 6, 16, seed=0)
     _class_folders(tmp_path / "data" / "val", 3, 16, seed=1)
     probe = KnnProbe.from_folders(
@@ -191,7 +193,7 @@ def test_raw_pixels_baseline_and_monitor(tmp_path, capsys):
     assert row["knn_raw_pixels"] == pytest.approx(100.0)
     assert 0.0 <= row["knn_random_init"] <= 100.0 and 0.0 <= row["knn_teacher"] <= 100.0
     assert logged == [row] and monitor.history == [row]
-    assert "raw pixels 100.00 %" in capsys.readouterr().out
+    assert "raw pixels 100.00 %" in caplog.text
     assert backbone.training  # put back in train mode
 
 
@@ -236,14 +238,15 @@ def test_export_digits_as_image_folders(tmp_path):
 # ------------------------------------------------------------------------------------------ main_dino.py hooks
 
 
-def test_a_folder_of_small_images_defaults_to_the_small_data_preset(tmp_path, capsys):
+def test_a_folder_of_small_images_defaults_to_the_small_data_preset(tmp_path, caplog):
+    caplog.set_level("INFO", logger="dino")
     from dino.train.recipe import default_preset_for_data
 
     _write_pngs(tmp_path / "small" / "a", 3, 28, colour=False)
     _write_pngs(tmp_path / "large", 2, 160, colour=True)
     argv = ["--data_path", str(tmp_path / "small"), "--epochs", "2"]
     assert default_preset_for_data(argv) == ["--config", "small_data", *argv]
-    assert "using the small_data preset" in capsys.readouterr().out
+    assert "using the small_data preset" in caplog.text
     assert default_preset_for_data([f"--data_path={tmp_path / 'large'}"]) == [f"--data_path={tmp_path / 'large'}"]
     assert default_preset_for_data(["--config", "demo", "--data_path", str(tmp_path / "small")])[:2] == [
         "--config",

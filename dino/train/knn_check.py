@@ -27,7 +27,10 @@ from dino.data.transforms import make_eval_transform
 from dino.distributed import DeviceContext, is_main_process
 from dino.eval.features import extract_features
 from dino.eval.knn import knn_classify
+from dino.log import get_logger
 from dino.train.data_pipeline import resolve_data_path
+
+logger = get_logger(__name__)
 
 
 def find_val_split(train_path: str) -> str | None:
@@ -182,7 +185,7 @@ def report_knn_if_requested(cfg: DictConfig, result) -> dict[str, Any] | None:
 
     probe, train_path, val_path = _probe_from_cfg(cfg)
     if probe is None:
-        print(f"kNN check skipped: no labelled 'val' folder next to {train_path}")
+        logger.info(f"kNN check skipped: no labelled 'val' folder next to {train_path}")
         return None
     ctx = DeviceContext.create(str(cfg.train.device))
     trained = load_backbone(str(result.output_dir / TEACHER_BACKBONE_NAME))
@@ -203,8 +206,8 @@ def report_knn_if_requested(cfg: DictConfig, result) -> dict[str, Any] | None:
         "num_val": len(probe.val_set),
         "verdict": baseline_verdict(trained_top1, raw, random),
     }
-    print("\n" + format_baseline_table(probe.k, probe.temperature, val_path, rows, probe.num_classes))
-    print(f"  → {report['verdict']}")
+    logger.info("\n" + format_baseline_table(probe.k, probe.temperature, val_path, rows, probe.num_classes))
+    logger.info(f"  → {report['verdict']}")
     with open(result.output_dir / "knn_check.json", "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)
     return report
@@ -230,7 +233,7 @@ class KnnMonitor:
         if self.every > 0 and is_main_process():
             self.probe, train_path, _ = _probe_from_cfg(cfg)
             if self.probe is None:
-                print(f"kNN monitor off: no labelled 'val' folder next to {train_path}")
+                logger.info(f"kNN monitor off: no labelled 'val' folder next to {train_path}")
 
     @property
     def active(self) -> bool:
@@ -255,7 +258,7 @@ class KnnMonitor:
             "knn_random_init": self.baselines["random init"],
         }
         self.history.append(row)
-        print(
+        logger.info(
             f"epoch {epoch}: kNN top-1 teacher {teacher:.2f} % | raw pixels {row['knn_raw_pixels']:.2f} % "
             f"| random init {row['knn_random_init']:.2f} % ({teacher - row['knn_raw_pixels']:+.2f} vs raw)"
         )

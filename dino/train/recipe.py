@@ -30,6 +30,9 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from dino.data.datasets import build_dataset, load_image
+from dino.log import get_logger
+
+logger = get_logger(__name__)
 
 SAMPLE_IMAGES = 256
 
@@ -177,7 +180,7 @@ def apply_small_data_recipe(
         if choice.key not in kept:
             OmegaConf.update(cfg, choice.key, choice.value, merge=False)
     if verbose:
-        print(choices.format(stats, kept))
+        logger.info(choices.format(stats, kept))
     return choices
 
 
@@ -235,7 +238,7 @@ def default_preset_for_data(argv: list[str], small_preset: str = "small_data") -
         return argv
     if stats.image_side > 128 or stats.num_images > 200_000:
         return argv
-    print(f"{stats.describe()}: using the {small_preset} preset (--config NAME picks another)")
+    logger.info(f"{stats.describe()}: using the {small_preset} preset (--config NAME picks another)")
     return ["--config", small_preset, *argv]
 
 
