@@ -103,3 +103,35 @@ def test_scale_lr_rules():
     assert scale_lr(0.004, 4096, "none") == 0.004
     with pytest.raises(UserError, match="sqrt_wrt_1024"):
         scale_lr(0.004, 256, "sqrt")
+
+
+def test_schedules_v2_warmup_cosine_hold_against_the_formula_step_by_step():
+    from dino.train.schedules import Schedule, warmup_cosine_hold
+
+    start, peak, end, warmup, cosine, total = 0.0, 1.0e-3, 1.0e-5, 4, 6, 13
+    values = warmup_cosine_hold(start, peak, end, warmup, cosine, total)
+    expected = []
+    for i in range(total):
+        if i < warmup:  # linear, the peak itself not reached (endpoint excluded)
+            expected.append(start + (peak - start) * i / warmup)
+        elif i < warmup + cosine:  # both ends included: first = peak, last = end
+            j = i - warmup
+            expected.append(end + 0.5 * (peak - end) * (1 + math.cos(math.pi * j / (cosine - 1))))
+        else:
+            expected.append(end)
+    assert values.tolist() == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert values[warmup] == pytest.approx(peak) and values[warmup + cosine - 1] == pytest.approx(end)
+    assert len(warmup_cosine_hold(start, peak, end, warmup, cosine, 7)) == 7  # a shorter run cuts it
+    schedule = Schedule.warmup_cosine_hold(start, peak, end, warmup, cosine, total)
+    assert schedule[100] == end
+
+
+def test_dinov3_batch_scaling_rules():
+    from dino.errors import UserError
+    from dino.train.schedules import scale_for_batch_v3
+
+    assert scale_for_batch_v3(1e-3, 512, "linear_wrt_256") == pytest.approx(2e-3)
+    assert scale_for_batch_v3(1e-3, 4096, "sqrt_wrt_1024") == pytest.approx(1e-3 * 4 * 2)
+    assert scale_for_batch_v3(1e-3, 4096, "none") == 1e-3
+    with pytest.raises(UserError, match="sqrt_wrt_1024"):
+        scale_for_batch_v3(1e-3, 64, "sqrt")

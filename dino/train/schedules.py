@@ -45,6 +45,38 @@ def cosine_schedule(
     return np.concatenate((freeze, warmup, cosine))
 
 
+def warmup_cosine_hold(
+    start: float, peak: float, end: float, warmup_iters: int, cosine_iters: int, total_iters: int
+) -> np.ndarray:
+    """DINOv3's "schedules v2" `{start, peak, end, warmup, cosine}`, `total_iters` values:
+
+    * warm-up: ``linspace(start, peak, warmup_iters, endpoint=False)`` — it stops one step short of peak;
+    * cosine from peak to end over `cosine_iters` steps with **both ends included**, i = 0…C−1:
+      ``end + ½(peak − end)(1 + cos(π i / (C − 1)))`` (C = 1: just peak);
+    * then `end`, held to `total_iters` (a schedule shorter than the run is padded, a longer one cut).
+    """
+    if min(warmup_iters, cosine_iters, total_iters) < 0:
+        raise ValueError("iteration counts must be non-negative")
+    warmup = np.linspace(start, peak, warmup_iters, endpoint=False)
+    steps = np.arange(cosine_iters)
+    cosine = end + 0.5 * (peak - end) * (1 + np.cos(np.pi * steps / max(cosine_iters - 1, 1)))
+    held = np.full(max(total_iters - warmup_iters - cosine_iters, 0), float(end))
+    return np.concatenate((warmup, cosine, held))[:total_iters]
+
+
+def scale_for_batch_v3(value: float, global_batch: int, rule: str) -> float:
+    """DINOv3's batch scaling of a schedule's peak and end (not its start): ``linear_wrt_256`` × B/256,
+    ``sqrt_wrt_1024`` × 4·√(B/1024) (note the 4: not DINOv2's √(B/1024)), ``none`` unchanged; B = global batch."""
+    if rule == "linear_wrt_256":
+        return value * global_batch / 256.0
+    if rule == "sqrt_wrt_1024":
+        return value * 4.0 * math.sqrt(global_batch / 1024.0)
+    if rule == "none":
+        return value
+    choices = ("linear_wrt_256", "sqrt_wrt_1024", "none")
+    raise UserError(f"unknown scaling rule {rule!r}; choose one of {', '.join(choices)}.{suggest(rule, choices)}")
+
+
 class Schedule:
     """A precomputed schedule; indices past its end give `final_value` (training may run longer)."""
 
@@ -65,6 +97,13 @@ class Schedule:
         """`cosine_schedule` wrapped as a Schedule whose past-the-end value is `final_value`."""
         values = cosine_schedule(base_value, final_value, total_iters, warmup_iters, start_warmup_value, freeze_iters)
         return cls(values, final_value)
+
+    @classmethod
+    def warmup_cosine_hold(
+        cls, start: float, peak: float, end: float, warmup_iters: int, cosine_iters: int, total_iters: int
+    ) -> "Schedule":
+        """`warmup_cosine_hold` (DINOv3's schedules v2) as a Schedule whose past-the-end value is `end`."""
+        return cls(warmup_cosine_hold(start, peak, end, warmup_iters, cosine_iters, total_iters), end)
 
     def __getitem__(self, index: int) -> float:
         if index < 0:
