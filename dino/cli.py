@@ -22,35 +22,10 @@ from typing import Any, Iterator, Sequence
 from dino.config import ConfigCLI, Flag, bool_flag
 from dino.distributed.device import DEVICE_CHOICES
 from dino.errors import UserError, run_cli, suggest
+from dino.eval.cli_flags import backbone_flags
 
-_MODEL_FLAGS = [
-    Flag(
-        ("--pretrained_weights",),
-        "model.pretrained_weights",
-        "checkpoint (ours or official), URL or hub name",
-        metavar="PATH",
-    ),
-    Flag(("--arch",), "model.arch", "ViT size; read from the checkpoint when not given", metavar="ARCH"),
-    Flag(
-        ("--patch_size",),
-        "model.patch_size",
-        "patch size; read from the checkpoint when not given",
-        type=int,
-        metavar="N",
-    ),
-    Flag(
-        ("--checkpoint_key",),
-        "model.checkpoint_key",
-        "network of a training checkpoint",
-        choices=("teacher", "student"),
-    ),
-    Flag(
-        ("--allow_pickle",),
-        "model.allow_pickle",
-        "load checkpoints that need pickle (trusted files only)",
-        type=bool_flag,
-    ),
-]
+# the backbone flags every job shares (one list: dino.eval.cli_flags)
+_MODEL_FLAGS = backbone_flags("checkpoint")
 
 EXTRACT = ConfigCLI(
     description="Extract one feature row per image ([CLS] and/or mean patch token) into a resumable features folder.",

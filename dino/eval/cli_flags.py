@@ -23,13 +23,14 @@ def use_cuda_device(value: str) -> str:
     return "cuda" if use_cuda else "cpu"
 
 
-def backbone_flags() -> list[Flag]:
-    """--pretrained_weights --arch --patch_size --checkpoint_key --allow_pickle (keys `model.*`)."""
+def backbone_flags(role: str = "checkpoint to evaluate") -> list[Flag]:
+    """--pretrained_weights --arch --patch_size --checkpoint_key --allow_pickle (keys `model.*`); `role` opens
+    --pretrained_weights' help (evaluation, extraction, export all load the backbone the same way)."""
     return [
         Flag(
             ("--pretrained_weights",),
             "model.pretrained_weights",
-            "checkpoint to evaluate (ours or official), URL or hub name",
+            f"{role} (ours or official), URL or hub name",
             metavar="PATH",
         ),
         Flag(("--arch",), "model.arch", "ViT size; read from the checkpoint when not given", metavar="ARCH"),
