@@ -211,6 +211,9 @@ def test_report_table_and_verdict():
     assert "chance: 10.0 %" in table
     assert baseline_verdict(90.0, 80.0, 50.0).startswith("features worth having")
     assert baseline_verdict(82.0, 80.0, 50.0).startswith("better than raw pixels, but")
+    # the verdict names the margin that is missing (here only the one over random init)
+    verdict = baseline_verdict(37.5, 17.5, 19.4)
+    assert "1.9 points short of +20 over random init" in verdict and "raw pixels (" not in verdict
     assert baseline_verdict(70.0, 80.0, 50.0).startswith("NOT better than raw pixels")
 
 

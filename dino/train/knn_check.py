@@ -129,7 +129,12 @@ def baseline_verdict(
             f"features worth having: ≥ {margin_raw:g} points over raw pixels and ≥ {margin_random:g} over random init"
         )
     if trained > raw:
-        return "better than raw pixels, but by less than a clear margin: train longer"
+        short = []
+        if trained < raw + margin_raw:
+            short.append(f"{raw + margin_raw - trained:.1f} points short of +{margin_raw:g} over raw pixels")
+        if trained < random + margin_random:
+            short.append(f"{random + margin_random - trained:.1f} points short of +{margin_random:g} over random init")
+        return f"better than raw pixels, but not by a clear margin ({'; '.join(short)}): train longer"
     return (
         "NOT better than raw pixels: on this data these features are worse than no model at all "
         "(train longer; BENCHMARKS.md 'Small real datasets' shows how far short runs get)"
