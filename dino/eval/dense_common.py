@@ -431,3 +431,44 @@ def json_safe(value):
     if isinstance(value, list):
         return [json_safe(v) for v in value]
     return value
+
+
+def frozen_backbone_for_probe(cfg) -> tuple[HeadTraining, DeviceContext, nn.Module, list[int]]:
+    """What both dense probes start from: the head-training settings, the device (process group joined), the
+    frozen backbone loaded through the one loader, and the blocks the head reads; the head's init seeded."""
+    from dino.distributed import init_distributed
+    from dino.eval.features import load_eval_backbone
+
+    training = training_from_config(cfg.train)
+    device_ctx = DeviceContext.create(cfg.device, precision=str(cfg.precision))
+    init_distributed(device_ctx.backend)
+    model = load_eval_backbone(cfg.model, device_ctx)
+    layers = select_layers(backbone_depth(model), int(cfg.head.layers), str(cfg.head.spacing))
+    torch.manual_seed(training.seed)
+    return training, device_ctx, model, layers
+
+
+def head_on_device(head: nn.Module, device_ctx: DeviceContext) -> nn.Module:
+    """The head on the device, its BatchNorm synchronised across ranks on GPUs (as DINOv2's heads)."""
+    if get_world_size() > 1 and device_ctx.type == "cuda":  # SyncBN runs on GPUs only
+        head = nn.SyncBatchNorm.convert_sync_batchnorm(head)
+    return head.to(device_ctx.device)
+
+
+def finish_probe(
+    output_dir: str, results_name: str, picture_name: str, picture: Image.Image | None, writer, done: int, summary: dict
+) -> dict:
+    """Rank 0's end of a probe run: the prediction picture (file and tensorboard), the curves closed, and the
+    results JSON (`summary` + iterations + picture path) written atomically; returns what was written."""
+    picture_path = os.path.join(output_dir, picture_name)
+    if picture is not None:
+        save_picture(picture, picture_path, writer, "val/predictions", done)
+    if writer is not None:
+        writer.close()
+    summary = dict(summary, iterations=done, picture=picture_path if picture is not None else None)
+    from dino.io import atomic_write_json
+
+    path = os.path.join(output_dir, results_name)
+    atomic_write_json(path, json_safe(summary), indent=1)
+    logger.info(f"results written to {path}")
+    return summary

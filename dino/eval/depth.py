@@ -28,13 +28,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from dino.distributed import DeviceContext, all_reduce_sum, get_rank, get_world_size, init_distributed, is_main_process
+from dino.distributed import DeviceContext, all_reduce_sum, get_rank, get_world_size, is_main_process
 from dino.errors import UserError
 from dino.eval import dense_common as common
 from dino.eval.dense_data import DepthDataset, DepthTrainAugmentation, denormalize, depth_files
 from dino.eval.dense_metrics import DEPTH_METRICS, DepthMetricAccumulator, image_depth_metrics
-from dino.eval.features import load_eval_backbone
-from dino.io import atomic_write_json
 from dino.log import get_logger
 
 logger = get_logger(__name__)
@@ -219,12 +217,7 @@ def run_depth(cfg) -> dict:
         raise UserError(f"head.loss must be classification or regression, got {cfg.head.loss!r}")
     files_train = depth_files(cfg.dataset, cfg.data_path, "train")
     files_val = depth_files(cfg.dataset, cfg.data_path, "val")
-    training = common.training_from_config(cfg.train)
-    device_ctx = DeviceContext.create(cfg.device, precision=str(cfg.precision))
-    init_distributed(device_ctx.backend)
-    model = load_eval_backbone(cfg.model, device_ctx)
-    layers = common.select_layers(common.backbone_depth(model), int(cfg.head.layers), str(cfg.head.spacing))
-    torch.manual_seed(training.seed)
+    training, device_ctx, model, layers = common.frozen_backbone_for_probe(cfg)
     head = LinearDepthHead(
         model.embed_dim,
         len(layers),
@@ -235,9 +228,7 @@ def run_depth(cfg) -> dict:
         use_cls_token=bool(cfg.head.use_cls_token),
         upsample=int(cfg.head.upsample),
     )
-    if get_world_size() > 1 and device_ctx.type == "cuda":  # SyncBN (as DINOv2's heads) runs on GPUs only
-        head = nn.SyncBatchNorm.convert_sync_batchnorm(head)
-    head = head.to(device_ctx.device)
+    head = common.head_on_device(head, device_ctx)
     probe = DepthProbe(model, head, layers, device_ctx)
     augmentation = DepthTrainAugmentation(
         crop_size=tuple(crop_size),
@@ -315,26 +306,10 @@ def run_depth(cfg) -> dict:
     common.log_scalars(writer, "val", metrics, done)
     if not is_main_process():
         return {}
-    picture_path = os.path.join(cfg.output_dir, PICTURE_NAME)
     picture = prediction_picture(probe, val_set, int(cfg.num_pictures), flip)
-    if picture is not None:
-        common.save_picture(picture, picture_path, writer, "val/predictions", done)
-    if writer is not None:
-        writer.close()
     logger.info(
         "  ".join(f"{name} {metrics[name]:.4f}" for name in DEPTH_METRICS)
         + f"  ({files_val.name} test, {metrics['num_images']} images)"
     )
-    summary = dict(
-        protocol=protocol,
-        num_train=len(train_set),
-        num_val=len(val_set),
-        iterations=done,
-        history=history,
-        picture=picture_path if picture is not None else None,
-        **metrics,
-    )
-    path = os.path.join(cfg.output_dir, RESULTS_NAME)
-    atomic_write_json(path, common.json_safe(summary), indent=1)
-    logger.info(f"results written to {path}")
-    return summary
+    summary = dict(protocol=protocol, num_train=len(train_set), num_val=len(val_set), history=history, **metrics)
+    return common.finish_probe(cfg.output_dir, RESULTS_NAME, PICTURE_NAME, picture, writer, done, summary)

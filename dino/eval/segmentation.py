@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from dino.distributed import DeviceContext, all_reduce_sum, get_rank, get_world_size, init_distributed, is_main_process
+from dino.distributed import DeviceContext, all_reduce_sum, get_rank, get_world_size, is_main_process
 from dino.errors import UserError
 from dino.eval import dense_common as common
 from dino.eval.dense_data import (
@@ -38,8 +38,6 @@ from dino.eval.dense_data import (
     segmentation_files,
 )
 from dino.eval.dense_metrics import IGNORE_INDEX, intersect_and_union, segmentation_metrics
-from dino.eval.features import load_eval_backbone
-from dino.io import atomic_write_json
 from dino.log import get_logger
 
 logger = get_logger(__name__)
@@ -196,16 +194,9 @@ def run_segmentation(cfg) -> dict:
     crop = _pairs(aug.crop_size, "augmentation.crop_size")
     _pairs(cfg.test.crop_size, "test.crop_size")
     _pairs(cfg.test.stride, "test.stride")
-    training = common.training_from_config(cfg.train)
-    device_ctx = DeviceContext.create(cfg.device, precision=str(cfg.precision))
-    init_distributed(device_ctx.backend)
-    model = load_eval_backbone(cfg.model, device_ctx)
-    layers = common.select_layers(common.backbone_depth(model), int(cfg.head.layers), str(cfg.head.spacing))
-    torch.manual_seed(training.seed)
+    training, device_ctx, model, layers = common.frozen_backbone_for_probe(cfg)
     head = LinearSegmentationHead(model.embed_dim, len(layers), files_train.num_classes)
-    if get_world_size() > 1 and device_ctx.type == "cuda":  # SyncBN (as DINOv2's heads) runs on GPUs only
-        head = nn.SyncBatchNorm.convert_sync_batchnorm(head)
-    head = head.to(device_ctx.device)
+    head = common.head_on_device(head, device_ctx)
     probe = SegmentationProbe(model, head, layers, device_ctx)
     train_set = SegmentationDataset(
         files_train,
@@ -277,30 +268,14 @@ def run_segmentation(cfg) -> dict:
     common.log_scalars(writer, "val", dict(mIoU=metrics["mIoU"], mAcc=metrics["mAcc"], aAcc=metrics["aAcc"]), done)
     if not is_main_process():
         return {}
-    picture_path = os.path.join(cfg.output_dir, PICTURE_NAME)
     picture = prediction_picture(probe, val_set, cfg.test, int(cfg.num_pictures))
-    if picture is not None:
-        common.save_picture(picture, picture_path, writer, "val/predictions", done)
-    if writer is not None:
-        writer.close()
     logger.info(format_segmentation_table(metrics))
     logger.info(
         f"mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}  aAcc {metrics['aAcc']:.2f} "
         f"({files_val.name} val, {len(val_set)} images)"
     )
-    summary = dict(
-        protocol=protocol,
-        num_train=len(train_set),
-        num_val=len(val_set),
-        iterations=done,
-        history=history,
-        picture=picture_path if picture is not None else None,
-        **metrics,
-    )
-    path = os.path.join(cfg.output_dir, RESULTS_NAME)
-    atomic_write_json(path, common.json_safe(summary), indent=1)
-    logger.info(f"results written to {path}")
-    return summary
+    summary = dict(protocol=protocol, num_train=len(train_set), num_val=len(val_set), history=history, **metrics)
+    return common.finish_probe(cfg.output_dir, RESULTS_NAME, PICTURE_NAME, picture, writer, done, summary)
 
 
 def format_segmentation_table(metrics: dict) -> str:

@@ -392,7 +392,8 @@ class ViTBackbone(nn.Module):
 
     # --- what the subclasses define -------------------------------------------------------------
     def prepare_tokens_with_masks(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
-        raise NotImplementedError
+        """Pixels → tokens: each generation's own (an abstract method; v1/v2 and v3 define it)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define how pixels become tokens")
 
     def rope_tables(self, h: int, w: int) -> tuple[Tensor, Tensor] | None:
         """(sin, cos) for an h×w patch grid, or None: v1/v2 have no rotary embedding."""
