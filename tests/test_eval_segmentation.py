@@ -478,7 +478,7 @@ def test_two_processes_score_like_one(tmp_path):
             "test.scale=[48,40]",
         ]
 
-    for out, iterations in ((tmp_path / "two_eval", 0), (tmp_path / "two_train", 2)):
+    def launch(out, iterations) -> list[tuple[int, str]]:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
@@ -496,9 +496,21 @@ def test_two_processes_score_like_one(tmp_path):
             )
             code = _TWO_RANK_RUN.format(repo=str(REPO_ROOT), argv=argv(out, iterations))
             procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True))
-        for proc in procs:
-            _, err = proc.communicate(timeout=300)
-            assert proc.returncode == 0, err
+        errors = [proc.communicate(timeout=300)[1] for proc in procs]
+        return [(proc.returncode, err) for proc, err in zip(procs, errors)]
+
+    # Known, not understood yet: about one launch in fifteen a rank dies with SIGABRT and only "terminate called
+    # without an active exception" (no Python frame) on this CPU build; that exact signature is relaunched once,
+    # every other failure fails the test.
+    def gloo_exit_abort(outcomes) -> bool:
+        return any(code == -6 and "terminate called without an active exception" in err for code, err in outcomes)
+
+    for out, iterations in ((tmp_path / "two_eval", 0), (tmp_path / "two_train", 2)):
+        outcomes = launch(out, iterations)
+        if gloo_exit_abort(outcomes):
+            outcomes = launch(out, iterations)
+        for code, err in outcomes:
+            assert code == 0, err
     two = json.loads((tmp_path / "two_eval" / seg.RESULTS_NAME).read_text())
     one = load_script("eval_semantic_segmentation").main(argv(tmp_path / "one_eval", 0))
     assert two["mIoU"] == pytest.approx(one["mIoU"]) and two["aAcc"] == pytest.approx(one["aAcc"])

@@ -6,6 +6,7 @@ world of size 1, so the rest of the code never branches on "are we distributed?"
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -58,6 +59,9 @@ def init_distributed(backend: str, timeout_s: float | None = None) -> bool:
         return False
     kwargs = {"timeout": datetime.timedelta(seconds=float(timeout_s))} if timeout_s else {}
     tdist.init_process_group(backend=backend, init_method="env://", **kwargs)
+    # A group still open when the interpreter exits can abort in the backend's threads ("terminate called
+    # without an active exception", exit -6): every entry point that joins one leaves it at exit at the latest.
+    atexit.register(destroy_distributed)
     _finished_rank = None
     global _timeout_s
     _timeout_s = float(timeout_s) if timeout_s else None

@@ -97,6 +97,10 @@ CLI = ConfigCLI(
 
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg, _ = CLI.parse(argv)
+    from dino.distributed import destroy_distributed
     from dino.eval.depth import run_depth
 
-    return run_depth(cfg)
+    try:
+        return run_depth(cfg)
+    finally:  # leave the process group before the interpreter exits (gloo can abort in its threads otherwise)
+        destroy_distributed()

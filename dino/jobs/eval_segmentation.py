@@ -84,6 +84,10 @@ CLI = ConfigCLI(
 
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg, _ = CLI.parse(argv)
+    from dino.distributed import destroy_distributed
     from dino.eval.segmentation import run_segmentation
 
-    return run_segmentation(cfg)
+    try:
+        return run_segmentation(cfg)
+    finally:  # leave the process group before the interpreter exits (gloo can abort in its threads otherwise)
+        destroy_distributed()
